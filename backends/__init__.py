@@ -1,0 +1,1 @@
+"""Backends lower the IR to something that runs and measure it."""

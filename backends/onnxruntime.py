@@ -1,0 +1,152 @@
+"""ONNX Runtime backend: build sessions, run batches, measure latency fairly.
+
+Fair latency: both models get the same `SessionOptions` (thread counts, optimisation level,
+sequential execution), the same input feed and the same warm-up; measurement alternates
+between the models in rounds so that drift on a busy machine (thermal, other processes)
+hits both alike. The reported figure is the median over all timed runs; p10/p90 show spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from slimc import progress
+from slimc.errors import BackendError, DataError
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int16)": np.int16,
+}
+
+
+def default_threads() -> int:
+    """Intra-op threads: the machine's core count (ORT's own default), fixed so runs compare."""
+    return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
+    return opts
+
+
+def create_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    """An `InferenceSession` on the CPU for the model file at ``path``."""
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise BackendError(f"ONNX Runtime cannot load {Path(path).name}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def prepare_feed(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Select and cast the batch's arrays to the session's declared input types."""
+    feed = {}
+    for meta in session.get_inputs():
+        if meta.name not in batch:
+            raise DataError(
+                f"the model needs input '{meta.name}' ({meta.type}, shape {meta.shape}) but the data has only "
+                f"{', '.join(batch) or 'nothing'}."
+            )
+        want = _ORT_TO_NUMPY.get(meta.type)
+        array = np.asarray(batch[meta.name])
+        feed[meta.name] = array.astype(want, copy=False) if want is not None else array
+    return feed
+
+
+def run(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run one batch; returns outputs in the session's output order."""
+    feed = prepare_feed(session, batch)
+    try:
+        return session.run(None, feed)
+    except Exception as exc:
+        raise BackendError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+
+
+@dataclasses.dataclass
+class Latency:
+    """Milliseconds per run of one model on one feed."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def measure_latency(
+    sessions: dict[str, ort.InferenceSession],
+    batch: dict[str, np.ndarray],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 5,
+    budget_s: float = 60.0,
+) -> dict[str, Latency]:
+    """Median latency of each session on ``batch``, interleaved in rounds after warm-up.
+
+    ``repeats`` timed runs per model are split over ``rounds`` alternating rounds. If one
+    run is slow, the repeat count is cut so the whole measurement stays near ``budget_s``
+    (never below 3 runs per model).
+    """
+    feeds = {name: prepare_feed(s, batch) for name, s in sessions.items()}
+    warm_times = {}
+    for name, session in progress.bar(sessions.items(), "latency warm-up", total=len(sessions)):
+        start = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            session.run(None, feeds[name])
+        warm_times[name] = (time.perf_counter() - start) / max(1, warmup)
+    per_round_cost = sum(warm_times.values())
+    affordable = int(budget_s / max(per_round_cost, 1e-6))
+    repeats = max(3, min(repeats, affordable))
+    rounds = max(1, min(rounds, repeats))
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    for count in progress.bar(per_round, "measuring latency", total=rounds, unit="round"):
+        for name, session in sessions.items():
+            for _ in range(count):
+                start = time.perf_counter()
+                session.run(None, feeds[name])
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _stats(values) for name, values in times.items()}
+
+
+def _stats(values: list[float]) -> Latency:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return Latency(median_ms=statistics.median(ordered), p10_ms=pick(0.1), p90_ms=pick(0.9), runs=len(ordered))
+
+
+def machine_description(threads: int | None = None) -> str:
+    """CPU model, core count, threads used and ORT version: printed next to every timing."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPUExecutionProvider, "
+        f"{threads or default_threads()} intra-op threads"
+    )

@@ -1,0 +1,235 @@
+"""`slimc.compile()`: load -> passes in order (each verified) -> measure -> receipt.
+
+Read top to bottom, this is the whole compiler::
+
+    loaded   = frontends.load(model)                 # any front end -> onnx_ir IR
+    pipeline = parse_pipeline(passes)                # names/options -> Pass objects
+    baseline = stage(input model)                    # saved, checked, loaded in ORT
+    for each pass: apply -> stage -> verify          # checker, ORT, exactness if declared
+    receipt  = stats + latency + fidelity            # measured in this run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from slimc import __version__, progress
+from slimc.analysis import model_stats
+from slimc.backends import onnxruntime as ort_backend
+from slimc.errors import PassFailedError, SlimcError, VerificationError
+from slimc.model import LoadedModel
+from slimc.onnx_io import check_output_path, save_onnx
+from slimc.pass_spec import parse_pipeline
+from slimc.pipeline import Pass, PassContext, PassReport
+from slimc.receipt import Receipt
+from slimc.verify import check_model_file, outputs_match
+
+log = logging.getLogger("slimc")
+VERIFY_BATCHES = 2
+
+
+@dataclasses.dataclass
+class Stage:
+    """One model state saved to the work folder and loaded in ORT."""
+
+    label: str
+    path: Path
+    session: Any
+    outputs: list[list[np.ndarray]]
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """The compiled model, its receipt, and ``save()``."""
+
+    model: ir.Model
+    receipt: Receipt
+    loaded: LoadedModel
+    _workdir: Any = dataclasses.field(repr=False, default=None)
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Write the model atomically (external data above ~1.8 GB); refuses to overwrite the input."""
+        check_output_path(Path(path), self.loaded.source_paths)
+        return save_onnx(self.model, path)
+
+
+def compile(  # noqa: A001 - the public verb of a compiler
+    model: Any,
+    passes: str | list | tuple = ("cleanup",),
+    *,
+    example_inputs: Any = None,
+    calibration: Any = None,
+    evaluation: Any = None,
+    input_names: list[str] | None = None,
+    dynamic: bool = True,
+    verify: bool = True,
+    measure_latency: bool = True,
+    threads: int | None = None,
+    seq_len: int = 128,
+    seed: int = 0,
+) -> CompileResult:
+    """Compress ``model`` with ``passes`` and return the result with its receipt.
+
+    ``model``: an ``.onnx`` path, Hugging Face folder, ``.gguf`` or ``.pt2`` file, an
+    ``nn.Module`` (with ``example_inputs``), or an ``onnx_ir.Model`` (copied, never modified).
+    ``calibration`` / ``evaluation``: a text file, image folder, ``.npz``, or in-memory
+    tensors (see `slimc.data.load`). Without ``evaluation`` fidelity is measured on synthetic
+    inputs and the receipt says so.
+    """
+    from slimc import data, frontends
+
+    pipeline = parse_pipeline(passes)  # fail fast on a bad spec, before any slow export
+    loaded = frontends.load(_copy_if_ir(model), example_inputs, input_names=input_names, dynamic=dynamic)
+    calib = data.load(calibration, loaded, seq_len=seq_len, role="calibration") if calibration is not None else None
+    evalset = _evaluation_set(evaluation, loaded, seq_len, seed)
+    verify_batches = [batch for _, batch in zip(range(VERIFY_BATCHES), evalset)]
+
+    workdir = tempfile.TemporaryDirectory(prefix="slimc-")
+    work = Path(workdir.name)
+    baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True)
+    full_check = baseline.label != "input(basic-check)"
+    before = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": baseline.bytes_on_disk}
+    verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
+                     "fails the full ONNX checker (strict shape inference); later passes are held to the basic checker"}]
+
+    ctx = PassContext(loaded=loaded, calibration=calib, seed=seed)
+    current, reports = baseline, []
+    for index, pass_ in enumerate(pipeline, start=1):
+        report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
+        reports.append(report)
+        path = work / f"{index:02d}-{pass_.name}.onnx"
+        current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check, verify, reports)
+        verification.append({"pass": pass_.name, "result": result})
+
+    after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
+    latency = _latency(baseline, current, verify_batches[0], threads) if measure_latency else None
+    fidelity = _fidelity(baseline, current, evalset, loaded)
+    receipt = Receipt(
+        source=loaded.source, task=loaded.task, passes=reports, before=before, after=after, fidelity=fidelity,
+        verification=verification, latency=latency, notes=_notes(loaded, calib, evalset), version=__version__,
+    )
+    result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, _workdir=workdir)
+    weakref.finalize(result, workdir.cleanup)
+    return result
+
+
+def _copy_if_ir(model: Any) -> Any:
+    # The caller's IR object must not change: passes work in place on our own copy.
+    if isinstance(model, ir.Model):
+        return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    return model
+
+
+def _evaluation_set(evaluation: Any, loaded: LoadedModel, seq_len: int, seed: int):
+    from slimc import data
+
+    if evaluation is not None:
+        return data.load(evaluation, loaded, seq_len=seq_len, role="evaluation")
+    # A different seed from any calibration default: synthetic eval data is still held out.
+    return data.synthetic(loaded.inputs, n_batches=4, seed=seed + 1000, sizes={"seq": min(seq_len, 64)})
+
+
+def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_check: bool) -> Stage:
+    """Save ``model``, check it, load it in ORT and run the verification batches."""
+    with progress.step(f"saving and checking {label}"):
+        save_onnx(model, path)
+        if full_check:
+            try:
+                check_model_file(path, full=True)
+            except VerificationError as exc:
+                if label != "input":
+                    raise
+                log.warning("the input model fails the full ONNX checker (%s); using the basic checker", exc)
+                check_model_file(path, full=False)
+                label = "input(basic-check)"
+        else:
+            check_model_file(path, full=False)
+        session = ort_backend.create_session(path, threads)
+        outputs = [ort_backend.run(session, batch) for batch in batches]
+    return Stage(label=label, path=path, session=session, outputs=outputs)
+
+
+def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str]) -> PassReport:
+    start = time.perf_counter()
+    try:
+        with progress.step(f"pass {pass_.name}"):
+            report = pass_.apply(model, ctx)
+    except SlimcError:
+        raise
+    except Exception as exc:
+        after = f" (after {', '.join(before)})" if before else " (first pass)"
+        raise PassFailedError(f"pass '{pass_.name}'{after} failed: {type(exc).__name__}: {exc}") from exc
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_check, verify, reports) -> tuple[Stage, str]:
+    where = f"pass '{pass_.name}'" + (f" (after {', '.join(r.name for r in reports[:-1])})" if len(reports) > 1 else "")
+    try:
+        stage = _stage(pass_.name, model, path, batches, threads, full_check=full_check and verify)
+    except SlimcError as exc:
+        raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
+    checker = "full ONNX checker" if full_check and verify else "basic ONNX checker"
+    if not (pass_.exact and verify):
+        return stage, f"{checker}, loads in ORT" + ("" if pass_.exact else " (lossy pass: fidelity in the receipt)")
+    names = [o.name for o in stage.session.get_outputs()]
+    diff = outputs_match(previous.outputs, stage.outputs, names)
+    if not diff.ok:
+        raise PassFailedError(
+            f"{where} declares itself exact but changed output '{diff.output}' by {diff.max_abs:.3g} "
+            f"({diff.max_scaled:.1f}x the tolerance). This is a bug in the pass; please report it."
+        )
+    return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {len(batches)} batches)"
+
+
+def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], threads) -> dict[str, Any]:
+    single = {k: v[:1] for k, v in batch.items()}  # deployment latency: one sample
+    shape = next(iter(single.values())).shape if single else ()
+    try:
+        stats = ort_backend.measure_latency({"before": baseline.session, "after": current.session}, single)
+    except SlimcError as exc:
+        return {"error": str(exc)}
+    return {
+        "before": stats["before"].to_json(),
+        "after": stats["after"].to_json(),
+        "speedup": stats["before"].median_ms / stats["after"].median_ms,
+        "feed": "x".join(map(str, shape)) if shape else "scalar",
+        "machine": ort_backend.machine_description(threads),
+    }
+
+
+def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel) -> dict[str, Any]:
+    from slimc import evaluate
+
+    names = [o.name for o in current.session.get_outputs()]
+    metrics = evaluate.evaluate(
+        lambda b: ort_backend.run(baseline.session, b),
+        lambda b: ort_backend.run(current.session, b),
+        evalset,
+        loaded.task,
+        output_names=names,
+    )
+    return {"data": evalset.source, "synthetic": bool(evalset.synthetic), "batches": len(evalset), "metrics": metrics}
+
+
+def _notes(loaded: LoadedModel, calib, evalset) -> list[str]:
+    notes = list(loaded.notes)
+    if evalset.synthetic:
+        notes.append("fidelity was measured on synthetic inputs: pass evaluation data (--eval) for a real measure")
+    if calib is not None and not evalset.synthetic and calib.source == evalset.source:
+        notes.append("calibration and evaluation data are the same source: fidelity is not held-out")
+    return notes

@@ -1,0 +1,47 @@
+"""Typed errors. Every error a user can hit says what went wrong and what to do next.
+
+All inherit from :class:`SlimcError`, so callers can catch one type; the CLI prints the
+message (no traceback) and exits with status 2 for user errors, 1 for internal failures.
+"""
+
+from __future__ import annotations
+
+
+class SlimcError(Exception):
+    """Base class of every error slimc raises on purpose."""
+
+
+class ModelLoadError(SlimcError):
+    """The model could not be read: missing, truncated, not a model, or missing external data."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """The model format can execute arbitrary code when loaded (pickled ``.pt``)."""
+
+
+class ExportError(SlimcError):
+    """A PyTorch / Hugging Face model could not be exported to ONNX."""
+
+
+class PassConfigError(SlimcError):
+    """A ``--passes`` string or a pass option is invalid (unknown name, bad value)."""
+
+
+class PassFailedError(SlimcError):
+    """A pass raised, or its result failed verification. Names the pass and what ran before."""
+
+
+class VerificationError(SlimcError):
+    """A model failed the ONNX checker, did not load in ONNX Runtime, or changed its outputs."""
+
+
+class DataError(SlimcError):
+    """Calibration or evaluation data is missing, empty, or does not match the model's inputs."""
+
+
+class OutputPathError(SlimcError):
+    """The output path is the input, or its folder cannot be written."""
+
+
+class BackendError(SlimcError):
+    """The backend could not build or run the model."""

@@ -1,0 +1,122 @@
+"""What a front end hands to the compiler: the IR plus what we know about the model's inputs.
+
+`LoadedModel` carries the `onnx_ir.Model` together with facts the IR does not hold: the task
+(so the receipt picks the right fidelity metric), a tokenizer or image preprocessing (so
+``--calib``/``--eval`` files can be turned into input tensors) and where the model came from
+(so an output path over the input can be refused).
+
+`InputSpec` describes one graph input well enough to synthesise valid values for it:
+token ids must stay below the vocabulary size, masks are ones, images are floats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+# Input kinds. "tokens" need `high` (vocabulary size); the others have fixed value rules.
+INPUT_KINDS = ("tokens", "attention_mask", "token_type_ids", "position_ids", "image", "float", "int", "bool")
+TASKS = ("causal-lm", "encoder", "image-classifier", "classifier", "generic")
+
+# Sizes used for symbolic dims when slimc has to invent inputs (synthetic data, MAC counts).
+DEFAULT_DIM_SIZES = {"batch": 2, "seq": 16}
+
+
+@dataclasses.dataclass
+class InputSpec:
+    """One graph input. ``shape`` holds ints for static dims and names for symbolic ones."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+    kind: str = "float"
+    high: int | None = None  # exclusive upper bound of valid token ids
+
+    def concrete_shape(self, sizes: dict[str, int] | None = None) -> tuple[int, ...]:
+        """Shape with symbolic dims replaced: by ``sizes[name]``, else batch=2 / seq=16 / 1."""
+        sizes = {**DEFAULT_DIM_SIZES, **(sizes or {})}
+        out = []
+        for i, d in enumerate(self.shape):
+            if isinstance(d, int):
+                out.append(d)
+            elif d is not None and d in sizes:
+                out.append(sizes[d])
+            elif i == 0:
+                out.append(sizes["batch"])
+            elif i == 1 and self.kind in ("tokens", "attention_mask", "token_type_ids", "position_ids"):
+                out.append(sizes["seq"])
+            else:
+                out.append(1)
+        return tuple(out)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model in slimc's IR plus the facts front ends know about it."""
+
+    model: ir.Model
+    inputs: list[InputSpec]
+    task: str = "generic"
+    source: str = ""  # human-readable origin, e.g. "all-MiniLM-L6-v2 (Hugging Face folder)"
+    source_paths: tuple[Path, ...] = ()  # files read; an output path among them is refused
+    tokenizer: Any = None  # a transformers tokenizer, when the model takes text
+    image_preprocess: dict[str, Any] | None = None  # {"size": (h, w), "mean": [...], "std": [...]}
+    notes: list[str] = dataclasses.field(default_factory=list)  # caveats for the receipt
+
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+
+_MASK = re.compile(r"(attention_)?mask", re.I)
+_TOKEN_TYPES = re.compile(r"token_type|segment", re.I)
+_POSITIONS = re.compile(r"position", re.I)
+
+
+def _embedding_rows(value: ir.Value) -> int | None:
+    """If ``value`` indexes an embedding table (Gather on an initializer), return its row count."""
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1 and node.inputs[0] is not None:
+            table = node.inputs[0]
+            if table.const_value is not None and table.shape is not None:
+                rows = table.shape[node.attributes.get_int("axis", 0)]
+                if isinstance(rows, int):
+                    return rows
+    return None
+
+
+def infer_input_specs(model: ir.Model) -> list[InputSpec]:
+    """Describe every graph input from its name, dtype, shape and consumers.
+
+    Integer inputs that index an embedding table are token ids bounded by its row count;
+    names decide masks, token types and positions; 4-D floats are images.
+    """
+    specs = []
+    for value in model.graph.inputs:
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        shape = tuple(
+            d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+            for d in (value.shape or ())
+        )
+        name = value.name or ""
+        kind, high = "float", None
+        if dtype == np.bool_:
+            kind = "bool"
+        elif np.issubdtype(dtype, np.integer):
+            if _MASK.search(name):
+                kind = "attention_mask"
+            elif _TOKEN_TYPES.search(name):
+                kind, high = "token_type_ids", _embedding_rows(value)
+            elif _POSITIONS.search(name):
+                kind = "position_ids"
+            else:
+                high = _embedding_rows(value)
+                kind = "tokens" if high is not None else "int"
+        elif len(shape) == 4:
+            kind = "image"
+        specs.append(InputSpec(name=name, dtype=dtype, shape=shape, kind=kind, high=high))
+    return specs

@@ -1,0 +1,242 @@
+"""Parse pipeline specs such as ``"prune(ratio=0.3, round_to=8, ignore=[head*]),int8"``.
+
+Grammar (whitespace is free)::
+
+    pipeline := item ("," item)*
+    item     := NAME | NAME "(" [option ("," option)*] ")"
+    option   := NAME "=" value
+    value    := number | true | false | none | 'quoted' | "quoted" | bare-word
+              | "[" [value ("," value)*] "]" | "{" [NAME ":" value ("," ...)*] "}"
+
+Values are coerced to the option's declared type (int, float, bool, str, Literal choices,
+lists, dicts, optionals); anything that does not fit raises `PassConfigError` naming the pass,
+the option, the expected type and the valid options with their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Any
+
+from slimc import passes
+from slimc.errors import PassConfigError
+from slimc.pipeline import Pass
+
+_TOKEN = re.compile(r"\s*(?:(?P<str>'[^']*'|\"[^\"]*\")|(?P<punct>[()\[\]{},=:])|(?P<word>[^\s()\[\]{},=:]+))")
+
+
+def _tokenize(text: str) -> list[str]:
+    tokens, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None or match.end() == pos:
+            raise PassConfigError(f"cannot parse pass spec at '{text[pos:]}'.")
+        tokens.append(match.group(match.lastgroup))
+        pos = match.end()
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.i = 0
+
+    def peek(self) -> str | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            want = f"'{expected}'" if expected else "more input"
+            raise PassConfigError(f"in pass spec '{self.text}': expected {want}, got {tok or 'end of text'}.")
+        self.i += 1
+        return tok
+
+    def pipeline(self) -> list[tuple[str, dict[str, Any]]]:
+        items = [self.item()]
+        while self.peek() == ",":
+            self.take(",")
+            items.append(self.item())
+        if self.peek() is not None:
+            raise PassConfigError(f"in pass spec '{self.text}': unexpected '{self.peek()}'.")
+        return items
+
+    def item(self) -> tuple[str, dict[str, Any]]:
+        name, options = self.take(), {}
+        if self.peek() == "(":
+            self.take("(")
+            while self.peek() != ")":
+                key = self.take()
+                self.take("=")
+                if key in options:
+                    raise PassConfigError(f"pass '{name}': option '{key}' given twice.")
+                options[key] = self.value()
+                if self.peek() != ")":
+                    self.take(",")
+            self.take(")")
+        return name, options
+
+    def value(self) -> Any:
+        tok = self.take()
+        if tok == "[":
+            items = []
+            while self.peek() != "]":
+                items.append(self.value())
+                if self.peek() != "]":
+                    self.take(",")
+            self.take("]")
+            return items
+        if tok == "{":
+            mapping = {}
+            while self.peek() != "}":
+                key = self.take()
+                self.take(":")
+                mapping[key] = self.value()
+                if self.peek() != "}":
+                    self.take(",")
+            self.take("}")
+            return mapping
+        return _scalar(tok)
+
+
+def _scalar(tok: str) -> Any:
+    if tok[0] in "'\"":
+        return tok[1:-1]
+    lowered = tok.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(tok)
+        except ValueError:
+            pass
+    return tok
+
+
+def parse_pipeline(spec: str | list | tuple) -> list[Pass]:
+    """Build pass instances from a spec string, or a list of strings / `Pass` / (name, options)."""
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise PassConfigError(f"empty pass list. Available passes: {', '.join(passes.names())}.")
+        return [build_pass(name, opts) for name, opts in _Parser(spec).pipeline()]
+    built: list[Pass] = []
+    for item in spec:
+        if isinstance(item, Pass):
+            built.append(item)
+        elif isinstance(item, str):
+            built.extend(parse_pipeline(item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
+            built.append(build_pass(item[0], item[1]))
+        else:
+            raise PassConfigError(f"cannot use {item!r} as a pass: give a name, a spec string or a Pass.")
+    return built
+
+
+def build_pass(name: str, options: dict[str, Any]) -> Pass:
+    """Instantiate pass ``name`` with ``options`` coerced to its declared option types."""
+    cls = passes.get(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, raw in options.items():
+        if key not in fields:
+            raise PassConfigError(f"pass '{name}' has no option '{key}'. Valid options: {describe_options(cls)}.")
+        try:
+            kwargs[key] = coerce(raw, hints[key])
+        except (TypeError, ValueError) as exc:
+            raise PassConfigError(
+                f"pass '{name}', option '{key}': {exc}. Valid options: {describe_options(cls)}."
+            ) from None
+    try:
+        return cls(**kwargs)
+    except PassConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PassConfigError(f"pass '{name}': {exc}") from None
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """Convert a parsed literal to ``annotation``; raise ValueError saying what was expected."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError(" or ".join(errors))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple) or annotation in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = args[0] if args else Any
+        return [coerce(v, inner) for v in items] if origin is not tuple else tuple(coerce(v, inner) for v in items)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping like {{key: value}}, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {coerce(k, kt): coerce(v, vt) for k, v in value.items()}
+    return _coerce_scalar(value, annotation)
+
+
+def _coerce_scalar(value: Any, annotation: Any) -> Any:
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (list, dict)):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "|".join(map(str, args))
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        return " or ".join(type_name(a) for a in args if a is not type(None)) + " or none"
+    if origin in (list, tuple):
+        return f"[{type_name(args[0]) if args else 'any'}, ...]"
+    if origin is dict:
+        return "{" + (f"{type_name(args[0])}: {type_name(args[1])}" if args else "key: value") + "}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def option_table(cls: type) -> list[tuple[str, str, Any]]:
+    """(name, type, default) of every option of pass class ``cls``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        rows.append((f.name, type_name(hints[f.name]), default))
+    return rows
+
+
+def describe_options(cls: type) -> str:
+    rows = option_table(cls)
+    return ", ".join(f"{n}: {t} = {d!r}" for n, t, d in rows) if rows else "(this pass has no options)"

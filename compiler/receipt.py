@@ -1,0 +1,145 @@
+"""The receipt: what a compile changed, what it cost in fidelity, what it gained in speed and size.
+
+Every number here is measured in the run that produced it: sizes and MACs are counted on the
+IR before and after, bytes on disk are the saved files, latency is the ORT median of both
+models measured alternately on this machine, fidelity is measured on the evaluation data
+(held out from calibration) or, when none was given, on synthetic inputs, and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from slimc.pipeline import PassReport
+
+
+@dataclasses.dataclass
+class Receipt:
+    source: str
+    task: str
+    passes: list[PassReport]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    fidelity: dict[str, Any]
+    verification: list[dict[str, Any]]
+    latency: dict[str, Any] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    version: str = ""
+
+    @property
+    def speedup(self) -> float | None:
+        return self.latency.get("speedup") if self.latency else None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["passes"] = [p.to_json() for p in self.passes]
+        return _json_safe(data)
+
+    def save(self, path: str | Path) -> None:
+        from slimc.onnx_io import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def _json_safe(value: Any) -> Any:
+    """inf/nan are not JSON: write them as strings ("inf") so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _json_safe(value.item())
+    return value
+
+
+def _si(n: float, unit: str = "") -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{before / after:.2f}x smaller" if after and before != after else ("same" if before == after else "-")
+
+
+def _row(label: str, before: str, after: str, change: str) -> str:
+    return f"  {label:<28}{before:>14}{after:>14}   {change}"
+
+
+def render(r: Receipt) -> str:
+    """A plain-text table for terminals and logs."""
+    b, a = r.before, r.after
+    sizes = ", ".join(f"{k}={v}" for k, v in a.get("macs_sizes", {}).items()) or "static shapes"
+    lines = [
+        f"slimc receipt: {r.source}  (task: {r.task})",
+        f"  passes: {', '.join(p.name for p in r.passes) or '(none)'}",
+        "",
+        _row("", "before", "after", "change"),
+        _row("parameters", _si(b["params"]), _si(a["params"]), _ratio(b["params"], a["params"])),
+        _row("weights", _si(b["weight_bytes"], "B"), _si(a["weight_bytes"], "B"), _ratio(b["weight_bytes"], a["weight_bytes"])),
+        _row("file size on disk", _si(b["bytes_on_disk"], "B"), _si(a["bytes_on_disk"], "B"), _ratio(b["bytes_on_disk"], a["bytes_on_disk"])),
+        _row(f"MACs per sample ({sizes})", _si(b["macs"]), _si(a["macs"]), _ratio(b["macs"], a["macs"])),
+        _row("nodes", str(b["nodes"]), str(a["nodes"]), f"{a['nodes'] - b['nodes']:+d}"),
+    ]
+    if a.get("macs_unresolved_nodes"):
+        lines.append(f"  ({a['macs_unresolved_nodes']} weighted nodes had unresolved shapes and are not in the MAC count)")
+    lines += _latency_lines(r.latency)
+    lines += _op_change_lines(b["op_histogram"], a["op_histogram"])
+    lines += ["", _fidelity_header(r.fidelity)] + [f"    {k}: {_fmt(v)}" for k, v in r.fidelity.get("metrics", {}).items()]
+    lines += ["", "  passes:"]
+    for p in r.passes:
+        lines.append(f"    {p.name} ({p.seconds:.1f} s): {p.summary}")
+        lines += [f"      left alone: {what}: {why}" for what, why in p.left_alone[:20]]
+        if len(p.left_alone) > 20:
+            lines.append(f"      ... and {len(p.left_alone) - 20} more (see the JSON receipt)")
+    lines += ["", "  verification:"] + [f"    {v['pass']}: {v['result']}" for v in r.verification]
+    if r.notes:
+        lines += ["", "  notes:"] + [f"    - {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
+    if not lat:
+        return [_row("latency (ORT)", "-", "-", "not measured")]
+    if "error" in lat:
+        return [_row("latency (ORT)", "-", "-", f"not measured: {lat['error']}")]
+    before, after = lat["before"]["median_ms"], lat["after"]["median_ms"]
+    speed = lat["speedup"]
+    change = f"{speed:.2f}x {'faster' if speed >= 1 else 'SLOWER'}"
+    return [
+        _row(f"latency median ({lat['feed']})", f"{before:.2f} ms", f"{after:.2f} ms", change),
+        f"    measured on {lat['machine']}; {lat['after']['runs']} runs each, alternating, after warm-up",
+    ]
+
+
+def _op_change_lines(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    changed = sorted(op for op in set(before) | set(after) if before.get(op, 0) != after.get(op, 0))
+    if not changed:
+        return ["  op histogram: unchanged"]
+    parts = [f"{op} {before.get(op, 0)}->{after.get(op, 0)}" for op in changed]
+    return ["  op changes: " + ", ".join(parts)]
+
+
+def _fidelity_header(f: dict[str, Any]) -> str:
+    kind = "SYNTHETIC inputs (no --eval data given)" if f.get("synthetic") else "held-out data"
+    return f"  fidelity vs the input model, on {kind}: {f.get('data', '')}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf (identical)" if v > 0 else "-inf"
+        return f"{v:.6g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return str(v)

@@ -1,0 +1,78 @@
+"""Verification after every pass: full ONNX checker, loads in ORT, exact passes stay exact.
+
+``outputs_match`` is the exactness criterion for passes that declare ``exact = True``: every
+output element satisfies ``|got - ref| <= atol + rtol * max|ref|`` (a tolerance relative to
+the output's scale, since fp32 reassociation in a rewritten graph moves values by a few ulps
+of the largest magnitude, not of each element).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from slimc.errors import VerificationError
+
+EXACT_RTOL = 1e-4
+EXACT_ATOL = 1e-5
+
+
+def check_model_file(path: str | Path, *, full: bool = True) -> None:
+    """Run `onnx.checker` on the saved file (path-based, so models over 2 GB work)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise VerificationError(f"ONNX checker: {_first_line(exc)}") from None
+    except Exception as exc:  # the checker raises assorted C++ errors for malformed graphs
+        raise VerificationError(f"ONNX checker failed: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+@dataclasses.dataclass
+class OutputDiff:
+    """The worst deviation between two runs, over every output of every batch."""
+
+    max_abs: float
+    max_scaled: float  # max_abs / (atol + rtol * max|ref|); <= 1 means within tolerance
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.max_scaled <= 1.0
+
+
+def outputs_match(
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    names: list[str],
+    *,
+    rtol: float = EXACT_RTOL,
+    atol: float = EXACT_ATOL,
+) -> OutputDiff:
+    """Compare batch-by-batch outputs; shapes must be identical."""
+    worst = OutputDiff(0.0, 0.0, names[0] if names else "")
+    for ref_batch, got_batch in zip(reference, candidate, strict=True):
+        for name, ref, got in zip(names, ref_batch, got_batch, strict=True):
+            if ref.shape != got.shape:
+                raise VerificationError(f"output '{name}' changed shape from {ref.shape} to {got.shape}")
+            if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
+                diff = float(np.max(ref != got)) if ref.size else 0.0
+                scaled = diff * 1e9
+            else:
+                ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+                if not np.array_equal(np.isfinite(ref64), np.isfinite(got64)):
+                    return OutputDiff(float("inf"), float("inf"), name)
+                finite = np.isfinite(ref64)
+                diff = float(np.max(np.abs(ref64 - got64)[finite])) if finite.any() else 0.0
+                scale = float(np.max(np.abs(ref64[finite]))) if finite.any() else 0.0
+                scaled = diff / (atol + rtol * scale)
+            if scaled > worst.max_scaled:
+                worst = OutputDiff(diff, scaled, name)
+    return worst

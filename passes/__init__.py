@@ -1,0 +1,29 @@
+"""The pass registry: CLI name -> pass class, imported lazily so the CLI starts fast.
+
+Adding a pass: write ``passes/<name>.py`` with a `slimc.pipeline.Pass` dataclass subclass and
+add one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from slimc.errors import PassConfigError
+
+# name -> "module:Class"
+REGISTRY: dict[str, str] = {
+    "cleanup": "slimc.passes.cleanup:Cleanup",
+}
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get(name: str) -> type:
+    """The pass class registered as ``name``; unknown names list the valid ones."""
+    target = REGISTRY.get(name)
+    if target is None:
+        raise PassConfigError(f"unknown pass '{name}'. Available passes: {', '.join(names())}.")
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)

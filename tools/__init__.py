@@ -1,0 +1,1 @@
+"""The `slimc` command line, the demo, and benchmark tools."""

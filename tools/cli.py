@@ -1,0 +1,167 @@
+"""The `slimc` command line.
+
+    slimc MODEL --passes "cleanup" -o out.onnx [--calib DATA] [--eval DATA] [--receipt r.json]
+    slimc passes                      list every pass with its options and defaults
+    slimc inspect MODEL               inputs, outputs, params, MACs, op histogram
+    slimc demo [--model minilm]       compress a real pretrained model and print the receipt
+
+Errors a user can cause print one message (no traceback) and exit 2; bugs exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from slimc import progress
+from slimc.errors import SlimcError
+
+SUBCOMMANDS = ("passes", "inspect", "demo")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="errors only: no progress bars, no receipt table")
+    group.add_argument("-v", "--verbose", action="store_true", help="log every step (shape inference, pass steps, timings)")
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="slimc",
+        description="Compress a model with a pipeline of passes; print a receipt of what it cost and gained.",
+        epilog="Other commands: 'slimc passes', 'slimc inspect MODEL', 'slimc demo'. "
+        'Example: slimc model.onnx --passes "cleanup" -o out.onnx --eval held_out.npz --receipt receipt.json',
+    )
+    p.add_argument("model", help=".onnx file, Hugging Face folder, .gguf or .pt2 file")
+    p.add_argument("--passes", default="cleanup", help='pipeline, e.g. "prune(ratio=0.3, round_to=8),int8" (default: cleanup)')
+    p.add_argument("-o", "--output", type=Path, help="where to write the compressed .onnx (omit for a dry run)")
+    p.add_argument("--receipt", type=Path, help="also save the receipt as JSON here")
+    p.add_argument("--calib", help="calibration data: text file, image folder or .npz")
+    p.add_argument("--eval", dest="evaluation", help="held-out evaluation data: text file, image folder or .npz")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window for text data (default 128)")
+    p.add_argument("--threads", type=int, help="ORT intra-op threads for latency (default: all cores)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes")
+    _common(p)
+    return p
+
+
+def _sub_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"slimc {command}")
+    if command == "inspect":
+        p.add_argument("model", help=".onnx file, Hugging Face folder, .gguf or .pt2 file")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    elif command == "demo":
+        from slimc.tools.demo import DEMO_MODELS
+
+        p.add_argument("--model", choices=sorted(DEMO_MODELS), default="minilm", help="which real model (default: minilm)")
+        p.add_argument("--passes", default=None, help="pipeline to run (default: the demo's)")
+        p.add_argument("-o", "--output", type=Path, default=Path("slimc-demo"), help="folder for the model and receipt")
+    _common(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "compile"
+    parser = _compile_parser() if command == "compile" else _sub_parser(command)
+    args = parser.parse_args(argv if command == "compile" else argv[1:])
+    progress.set_verbosity(progress.QUIET if args.quiet else progress.VERBOSE if args.verbose else progress.NORMAL)
+    try:
+        return {"compile": _cmd_compile, "passes": _cmd_passes, "inspect": _cmd_inspect, "demo": _cmd_demo}[command](args)
+    except SlimcError as exc:
+        print(f"slimc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimc: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except Exception:  # a bug: say so, with the traceback for the report
+        print("slimc: internal error (a bug in slimc; please report it with this traceback):", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import slimc
+    from slimc.onnx_io import check_output_path
+    from slimc.pass_spec import parse_pipeline
+
+    parse_pipeline(args.passes)  # a bad spec fails before the (slow) load
+    source = Path(args.model)
+    if args.output is not None:
+        check_output_path(args.output, (source,))
+    if args.receipt is not None:
+        check_output_path(args.receipt.with_suffix(".onnx"), (source,))
+    result = slimc.compile(
+        source, args.passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
+        measure_latency=not args.no_latency, threads=args.threads, seq_len=args.seq_len,
+    )
+    if not args.quiet:
+        print(result.receipt)
+    if args.output is not None:
+        written = result.save(args.output)
+        if not args.quiet:
+            print(f"\nwrote {', '.join(map(str, written))}")
+    elif not args.quiet:
+        print("\n(no -o given: dry run, nothing written)")
+    if args.receipt is not None:
+        result.receipt.save(args.receipt)
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from slimc import passes
+    from slimc.pass_spec import option_table
+
+    for name in passes.names():
+        cls = passes.get(name)
+        print(f"{name}  ({'exact' if cls.exact else 'lossy'}): {cls.description}")
+        for opt, typ, default in option_table(cls):
+            print(f"    {opt:<22} {typ:<28} default {default!r}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from slimc import frontends
+    from slimc.analysis import model_stats
+    from slimc.data import synthetic
+
+    loaded = frontends.load(args.model)
+    feed = next(iter(synthetic(loaded.inputs, n_batches=1, sizes={"seq": 128})))
+    stats = model_stats(loaded.model, feed)
+    info = {
+        "source": loaded.source,
+        "task": loaded.task,
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape), "kind": s.kind} for s in loaded.inputs],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": str(v.shape)} for v in loaded.model.graph.outputs],
+        **stats,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['source']}  (task: {info['task']})")
+    for role in ("inputs", "outputs"):
+        print(f"  {role}:")
+        for v in info[role]:
+            print(f"    {v['name']:<24} {v['dtype']:<10} {v['shape']}" + (f"  [{v['kind']}]" if "kind" in v else ""))
+    sizes = ", ".join(f"{k}={v}" for k, v in stats["macs_sizes"].items()) or "static shapes"
+    print(f"  parameters: {stats['params']:,}  ({stats['weight_bytes'] / 1e6:.1f} MB of weights)")
+    print(f"  MACs per sample ({sizes}): {stats['macs']:,}" + (
+        f"  ({stats['macs_unresolved_nodes']} nodes unresolved)" if stats["macs_unresolved_nodes"] else ""))
+    print(f"  nodes: {stats['nodes']}")
+    print("  ops: " + ", ".join(f"{op} {n}" for op, n in stats["op_histogram"].items()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from slimc.tools.demo import run_demo
+
+    run_demo(args.model, args.output, passes=args.passes, quiet=args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

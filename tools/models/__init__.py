@@ -1,0 +1,1 @@
+"""Real pretrained models shipped by PyPI packages, located offline (demo, examples, slow tests)."""
