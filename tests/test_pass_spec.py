@@ -1,0 +1,74 @@
+"""The --passes parser: grammar, type coercion, and errors that list what is valid."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from slimc import passes
+from slimc.errors import PassConfigError
+from slimc.pass_spec import _Parser, coerce, option_table, parse_pipeline
+from slimc.passes.cleanup import Cleanup
+
+
+def test_grammar_handles_nested_values():
+    items = _Parser("prune(ratio=0.3, round_to=8, ignore=[head*, 'lm head'], ratios_by_kind={attention: 0.2, mlp: 0.4}),int8").pipeline()
+    assert items == [
+        ("prune", {"ratio": 0.3, "round_to": 8, "ignore": ["head*", "lm head"], "ratios_by_kind": {"attention": 0.2, "mlp": 0.4}}),
+        ("int8", {}),
+    ]
+
+
+def test_cleanup_from_string_and_spec_round_trip():
+    (p,) = parse_pipeline("cleanup(cse=false, fold_size_limit=100)")
+    assert isinstance(p, Cleanup) and p.cse is False and p.fold_size_limit == 100
+    (again,) = parse_pipeline(p.spec())
+    assert again.options() == p.options()
+
+
+def test_list_forms():
+    built = parse_pipeline(["cleanup", ("cleanup", {"cse": False}), Cleanup(fold_constants=False)])
+    assert [p.cse for p in built] == [True, False, True]
+    assert built[2].fold_constants is False
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("cleanp", "unknown pass 'cleanp'. Available passes: cleanup"),
+        ("cleanup(foo=1)", "has no option 'foo'. Valid options: fold_constants: bool = True"),
+        ("cleanup(cse=3)", "option 'cse': expected true or false, got 3"),
+        ("cleanup(fold_size_limit=1.5)", "expected an integer"),
+        ("cleanup(fold_size_limit=-1)", "fold_size_limit must be >= 0"),
+        ("cleanup(", "expected more input"),
+        ("cleanup(cse=true, cse=false)", "given twice"),
+        ("", "empty pass list"),
+        ("cleanup)", "unexpected ')'"),
+    ],
+)
+def test_bad_specs_raise_typed_errors(spec, message):
+    with pytest.raises(PassConfigError, match=None) as info:
+        parse_pipeline(spec)
+    assert message in str(info.value)
+
+
+def test_coerce_types():
+    assert coerce(1, float) == 1.0 and isinstance(coerce(1, float), float)
+    assert coerce("a", list[str]) == ["a"]
+    assert coerce({"attention": 1}, dict[str, float]) == {"attention": 1.0}
+    assert coerce("rtn", Literal["rtn", "gptq"]) == "rtn"
+    assert coerce(None, int | None) is None
+    with pytest.raises(ValueError, match="one of rtn, gptq"):
+        coerce("x", Literal["rtn", "gptq"])
+    with pytest.raises(ValueError):
+        coerce(True, int)
+
+
+def test_every_registered_pass_is_a_documented_dataclass():
+    for name in passes.names():
+        cls = passes.get(name)
+        assert cls.name == name and cls.description
+        assert dataclasses.is_dataclass(cls)
+        assert all(default is not None or "none" in typ for _, typ, default in option_table(cls))
