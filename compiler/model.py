@@ -120,3 +120,24 @@ def infer_input_specs(model: ir.Model) -> list[InputSpec]:
             kind = "image"
         specs.append(InputSpec(name=name, dtype=dtype, shape=shape, kind=kind, high=high))
     return specs
+
+
+def infer_task(model: ir.Model, inputs: list[InputSpec]) -> str:
+    """Guess the task of a bare graph from its first output, so the receipt picks fitting metrics.
+
+    2-D float output ``[batch, classes]``: a classifier (image-classifier with an image input).
+    Token inputs and a 3-D output: a causal LM when the last dim equals the vocabulary (the
+    embedding table's rows), else an encoder. Anything else: generic (generic metrics only).
+    """
+    if not model.graph.outputs:
+        return "generic"
+    out = model.graph.outputs[0]
+    rank = len(out.shape) if out.shape is not None else None
+    floating = out.dtype is not None and out.dtype.is_floating_point()
+    tokens = [s for s in inputs if s.kind == "tokens"]
+    if floating and rank == 2:
+        return "image-classifier" if any(s.kind == "image" for s in inputs) else "classifier"
+    if floating and rank == 3 and tokens:
+        last = out.shape[-1]
+        return "causal-lm" if isinstance(last, int) and last == tokens[0].high else "encoder"
+    return "generic"

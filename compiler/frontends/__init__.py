@@ -16,7 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from slimc.errors import ModelLoadError
-from slimc.model import LoadedModel, infer_input_specs
+from slimc.model import LoadedModel, infer_input_specs, infer_task
 
 
 def load(
@@ -37,10 +37,9 @@ def load(
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, ir.Model):
-        return LoadedModel(model=source, inputs=infer_input_specs(source), source="onnx_ir.Model")
+        return _bare(source, "onnx_ir.Model")
     if _is_onnx_proto(source):
-        model = ir.serde.deserialize_model(source)
-        return LoadedModel(model=model, inputs=infer_input_specs(model), source="onnx.ModelProto")
+        return _bare(ir.serde.deserialize_model(source), "onnx.ModelProto")
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source), example_inputs, input_names=input_names, dynamic=dynamic, cache_dir=cache_dir)
     from slimc.frontends import torch_module
@@ -51,6 +50,12 @@ def load(
         f"cannot compile a {type(source).__name__}: pass an .onnx path, a Hugging Face folder, a .gguf or "
         ".pt2 file, an nn.Module with example_inputs, or an onnx_ir.Model."
     )
+
+
+def _bare(model: ir.Model, source: str, paths: tuple[Path, ...] = ()) -> LoadedModel:
+    """A graph with no front-end facts: input kinds and task are inferred from the graph."""
+    inputs = infer_input_specs(model)
+    return LoadedModel(model=model, inputs=inputs, task=infer_task(model, inputs), source=source, source_paths=paths)
 
 
 def _is_onnx_proto(source: Any) -> bool:
@@ -64,8 +69,7 @@ def _load_path(path: Path, example_inputs, *, input_names, dynamic, cache_dir) -
     if suffix == ".onnx":
         from slimc.onnx_io import load_onnx
 
-        model = load_onnx(path)
-        return LoadedModel(model=model, inputs=infer_input_specs(model), source=str(path), source_paths=(path,))
+        return _bare(load_onnx(path), str(path), (path,))
     if path.is_dir() or suffix == ".gguf":
         from slimc.frontends import huggingface
 
