@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,11 @@ def set_verbosity(level: int) -> None:
     """QUIET: errors only, no bars. NORMAL: bars and warnings. VERBOSE: also info/debug logs."""
     global _level
     _level = level
+    if level == QUIET:
+        # Libraries slimc drives (transformers, huggingface_hub) draw their own bars; both
+        # read this switch when first imported.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(format="slimc: %(message)s", stream=sys.stderr)
     log.setLevel({QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.DEBUG}[level])
 
