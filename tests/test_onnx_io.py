@@ -112,3 +112,18 @@ def test_unknown_extension(tmp_path):
     path.write_text("x")
     with pytest.raises(ModelLoadError, match="unknown model format"):
         load(path)
+
+
+def test_large_models_switch_to_external_data_automatically(tmp_path, monkeypatch):
+    # The real threshold is ~1.8 GB; lower it so a tiny model takes the same path.
+    import onnxruntime as ort
+
+    import slimc.onnx_io as onnx_io
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 100)
+    model = ir.serde.deserialize_model(tiny_cnn())
+    written = save_onnx(model, tmp_path / "big.onnx")
+    assert [p.name for p in written] == ["big.onnx", "big.onnx.data"]
+    session = ort.InferenceSession(str(tmp_path / "big.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.zeros((1, 3, 8, 8), np.float32)})[0]
+    assert out.shape == (1, 5)
