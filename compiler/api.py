@@ -222,6 +222,7 @@ def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel) -> 
         evalset,
         loaded.task,
         output_names=names,
+        inputs=loaded.inputs,
     )
     return {"data": evalset.source, "synthetic": bool(evalset.synthetic), "batches": len(evalset), "metrics": metrics}
 

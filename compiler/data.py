@@ -1,25 +1,33 @@
-"""Calibration and evaluation data: files or tensors -> validated batches for the model's inputs.
+"""Calibration and evaluation data: files and Python objects turned into batches the model accepts.
 
-A batch is ``dict[input name -> np.ndarray]``. Sources:
+A *batch* is ``dict[str, np.ndarray]`` keyed by graph input name; a :class:`Dataset` is a
+re-iterable sequence of batches plus a human description of where they came from.
 
-- text file: tokenized with the model's tokenizer, cut into non-overlapping windows of
-  ``seq_len`` tokens (the tail shorter than a window is dropped), ``batch_size`` windows a batch;
-  ``attention_mask`` ones, ``token_type_ids`` zeros, ``position_ids`` 0..seq_len-1;
-- folder of images: shorter side resized to the target, center-cropped to H x W, scaled to
-  [0, 1], normalised with mean/std (the model's, else ImageNet's), NCHW float32;
-- ``.npz``: arrays named after the inputs (or ``arr_0``, ``arr_1``, ... in input order),
-  split along axis 0;
-- Python: a `Dataset`, a dict of arrays/tensors, a list of such dicts, a list of tuples
-  (positional), or one array/tensor for a single-input model.
+Sources accepted by :func:`load`:
 
-Every batch is checked against the model's `InputSpec`s; a mismatch is a `DataError` naming
-the input, what it expects and what it got.
+- text file → token ids cut into non-overlapping windows of ``seq_len`` tokens. Window ``i`` of
+  the token stream ``t`` is ``prefix + t[i·L : (i+1)·L] + suffix`` with
+  ``L = seq_len − |prefix| − |suffix|``, where prefix/suffix are the tokenizer's own special
+  tokens ([CLS] … [SEP], <bos>): the model was trained with them, so activations are typical.
+  attention_mask = 1, token_type_ids = 0, position_ids = arange(seq_len).
+- image folder, image file or :class:`Images` (paths / HWC arrays awaiting the model's own
+  preprocessing, e.g. ``slimc.datasets.photo_dataset``) → RGB, scaled by
+  ``s = max(H/h, W/w)`` so the shorter side fits, center-cropped to H×W (or stretched when
+  ``image_preprocess["resize"] == "stretch"``), ``x = (pixel·scale − mean) / std`` with
+  ``scale = 1/255`` unless the mean is given in 0–255 pixel units; NCHW (or the model's NHWC).
+- ``.npz`` / ``.npy`` / dict of arrays / one array → split along axis 0 into batches.
+- list (or any iterable) of dicts, tuples (positional) or arrays → one batch each.
+
+Every batch is checked against the model's :class:`InputSpec`\\ s: names, rank, static dims,
+symbolic dims shared between inputs, dtype castability (int32 → int64 is fine, float → int64 is
+not) and value ranges (token ids in ``[0, high)``, masks in {0, 1}). A mismatch is a
+:class:`DataError` naming the input, what the model expects and what it got.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,249 +37,543 @@ from slimc.errors import DataError
 from slimc.model import InputSpec, LoadedModel
 
 Batch = dict[str, np.ndarray]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+DEFAULT_BATCH_SIZE = 8
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+TEXT_KINDS = ("tokens", "attention_mask", "token_type_ids", "position_ids")
 
 
 class Dataset:
-    """A re-iterable list of batches with a description of where it came from."""
+    """A re-iterable sequence of batches; ``batches`` may build each batch on access (images)."""
 
-    def __init__(self, batches: list[Batch], source: str, synthetic: bool = False):
-        self.batches = batches
+    def __init__(self, batches: Sequence[Batch], source: str, *, synthetic: bool = False):
+        self._batches = batches
         self.source = source
         self.synthetic = synthetic
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self._batches)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self._batches[index]
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.batches)
+        return (self._batches[i] for i in range(len(self._batches)))
 
-    def samples(self) -> int:
-        return sum(next(iter(b.values())).shape[0] for b in self.batches if b)
+    def __repr__(self) -> str:
+        return f"Dataset({self.source!r}, {len(self)} batches, synthetic={self.synthetic})"
+
+    def head(self, n: int) -> Dataset:
+        """The first ``n`` batches."""
+        if n >= len(self):
+            return self
+        return Dataset(self._batches[:n], f"{self.source}, first {n} batches", synthetic=self.synthetic)
 
     def split(self, n_holdout: int) -> tuple[Dataset, Dataset]:
-        """(first part, last ``n_holdout`` batches): calibrate on one, evaluate on the other."""
-        if not 0 < n_holdout < len(self.batches):
-            raise DataError(f"cannot hold out {n_holdout} of {len(self.batches)} batches from {self.source}.")
-        head, tail = self.batches[:-n_holdout], self.batches[-n_holdout:]
-        return Dataset(head, f"{self.source} (first {len(head)} batches)"), Dataset(tail, f"{self.source} (last {len(tail)} batches, held out)")
+        """``(first len−n, last n)`` batches: calibrate on the first, measure fidelity on the rest."""
+        if not 0 < n_holdout < len(self):
+            raise DataError(
+                f"cannot hold out {n_holdout} of {len(self)} batches from {self.source}: both parts "
+                "must be non-empty. Pass more data, or separate calibration and evaluation data."
+            )
+        k = len(self) - n_holdout
+        first = Dataset(self._batches[:k], f"{self.source}, batches 1-{k}", synthetic=self.synthetic)
+        rest = Dataset(self._batches[k:], f"{self.source}, batches {k + 1}-{len(self)}", synthetic=self.synthetic)
+        return first, rest
 
 
-def synthetic(inputs: list[InputSpec], n_batches: int = 4, seed: int = 0, sizes: dict[str, int] | None = None) -> Dataset:
-    """Valid random inputs: token ids below the vocabulary, masks of ones, normal floats."""
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(n_batches):
-        batch = {}
-        for spec in inputs:
-            shape = spec.concrete_shape(sizes)
-            batch[spec.name] = _synthetic_value(spec, shape, rng)
-        batches.append(batch)
-    shapes = ", ".join(f"{s.name}{list(s.concrete_shape(sizes))}" for s in inputs)
-    return Dataset(batches, f"{n_batches} synthetic batches ({shapes}, seed {seed})", synthetic=True)
+class _LazyBatches(Sequence):
+    """Batches built on access from per-batch items (image paths), so a folder is never all in memory."""
+
+    def __init__(self, items: Sequence[Any], build: Callable[[Any], Batch]):
+        self._items, self._build = list(items), build
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return _LazyBatches(self._items[index], self._build)
+        return self._build(self._items[index])
 
 
-def _synthetic_value(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    if spec.kind == "tokens":
-        return rng.integers(0, spec.high or 100, size=shape).astype(spec.dtype)
-    if spec.kind == "attention_mask":
-        return np.ones(shape, spec.dtype)
-    if spec.kind == "position_ids":
-        return np.broadcast_to(np.arange(shape[-1]), shape).astype(spec.dtype).copy()
-    if spec.kind in ("token_type_ids", "int"):
-        return np.zeros(shape, spec.dtype)
-    if spec.kind == "bool":
-        return np.ones(shape, np.bool_)
-    return rng.standard_normal(shape).astype(spec.dtype)
+# ---------------------------------------------------------------- validation
 
 
-def load(
-    source: Any,
-    loaded: LoadedModel,
-    *,
-    seq_len: int = 128,
-    batch_size: int | None = None,
-    max_batches: int | None = None,
-    role: str = "calibration",
-) -> Dataset:
-    """Turn ``source`` into validated batches for ``loaded``'s inputs (see module docstring)."""
-    if isinstance(source, Dataset):
-        dataset = source
-    elif isinstance(source, (str, os.PathLike)):
-        dataset = _from_path(Path(source), loaded, seq_len, batch_size)
-    else:
-        dataset = _from_python(source, loaded.inputs, batch_size)
-    if max_batches is not None:
-        dataset = Dataset(dataset.batches[:max_batches], dataset.source, dataset.synthetic)
-    if not len(dataset):
-        raise DataError(f"the {role} data {dataset.source or source!r} is empty: give at least one sample.")
-    dataset.batches = [validate(batch, loaded.inputs, role) for batch in dataset.batches]
-    return dataset
+def _shape_str(shape: Sequence[Any]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def _from_path(path: Path, loaded: LoadedModel, seq_len: int, batch_size: int | None) -> Dataset:
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist.")
-    if path.is_dir():
-        return images_from_folder(path, loaded, batch_size or 8)
-    if path.suffix == ".npz":
-        return _from_npz(path, loaded.inputs, batch_size)
-    return text_windows(path.read_text(encoding="utf-8", errors="replace"), loaded, seq_len, batch_size or 4, str(path))
+def _advice(spec: InputSpec) -> str:
+    if spec.kind == "image":
+        return "Pass a folder of images (slimc resizes and normalizes them) or arrays of the expected shape."
+    if spec.kind in TEXT_KINDS:
+        return "Pass a text file (tokenized with the model's tokenizer) or arrays of the expected shape."
+    return f"Pass {np.dtype(spec.dtype)} arrays of shape {_shape_str(spec.shape)}."
 
 
-def text_windows(text: str, loaded: LoadedModel, seq_len: int, batch_size: int = 4, name: str = "text") -> Dataset:
-    """Tokenize ``text`` and cut it into non-overlapping ``seq_len`` windows."""
-    if loaded.tokenizer is None:
+def _cast(arr: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
+    want = np.dtype(spec.dtype)
+    if arr.dtype == want:
+        return arr
+    ok = bool(np.can_cast(arr.dtype, want, casting="same_kind"))
+    if ok and np.issubdtype(want, np.integer) and np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(want)  # a narrowing integer cast is fine only if every value fits
+        ok = bool(arr.min() >= info.min and arr.max() <= info.max)
+    if want == np.bool_ and np.issubdtype(arr.dtype, np.integer):
+        ok = bool(np.isin(arr, (0, 1)).all())  # 0/1 integer masks are a common spelling of bools
+    if not ok:
         raise DataError(
-            f"{name} is text, but this model has no tokenizer (it was not loaded from a Hugging Face folder or "
-            "GGUF file). Give the token ids as an .npz file instead."
+            f"{label}: expected dtype {want}, got {arr.dtype}, which cannot be cast without changing "
+            f"values. {_advice(spec)}"
         )
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}.")
-    ids = np.asarray(loaded.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise DataError(f"{name} has {len(ids)} tokens, fewer than one window of {seq_len}: give more text or a smaller --seq-len.")
-    windows = ids[: n * seq_len].reshape(n, seq_len)
-    batches = [_token_batch(windows[i : i + batch_size], loaded.inputs) for i in range(0, n, batch_size)]
-    return Dataset(batches, f"{name}: {n} windows of {seq_len} tokens")
+    return arr.astype(want)
 
 
-def _token_batch(ids: np.ndarray, inputs: list[InputSpec]) -> Batch:
-    batch: Batch = {}
-    for spec in inputs:
-        if spec.kind == "tokens":
-            batch[spec.name] = ids
-        elif spec.kind == "attention_mask":
-            batch[spec.name] = np.ones_like(ids)
-        elif spec.kind == "position_ids":
-            batch[spec.name] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
-        elif spec.kind == "token_type_ids":
-            batch[spec.name] = np.zeros_like(ids)
-        else:
-            raise DataError(f"cannot fill input '{spec.name}' ({spec.kind}) from text: give an .npz with every input.")
-    return batch
+def _check_values(arr: np.ndarray, spec: InputSpec, label: str) -> None:
+    if spec.kind in ("tokens", "token_type_ids") and np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or (spec.high is not None and hi >= spec.high):
+            bound = f"[0, {spec.high})" if spec.high is not None else ">= 0"
+            raise DataError(
+                f"{label}: ids must be in {bound} (the model's embedding has {spec.high} rows), got "
+                f"values in [{lo}, {hi}]. Tokenize with the model's own tokenizer, or pass a text file."
+            )
+    if spec.kind == "attention_mask" and not np.isin(arr, (0, 1)).all():
+        raise DataError(f"{label}: an attention mask holds only 0 and 1, got values {np.unique(arr)[:8]}.")
 
 
-def images_from_folder(folder: Path, loaded: LoadedModel, batch_size: int = 8) -> Dataset:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    from PIL import Image
-
-    arrays = []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                arrays.append(np.asarray(img.convert("RGB")))
-        except OSError as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
-    return images_to_dataset(arrays, loaded, batch_size, f"{folder}: {len(files)} images")
-
-
-def images_to_dataset(images: list[np.ndarray], loaded: LoadedModel, batch_size: int = 8, name: str = "images") -> Dataset:
-    """HWC uint8 images -> normalised NCHW batches at the model's input size."""
-    image_inputs = [s for s in loaded.inputs if s.kind == "image"]
-    if len(image_inputs) != 1:
-        raise DataError(f"images given, but the model has {len(image_inputs)} image inputs (needs exactly one 4-D float input).")
-    spec = image_inputs[0]
-    pre = loaded.image_preprocess or {}
-    size = pre.get("size") or tuple(d if isinstance(d, int) else 224 for d in spec.shape[2:4])
-    mean = np.asarray(pre.get("mean", IMAGENET_MEAN), np.float32)[:, None, None]
-    std = np.asarray(pre.get("std", IMAGENET_STD), np.float32)[:, None, None]
-    chw = np.stack([(_resize_crop(img, size).transpose(2, 0, 1) / 255.0 - mean) / std for img in images]).astype(spec.dtype)
-    batches = [{spec.name: chw[i : i + batch_size]} for i in range(0, len(chw), batch_size)]
-    return Dataset(batches, name)
+def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, tuple[int, str]]) -> np.ndarray:
+    expected = _shape_str(spec.shape)
+    if arr.dtype == object:
+        raise DataError(f"{label}: got ragged or non-numeric data; {_advice(spec)}")
+    if arr.ndim != len(spec.shape):
+        raise DataError(
+            f"{label}: expected rank {len(spec.shape)} {expected}, got shape {arr.shape}. {_advice(spec)}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+        if isinstance(want, int) and want != got:
+            raise DataError(
+                f"{label}: expected shape {expected}, got {arr.shape} (dim {axis} must be {want}). {_advice(spec)}"
+            )
+        if isinstance(want, str):  # a symbolic dim shared between inputs must agree across them
+            seen, where = dims.setdefault(want, (got, spec.name))
+            if seen != got:
+                raise DataError(
+                    f"{label}: dim {want!r} is {got} here but {seen} in input {where!r}; inputs "
+                    "sharing a dim name must agree (e.g. ids and mask of the same length)."
+                )
+    if arr.size == 0:
+        raise DataError(f"{label}: got an empty array of shape {arr.shape}. {_advice(spec)}")
+    arr = _cast(arr, spec, label)
+    _check_values(arr, spec, label)
+    return arr
 
 
-def _resize_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    img = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
-    h, w = size
-    scale = max(h / img.height, w / img.width)
-    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BILINEAR)
-    left, top = (img.width - w) // 2, (img.height - h) // 2
-    return np.asarray(img.crop((left, top, left + w, top + h)), np.float32)
-
-
-def _from_npz(path: Path, inputs: list[InputSpec], batch_size: int | None) -> Dataset:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path} as .npz: {exc}") from None
-    if all(k.startswith("arr_") for k in arrays) and arrays:
-        arrays = {spec.name: arrays[f"arr_{i}"] for i, spec in enumerate(inputs) if f"arr_{i}" in arrays}
-    dataset = _split_arrays(arrays, batch_size or 8)
-    dataset.source = f"{path}: {dataset.source}"
-    return dataset
+def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where: str = "batch") -> Batch:
+    """Check one batch against the specs; return it with arrays as numpy in the inputs' dtypes."""
+    names = [spec.name for spec in inputs]
+    missing = [n for n in names if n not in batch]
+    extra = [n for n in batch if n not in names]
+    if missing or extra:
+        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+        raise DataError(
+            f"{where}: the model takes inputs {names}; got {sorted(batch)} ({', '.join(parts)}). "
+            "Key arrays by graph input name, or pass them positionally in this order."
+        )
+    dims: dict[str, tuple[int, str]] = {}
+    return {
+        spec.name: _check_array(to_numpy(batch[spec.name]), spec, f"{where}, input {spec.name!r}", dims)
+        for spec in inputs
+    }
 
 
-def _split_arrays(arrays: dict[str, np.ndarray], batch_size: int) -> Dataset:
-    lengths = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        raise DataError(f"inputs have different sample counts along axis 0: {lengths}.")
-    n = next(iter(lengths.values()), 0)
-    batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
-    return Dataset(batches, f"{n} samples")
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-        return value.detach().cpu().numpy()
+def to_numpy(value: Any) -> np.ndarray:
+    """numpy view of an array-like; torch tensors are detached and moved to the CPU (no torch import)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            value = value.float()
+        return value.numpy()
     return np.asarray(value)
 
 
-def _from_python(source: Any, inputs: list[InputSpec], batch_size: int | None) -> Dataset:
-    names = [s.name for s in inputs]
-    if isinstance(source, dict):
-        return _split_arrays({k: _to_numpy(v) for k, v in source.items()}, batch_size or 8)
-    if hasattr(source, "shape"):
-        if len(names) != 1:
-            raise DataError(f"one array given, but the model has {len(names)} inputs ({', '.join(names)}): give a dict.")
-        return _split_arrays({names[0]: _to_numpy(source)}, batch_size or 8)
-    if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
-        batches = []
-        for item in source:
-            if isinstance(item, dict):
-                batches.append({k: _to_numpy(v) for k, v in item.items()})
-            elif isinstance(item, (tuple, list)):
-                batches.append({name: _to_numpy(v) for name, v in zip(names, item)})
-            else:
-                batches.append({names[0]: _to_numpy(item)} if len(names) == 1 else {})
-        return Dataset(batches, f"{len(batches)} batches given in Python")
-    raise DataError(f"cannot use a {type(source).__name__} as data: give a path, a dict of arrays or a list of batches.")
+# ---------------------------------------------------------------- synthetic
 
 
-def validate(batch: Batch, inputs: list[InputSpec], role: str = "data") -> Batch:
-    """Check names, ranks, static sizes, dtypes and token ranges; cast safe integer/float widths."""
-    expected = {s.name for s in inputs}
-    missing, extra = sorted(expected - set(batch)), sorted(set(batch) - expected)
-    if missing or extra:
-        raise DataError(
-            f"{role} data does not match the model's inputs: missing {missing or 'none'}, unexpected {extra or 'none'}. "
-            f"The model takes: {', '.join(f'{s.name}{list(s.shape)}' for s in inputs)}."
-        )
-    out = {}
+def _random_value(spec: InputSpec, rng: np.random.Generator, sizes: dict[str, int] | None) -> np.ndarray:
+    shape, dtype = spec.concrete_shape(sizes), np.dtype(spec.dtype)
+    if spec.kind == "tokens":
+        return rng.integers(0, spec.high or 100, size=shape).astype(dtype)
+    if spec.kind in ("attention_mask", "bool"):
+        return np.ones(shape, dtype)
+    if spec.kind == "position_ids" and shape:
+        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype)
+    if spec.kind in ("image", "float"):
+        return rng.standard_normal(shape).astype(dtype)
+    return np.zeros(shape, dtype)  # token_type_ids, int: 0 is a valid index for any table
+
+
+def synthetic(
+    inputs: Sequence[InputSpec], n_batches: int = 4, seed: int = 0, sizes: dict[str, int] | None = None
+) -> Dataset:
+    """Random but valid inputs (see module docstring for the value rules); same seed, same data."""
+    rng = np.random.default_rng(seed)
+    batches = [{spec.name: _random_value(spec, rng, sizes) for spec in inputs} for _ in range(n_batches)]
+    shapes = ", ".join(f"{spec.name}{list(spec.concrete_shape(sizes))}" for spec in inputs)
+    return Dataset(batches, f"synthetic: {n_batches} random batches of {shapes} (seed {seed})", synthetic=True)
+
+
+# ---------------------------------------------------------------- arrays and objects
+
+
+def _static_batch(inputs: Sequence[InputSpec]) -> int | None:
+    """A model exported with a fixed batch size forces it on every batch."""
     for spec in inputs:
-        out[spec.name] = _validate_one(np.asarray(batch[spec.name]), spec, role)
-    return out
+        if spec.shape and isinstance(spec.shape[0], int):
+            return spec.shape[0]
+    return None
 
 
-def _validate_one(array: np.ndarray, spec: InputSpec, role: str) -> np.ndarray:
-    where = f"{role} input '{spec.name}'"
-    if array.ndim != len(spec.shape):
-        raise DataError(f"{where}: expected rank {len(spec.shape)} {list(spec.shape)}, got shape {list(array.shape)}.")
-    for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
-        if isinstance(want, int) and want != got:
-            raise DataError(f"{where}: axis {axis} must be {want} (model shape {list(spec.shape)}), got shape {list(array.shape)}.")
-    want_int = np.issubdtype(spec.dtype, np.integer)
-    if want_int and not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
-        raise DataError(f"{where}: expects integers ({spec.dtype}), got {array.dtype}. Token ids must be integers.")
-    if np.issubdtype(spec.dtype, np.floating) and not np.issubdtype(array.dtype, np.number):
-        raise DataError(f"{where}: expects {spec.dtype}, got {array.dtype}.")
-    if spec.kind == "tokens" and spec.high is not None and array.size and (array.max() >= spec.high or array.min() < 0):
-        raise DataError(f"{where}: token ids must be in [0, {spec.high}), got [{array.min()}, {array.max()}]. Was the right tokenizer used?")
-    return array.astype(spec.dtype, copy=False)
+def _groups(n: int, inputs: Sequence[InputSpec], batch_size: int) -> list[range]:
+    """Sample index ranges per batch; with a static batch dim an incomplete last batch is dropped."""
+    fixed = _static_batch(inputs)
+    size = fixed or batch_size
+    groups = [range(i, min(i + size, n)) for i in range(0, n, size)]
+    return [g for g in groups if fixed is None or len(g) == fixed]
+
+
+def from_arrays(
+    arrays: Mapping[str, Any], inputs: Sequence[InputSpec], *, batch_size: int = DEFAULT_BATCH_SIZE,
+    name: str = "arrays", where: str = "data",
+) -> Dataset:
+    """Arrays keyed by input name (all samples), split along axis 0 into batches."""
+    arrays = {k: to_numpy(v) for k, v in arrays.items()}
+    lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{where} {name}: arrays hold different numbers of samples along axis 0: {lengths}.")
+    n = next(iter(lengths.values()), 1)
+    groups = _groups(n, inputs, batch_size)
+    batches = [
+        validate_batch({k: a[g.start:g.stop] if a.ndim else a for k, a in arrays.items()}, inputs,
+                       f"{where} {name}, batch {i}")
+        for i, g in enumerate(groups)
+    ]
+    return Dataset(batches, f"{name}: {n} samples in {len(batches)} batches")
+
+
+def _positional(arrays: Sequence[Any], inputs: Sequence[InputSpec], where: str) -> dict[str, Any]:
+    names = [spec.name for spec in inputs]
+    if len(arrays) != len(names):
+        raise DataError(
+            f"{where}: got {len(arrays)} positional arrays but the model takes {len(names)} inputs "
+            f"{names}. Pass one array per input in this order, or a dict keyed by input name."
+        )
+    return dict(zip(names, arrays))
+
+
+def _is_array(obj: Any) -> bool:
+    return isinstance(obj, np.ndarray) or (hasattr(obj, "detach") and hasattr(obj, "shape"))
+
+
+def _from_object(obj: Any, inputs: Sequence[InputSpec], batch_size: int, where: str) -> Dataset:
+    if isinstance(obj, Mapping):
+        return from_arrays(obj, inputs, batch_size=batch_size, name="dict", where=where)
+    if _is_array(obj):
+        return from_arrays(_positional([obj], inputs, where), inputs, batch_size=batch_size, name="array", where=where)
+    if not isinstance(obj, Iterable):
+        raise DataError(
+            f"{where}: cannot use a {type(obj).__name__}; pass a path (text file, image folder, .npz), "
+            "a dict of arrays, a list of such dicts, a list of tuples, or an array."
+        )
+    batches = []
+    for i, item in enumerate(obj):  # a generator is consumed once here, so the Dataset re-iterates
+        label = f"{where}, batch {i}"
+        if isinstance(item, Mapping):
+            batches.append(validate_batch(item, inputs, label))
+        elif _is_array(item) or isinstance(item, (tuple, list)):
+            batches.append(validate_batch(_positional([item] if _is_array(item) else item, inputs, label), inputs, label))
+        else:
+            raise DataError(f"{label}: got a {type(item).__name__}; each batch must be a dict, a tuple or an array.")
+    return Dataset(batches, f"{type(obj).__name__} of {len(batches)} batches")
+
+
+def _npz(path: Path, inputs: Sequence[InputSpec], batch_size: int, where: str) -> Dataset:
+    try:
+        if path.suffix.lower() == ".npy":
+            arrays = _positional([np.load(path, allow_pickle=False)], inputs, f"{where} {path.name}")
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{where} {path}: not a readable numpy file ({exc}). Write it with np.savez.") from exc
+    positional = [f"arr_{i}" for i in range(len(arrays))]
+    if sorted(arrays) == sorted(positional) and not set(arrays) & {s.name for s in inputs}:
+        arrays = _positional([arrays[k] for k in positional], inputs, f"{where} {path.name}")
+    return from_arrays(arrays, inputs, batch_size=batch_size, name=path.name, where=where)
+
+
+# ---------------------------------------------------------------- text
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer wraps every sequence in, found by encoding a word both ways."""
+    plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return list(full[:k]), list(full[k + len(plain):])
+    return [], []
+
+
+def _tokenize(tokenizer: Any, text: str, chunk_chars: int = 4000) -> np.ndarray:
+    """Token ids of ``text``, tokenized in line-aligned chunks (fast, batched, no length warning)."""
+    chunks, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if current and len(current) + len(line) > chunk_chars:
+            chunks.append(current)
+            current = ""
+        current += line
+    chunks.append(current)
+    encoded = tokenizer(chunks, add_special_tokens=False, verbose=False)["input_ids"]
+    return np.fromiter((t for ids in encoded for t in ids), dtype=np.int64)
+
+
+def _text_batch(windows: np.ndarray, inputs: Sequence[InputSpec]) -> Batch:
+    b, s = windows.shape
+    batch = {}
+    for spec in inputs:
+        shape = spec.concrete_shape({"batch": b, "seq": s})
+        if spec.kind == "tokens":
+            batch[spec.name] = windows
+        elif spec.kind == "attention_mask":
+            batch[spec.name] = np.ones(shape, np.int64)
+        elif spec.kind == "position_ids":
+            batch[spec.name] = np.broadcast_to(np.arange(s), shape)
+        else:
+            batch[spec.name] = np.zeros(shape, np.int64)
+    return batch
+
+
+def _text_seq_len(loaded: LoadedModel, tokens: InputSpec, seq_len: int, name: str) -> int:
+    if len(tokens.shape) > 1 and isinstance(tokens.shape[1], int):
+        return tokens.shape[1]  # exported with a fixed length: no other length runs
+    limit = getattr(loaded.tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 1_000_000 and seq_len > limit:
+        raise DataError(
+            f"{name}: seq_len {seq_len} exceeds the model's maximum length {limit}; pass --seq-len {limit} or less."
+        )
+    return seq_len
+
+
+def from_text(
+    text: str, loaded: LoadedModel, *, seq_len: int = 128, batch_size: int = DEFAULT_BATCH_SIZE,
+    name: str = "text", where: str = "data",
+) -> Dataset:
+    """Tokenize ``text`` with the model's tokenizer into windows of ``seq_len`` tokens."""
+    names = loaded.input_names()
+    if loaded.tokenizer is None:
+        raise DataError(
+            f"{where} {name} is text but the model has no tokenizer to turn it into ids. Pass a .npz "
+            f"with arrays named {names} instead, or load the model from a folder that holds its tokenizer."
+        )
+    tokens = [s for s in loaded.inputs if s.kind == "tokens"]
+    other = [f"{s.name} ({s.kind})" for s in loaded.inputs if s.kind not in TEXT_KINDS]
+    if len(tokens) != 1 or other:
+        raise DataError(
+            f"{where} {name}: text can fill token ids, masks, token types and positions, but the model "
+            f"takes {[f'{s.name} ({s.kind})' for s in loaded.inputs]}. Pass a .npz with arrays named {names}."
+        )
+    seq_len = _text_seq_len(loaded, tokens[0], seq_len, f"{where} {name}")
+    prefix, suffix = _special_tokens(loaded.tokenizer)
+    body = seq_len - len(prefix) - len(suffix)
+    ids = _tokenize(loaded.tokenizer, text)
+    n = len(ids) // max(body, 1)
+    if body < 1 or n == 0:
+        raise DataError(
+            f"{where} {name}: {len(ids)} tokens, fewer than one window of {seq_len}. "
+            "Pass more text or a smaller --seq-len."
+        )
+    windows = np.concatenate(
+        [np.tile(prefix, (n, 1)), ids[: n * body].reshape(n, body), np.tile(suffix, (n, 1))], axis=1
+    ).astype(np.int64)
+    groups = _groups(n, loaded.inputs, batch_size)
+    batches = [
+        validate_batch(_text_batch(windows[g.start:g.stop], loaded.inputs), loaded.inputs, f"{where} {name}, batch {i}")
+        for i, g in enumerate(groups)
+    ]
+    return Dataset(batches, f"{name}: {sum(map(len, groups))} windows of {seq_len} tokens")
+
+
+# ---------------------------------------------------------------- images
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Images:
+    """Images not yet preprocessed (paths, HWC arrays or PIL images): `load` applies the model's
+    own size and normalization, so one photo set serves models with different preprocessing."""
+
+    def __init__(self, images: Sequence[Any], source: str = "images", size: tuple[int, int] | None = None):
+        self.images, self.source, self.size = list(images), source, size  # size: used if the model has none
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("image data needs Pillow: pip install pillow") from None
+    return Image
+
+
+def _image_layout(spec: InputSpec, pre: dict[str, Any], fallback: tuple[int, int] | None, label: str):
+    """(channels_last, channels, (H, W)) for the image input."""
+    shape = tuple(spec.shape) + (None,) * (4 - len(spec.shape))
+    last = isinstance(shape[3], int) and shape[3] in (1, 3) and not (isinstance(shape[1], int) and shape[1] in (1, 3))
+    channels = shape[3 if last else 1] if isinstance(shape[3 if last else 1], int) else 3
+    static = shape[1:3] if last else shape[2:4]
+    size = pre.get("size") or (tuple(static) if all(isinstance(d, int) for d in static) else fallback)
+    if size is None:
+        raise DataError(
+            f"{label}: input {spec.name!r} has dynamic height/width {_shape_str(spec.shape)} and the model states "
+            "no image size. Pass images already at the size you want as a .npz, or re-export with a static size."
+        )
+    return last, channels, ((size, size) if isinstance(size, int) else tuple(size))
+
+
+def _pixels(image: Any, mode: str, Image: Any, label: str) -> Any:
+    """A PIL image in ``mode`` from a path, a PIL image, or an HWC/HW array (uint8, or floats in [0, 1])."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                return im.convert(mode)  # a new image: still valid once the file is closed
+        except OSError as exc:
+            raise DataError(f"{label}: cannot read image {image}: {exc}") from None
+    if isinstance(image, Image.Image):
+        return image.convert(mode)
+    arr = to_numpy(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).convert(mode)
+
+
+def _preprocess(image: Any, size: tuple[int, int], channels: int, stretch: bool, Image: Any, label: str) -> np.ndarray:
+    im = _pixels(image, "L" if channels == 1 else "RGB", Image, label)
+    h, w = size
+    if stretch:
+        return np.asarray(im.resize((w, h), Image.BILINEAR), np.float32)
+    scale = max(h / im.height, w / im.width)  # the shorter side fits, the longer is cropped
+    im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
+    left, top = (im.width - w) // 2, (im.height - h) // 2
+    return np.asarray(im.crop((left, top, left + w, top + h)), np.float32)
+
+
+def from_images(
+    images: Images | Sequence[Any], loaded: LoadedModel, *, batch_size: int = DEFAULT_BATCH_SIZE, where: str = "data"
+) -> Dataset:
+    """Resize, crop and normalize images for the model's one image input (see module docstring)."""
+    images = images if isinstance(images, Images) else Images(images)
+    label = f"{where} {images.source}"
+    specs = [s for s in loaded.inputs if s.kind == "image"]
+    if len(specs) != 1 or len(loaded.inputs) != 1:
+        raise DataError(
+            f"{label}: images fill a model with exactly one image input, but the model takes "
+            f"{[f'{s.name} ({s.kind})' for s in loaded.inputs]}. Pass a .npz with every input instead."
+        )
+    spec, pre = specs[0], loaded.image_preprocess or {}
+    last, channels, size = _image_layout(spec, pre, images.size, label)
+    mean = np.asarray(pre.get("mean", IMAGENET_MEAN[:channels] if channels == 3 else 0.5), np.float32)
+    std = np.asarray(pre.get("std", IMAGENET_STD[:channels] if channels == 3 else 0.5), np.float32)
+    # A mean stated in 0-255 pixel units means the model takes unscaled pixels.
+    scale = 1.0 if mean.max() > 1.0 else 1.0 / 255.0
+    stretch, Image = pre.get("resize") == "stretch", _pil()
+
+    def build(index_range: range) -> Batch:
+        hwc = [_preprocess(images.images[i], size, channels, stretch, Image, label) for i in index_range]
+        x = (np.stack([a.reshape(*size, channels) for a in hwc]) * scale - mean) / std
+        x = x if last else x.transpose(0, 3, 1, 2)
+        return validate_batch({spec.name: x}, loaded.inputs, f"{label}, images {index_range.start}-{index_range.stop - 1}")
+
+    groups = _groups(len(images), loaded.inputs, batch_size)
+    dataset = Dataset(_LazyBatches(groups, build), f"{images.source}: {len(images)} images at {size[0]}x{size[1]}"
+                      + ("" if "mean" in pre else " (ImageNet mean/std: the model states none)"))
+    if len(dataset):
+        dataset[0]  # fail at load time, not mid-calibration, when the images cannot fit the model
+    return dataset
+
+
+def _image_folder(folder: Path) -> Images:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). Pass a folder of images, "
+            "a text file or a .npz of input arrays."
+        )
+    return Images(files, folder.name)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _from_path(path: Path, loaded: LoadedModel, seq_len: int, batch_size: int | None, where: str) -> Dataset:
+    try:
+        exists = path.exists()
+    except OSError:  # e.g. a whole text given where a path belongs: the name is too long
+        exists = False
+    if not exists:
+        raise DataError(
+            f"{where} {str(path)[:80]!r} does not exist: pass a text file, a folder of images or a .npz of "
+            "input arrays (text in memory: slimc.data.from_text)."
+        )
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in IMAGE_SUFFIXES:
+        images = _image_folder(path) if path.is_dir() else Images([path], path.name)
+        return from_images(images, loaded, batch_size=batch_size or DEFAULT_BATCH_SIZE, where=where)
+    if suffix in (".npz", ".npy"):
+        return _npz(path, loaded.inputs, batch_size or DEFAULT_BATCH_SIZE, where)
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:  # binary: an .onnx or weights file given by mistake
+        raise DataError(f"{where} {path} is not a text file; pass text, a folder of images or a .npz of input arrays.")
+    text = raw.decode("utf-8", errors="replace")
+    return from_text(text, loaded, seq_len=seq_len, batch_size=batch_size or 4, name=path.name, where=where)
+
+
+def _revalidated(source: Dataset, inputs: Sequence[InputSpec], where: str) -> Dataset:
+    """A given Dataset checked against this model: lists at once, lazy batches as they are built."""
+    check = lambda i: validate_batch(source[i], inputs, f"{where} {source.source}, batch {i}")  # noqa: E731
+    if isinstance(source._batches, list):
+        return Dataset([check(i) for i in range(len(source))], source.source, synthetic=source.synthetic)
+    dataset = Dataset(_LazyBatches(range(len(source)), check), source.source, synthetic=source.synthetic)
+    if len(dataset):
+        dataset[0]
+    return dataset
+
+
+def load(
+    source: Any, loaded: LoadedModel, *, seq_len: int = 128, batch_size: int | None = None,
+    max_batches: int | None = None, role: str = "calibration",
+) -> Dataset:
+    """Validated batches for ``loaded`` from a path, `Images`, a `Dataset` or Python arrays.
+
+    ``batch_size`` defaults to 4 windows for text and 8 samples otherwise; a model exported
+    with a static batch size uses that instead.
+    """
+    where = f"{role} data"
+    if isinstance(source, Dataset):
+        dataset = _revalidated(source, loaded.inputs, where)
+    elif isinstance(source, Images):
+        dataset = from_images(source, loaded, batch_size=batch_size or DEFAULT_BATCH_SIZE, where=where)
+    elif isinstance(source, (str, os.PathLike)):
+        dataset = _from_path(Path(source), loaded, seq_len, batch_size, where)
+    else:
+        dataset = _from_object(source, loaded.inputs, batch_size or DEFAULT_BATCH_SIZE, where)
+    if max_batches is not None:
+        dataset = dataset.head(max_batches)
+    if len(dataset) == 0:
+        fixed = _static_batch(loaded.inputs)
+        need = f" (the model takes batches of exactly {fixed})" if fixed else ""
+        raise DataError(f"{where} {dataset.source} holds no complete batch{need}: give at least one sample.")
+    return dataset

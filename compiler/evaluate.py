@@ -1,35 +1,48 @@
-"""Fidelity of a candidate model against a reference, streamed batch by batch.
+"""Fidelity of a candidate model against its reference, streamed batch by batch.
 
-Generic metrics over every float output (flattened per sample):
+Generic metrics, for every floating output ``r`` (reference) and ``c`` (candidate):
 
-- max / mean abs error: ``max|r - c|``, ``mean|r - c|``;
-- cosine: ``<r, c> / (|r| |c|)`` per sample, averaged (min also reported);
-- SQNR (dB): ``10 log10(sum r^2 / sum (r - c)^2)``; ``inf`` when identical.
+- ``max_abs_error = max|r − c|``, ``mean_abs_error = mean|r − c|``;
+- ``cosine``: ``<r_i, c_i> / (‖r_i‖ ‖c_i‖)`` per sample ``i`` (the output flattened per entry of
+  axis 0), averaged; ``cosine_min`` the worst sample. Two all-zero samples count as cosine 1;
+- ``sqnr_db = 10 log10(Σ r² / Σ (r − c)²)``. Identical outputs give +inf, which JSON cannot
+  hold: ``sqnr_db`` is then ``None`` and ``exact`` is True (``exact`` says Σ (r − c)² = 0).
 
-Task metrics on the main (first) output:
+The flat keys describe the main (first) output; ``worst`` holds the worst value of each over
+all compared outputs (max errors, min cosine, min SQNR).
 
-- classifier / image-classifier: top-1 agreement ``mean(argmax r == argmax c)`` and
-  ``KL(softmax r || softmax c)`` averaged over samples;
-- causal-lm: perplexity ``exp(mean NLL)`` of next-token prediction on the batch's own
-  ``input_ids`` (positions with ``attention_mask == 0`` skipped) for both models, their
-  ratio, and next-token top-1 agreement;
-- encoder: sentence embeddings by mean pooling over ``attention_mask``; cosine between the
-  reference and candidate embedding of each sentence, mean and min.
+Task metrics on the main output, with ``p = softmax(r)``, ``q = softmax(c)`` over the last axis:
 
-Accumulators keep sums, never outputs, so memory does not grow with the data set.
+- classifier / image-classifier: ``top1_agreement = mean[argmax r = argmax c]`` and
+  ``kl_divergence = mean_i Σ_k p_ik (log p_ik − log q_ik)``;
+- causal-lm (logits ``[batch, seq, vocab]``, ids ``x``, mask ``m``): next-token negative
+  log-likelihood ``NLL = −mean_t log p_t[x_{t+1}]`` over positions with ``m_t = m_{t+1} = 1``;
+  ``perplexity = exp(NLL)`` of the candidate, ``perplexity_reference`` of the reference, their
+  ``perplexity_ratio``; ``next_token_top1_agreement`` and per-token ``kl_divergence`` over
+  positions with ``m_t = 1``;
+- encoder (hidden states ``[batch, seq, dim]`` or pooled ``[batch, dim]``): sentence embedding
+  ``e = Σ_t m_t h_t / Σ_t m_t`` (mean pooling over the mask), ``embedding_cosine`` mean and
+  ``embedding_cosine_min`` over sentences.
+
+Only sums, counts and extrema are kept, so memory does not grow with the data and streaming
+gives the same numbers as one pass over all data (up to float summation order).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from slimc import progress
+from slimc.errors import DataError
+from slimc.model import TASKS, InputSpec
 
 Batch = dict[str, np.ndarray]
+Outputs = Sequence[np.ndarray] | Mapping[str, np.ndarray]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -38,119 +51,286 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-class Fidelity:
-    """Streaming accumulator. ``update`` per batch, ``result`` at the end."""
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of 2-D arrays; two all-zero rows are identical (1), one zero row is 0."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    cos = np.clip((a * b).sum(-1) / np.where(den > 0, den, 1.0), -1.0, 1.0)
+    # Identical rows are exactly 1 (rounding would give 0.9999999999999998); a zero row vs another is 0.
+    return np.where((a == b).all(axis=-1), 1.0, np.where(den > 0, cos, 0.0))
 
-    def __init__(self, task: str = "generic", output_names: list[str] | None = None):
-        self.task = task
-        self.names = output_names
-        self.samples = 0
-        self.max_abs = 0.0
-        self.abs_sum = 0.0
-        self.count = 0
-        self.signal = 0.0
-        self.noise = 0.0
-        self.cos_sum = 0.0
-        self.cos_min = 1.0
-        self.task_sums: dict[str, float] = {}
-        self.task_min: dict[str, float] = {}
 
-    def update(self, reference: list[np.ndarray], candidate: list[np.ndarray], batch: Batch | None = None) -> None:
-        for ref, cand in zip(reference, candidate, strict=True):
-            if not (np.issubdtype(ref.dtype, np.floating) and ref.shape == cand.shape) or ref.size == 0:
-                continue
-            r, c = ref.astype(np.float64), cand.astype(np.float64)
-            diff = np.abs(r - c)
-            self.max_abs = max(self.max_abs, float(diff.max()))
-            self.abs_sum += float(diff.sum())
-            self.count += diff.size
-            self.signal += float((r * r).sum())
-            self.noise += float(((r - c) ** 2).sum())
-        ref, cand = reference[0], candidate[0]
-        n = ref.shape[0] if ref.ndim else 1
-        if np.issubdtype(ref.dtype, np.floating) and ref.shape == cand.shape:
-            cos = _cosine(ref.reshape(n, -1), cand.reshape(n, -1))
-            self.cos_sum += float(cos.sum())
-            self.cos_min = min(self.cos_min, float(cos.min()))
-            self._task_update(ref.astype(np.float64), cand.astype(np.float64), batch or {})
-        self.samples += n
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
-    def _add(self, key: str, values: np.ndarray) -> None:
-        self.task_sums[key] = self.task_sums.get(key, 0.0) + float(values.sum())
-        self.task_sums[key + "#n"] = self.task_sums.get(key + "#n", 0.0) + values.size
-        self.task_min[key] = min(self.task_min.get(key, math.inf), float(values.min()) if values.size else math.inf)
 
-    def _task_update(self, ref: np.ndarray, cand: np.ndarray, batch: Batch) -> None:
-        if self.task in ("classifier", "image-classifier") and ref.ndim == 2:
-            self._add("top1", (ref.argmax(-1) == cand.argmax(-1)).astype(np.float64))
-            lr, lc = _log_softmax(ref), _log_softmax(cand)
-            self._add("kl", (np.exp(lr) * (lr - lc)).sum(-1))
-        elif self.task == "causal-lm" and ref.ndim == 3 and "input_ids" in batch:
-            ids = np.asarray(batch["input_ids"])[:, 1:]
-            mask = np.asarray(batch.get("attention_mask", np.ones_like(batch["input_ids"])))[:, 1:].astype(bool)
-            for key, logits in (("nll_ref", ref), ("nll_cand", cand)):
-                lp = _log_softmax(logits[:, :-1])
-                nll = -np.take_along_axis(lp, ids[..., None], axis=-1)[..., 0]
-                self._add(key, nll[mask])
-            self._add("next_top1", (ref[:, :-1].argmax(-1) == cand[:, :-1].argmax(-1))[mask].astype(np.float64))
-        elif self.task == "encoder" and ref.ndim == 3:
-            mask = np.asarray(batch.get("attention_mask", np.ones(ref.shape[:2])))[..., None].astype(np.float64)
-            pooled = [(x * mask).sum(1) / np.maximum(mask.sum(1), 1.0) for x in (ref, cand)]
-            self._add("embedding_cosine", _cosine(*pooled))
+@dataclasses.dataclass
+class _Mean:
+    """Running sum, count and minimum of a per-item metric."""
+
+    total: float = 0.0
+    count: int = 0
+    low: float = math.inf
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size:
+            self.total += float(values.sum())
+            self.count += int(values.size)
+            self.low = min(self.low, float(values.min()))
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+@dataclasses.dataclass
+class _OutputStats:
+    """Generic error statistics of one output over all batches."""
+
+    max_abs: float = 0.0
+    abs_sum: float = 0.0
+    elements: int = 0
+    signal: float = 0.0  # Σ r²
+    noise: float = 0.0  # Σ (r − c)²
+    nonfinite: int = 0  # elements where r − c is NaN or ±inf
+    cosine: _Mean = dataclasses.field(default_factory=_Mean)
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        r, c = ref.astype(np.float64), cand.astype(np.float64)
+        diff = r - c
+        finite = np.isfinite(diff)
+        self.nonfinite += int(diff.size - finite.sum())
+        if finite.any():
+            self.max_abs = max(self.max_abs, float(np.abs(diff[finite]).max()))
+        self.abs_sum += float(np.abs(diff).sum())
+        self.elements += diff.size
+        self.signal += float((r * r).sum())
+        self.noise += float((diff * diff).sum())
+        n = r.shape[0] if r.ndim else 1
+        self.cosine.add(_cosine(r.reshape(n, -1), c.reshape(n, -1)))
 
     def result(self) -> dict[str, Any]:
-        if self.samples == 0:
-            return {}
-        out: dict[str, Any] = {
-            "max_abs_error": self.max_abs,
-            "mean_abs_error": self.abs_sum / max(self.count, 1),
-            "cosine": self.cos_sum / self.samples,
-            "cosine_min": self.cos_min,
-            "sqnr_db": math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise),
+        exact = self.noise == 0.0
+        sqnr = None if exact or self.signal == 0.0 else _finite(10 * math.log10(self.signal / self.noise))
+        out = {
+            "max_abs_error": None if self.nonfinite else _finite(self.max_abs),
+            "mean_abs_error": None if self.nonfinite else _finite(self.abs_sum / max(self.elements, 1)),
+            "cosine": _finite(self.cosine.mean),
+            "cosine_min": _finite(self.cosine.low),
+            "sqnr_db": sqnr,
+            "exact": exact,
         }
-        mean = lambda k: self.task_sums[k] / max(self.task_sums[k + "#n"], 1)  # noqa: E731
-        if "top1" in self.task_sums:
-            out["top1_agreement"] = mean("top1")
-            out["kl_divergence"] = mean("kl")
-        if "nll_ref" in self.task_sums:
-            out["perplexity_reference"] = math.exp(mean("nll_ref"))
-            out["perplexity"] = math.exp(mean("nll_cand"))
-            out["perplexity_ratio"] = out["perplexity"] / out["perplexity_reference"]
-            out["next_token_top1_agreement"] = mean("next_top1")
-            out["tokens"] = int(self.task_sums["nll_ref#n"])
-        if "embedding_cosine" in self.task_sums:
-            out["embedding_cosine"] = mean("embedding_cosine")
-            out["embedding_cosine_min"] = self.task_min["embedding_cosine"]
-        out["samples"] = self.samples
+        return {**out, "nonfinite": self.nonfinite} if self.nonfinite else out
+
+
+def _worst(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst of each generic metric over outputs; None (NaN, or +inf SQNR) ranks as noted."""
+    def pick(key: str, fn: Callable[[list[float]], float]) -> float | None:
+        values = [r[key] for r in results if r[key] is not None]
+        return fn(values) if values else None
+
+    return {
+        # a None error means NaN/inf in an output: nothing can be worse
+        "max_abs_error": None if any(r["max_abs_error"] is None for r in results) else pick("max_abs_error", max),
+        "mean_abs_error": None if any(r["mean_abs_error"] is None for r in results) else pick("mean_abs_error", max),
+        "cosine": pick("cosine", min),
+        "sqnr_db": pick("sqnr_db", min),  # exact outputs (None) are never the worst
+        "exact": all(r["exact"] for r in results),
+    }
+
+
+def _token_inputs(batch: Mapping[str, np.ndarray], inputs: Sequence[InputSpec] | None) -> tuple[str | None, str | None]:
+    """Names of the token-id and attention-mask inputs: from the specs, else by convention."""
+    if inputs:
+        tokens = next((s.name for s in inputs if s.kind == "tokens"), None)
+        mask = next((s.name for s in inputs if s.kind == "attention_mask"), None)
+        return tokens, mask
+    return ("input_ids" if "input_ids" in batch else None), ("attention_mask" if "attention_mask" in batch else None)
+
+
+class _Classification:
+    """Top-1 agreement and KL(p‖q) over every row of the last axis."""
+
+    def __init__(self) -> None:
+        self.top1, self.kl = _Mean(), _Mean()
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
+        r, c = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+        for start in range(0, len(r), 1024):  # bounded float64 copies for wide outputs
+            lr, lc = _log_softmax(r[start:start + 1024]), _log_softmax(c[start:start + 1024])
+            self.top1.add((lr.argmax(-1) == lc.argmax(-1)).astype(np.float64))
+            # KL ≥ 0 exactly; clipping removes rounding's tiny negatives for identical inputs
+            self.kl.add(np.maximum((np.exp(lr) * (lr - lc)).sum(-1), 0.0))
+
+    def result(self) -> dict[str, Any]:
+        return {"top1_agreement": _finite(self.top1.mean), "kl_divergence": _finite(self.kl.mean)}
+
+
+class _NextToken:
+    """Perplexity of both models on the batch's own tokens, next-token agreement and KL."""
+
+    def __init__(self, tokens: str | None, mask: str | None, notes: list[str]) -> None:
+        self.tokens, self.mask, self.notes = tokens, mask, notes
+        self.nll_ref, self.nll_cand, self.top1, self.kl = _Mean(), _Mean(), _Mean(), _Mean()
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
+        ids = np.asarray(batch[self.tokens]) if self.tokens in batch else None
+        if ref.ndim != 3 or ids is None or ids.shape != ref.shape[:2] or ids.max() >= ref.shape[-1]:
+            _note(self.notes, f"perplexity needs logits [batch, seq, vocab] for the token ids; got {ref.shape}")
+            return
+        mask = np.asarray(batch[self.mask]).astype(bool) if self.mask in batch else np.ones(ids.shape, bool)
+        for i in range(ref.shape[0]):  # one sequence at a time: float64 log-probs of seq × vocab
+            lr, lc = _log_softmax(ref[i]), _log_softmax(cand[i])
+            pos = np.flatnonzero(mask[i, :-1] & mask[i, 1:])  # position t predicts token t + 1
+            self.nll_ref.add(-lr[pos, ids[i, pos + 1]])
+            self.nll_cand.add(-lc[pos, ids[i, pos + 1]])
+            seen = mask[i]
+            self.top1.add((lr[seen].argmax(-1) == lc[seen].argmax(-1)).astype(np.float64))
+            self.kl.add(np.maximum((np.exp(lr[seen]) * (lr[seen] - lc[seen])).sum(-1), 0.0))
+
+    def result(self) -> dict[str, Any]:
+        if not self.nll_ref.count:
+            return {}
+        ppl_ref, ppl = math.exp(self.nll_ref.mean), math.exp(self.nll_cand.mean)
+        return {
+            "perplexity_reference": _finite(ppl_ref),
+            "perplexity": _finite(ppl),
+            "perplexity_ratio": _finite(ppl / ppl_ref),
+            "next_token_top1_agreement": _finite(self.top1.mean),
+            "kl_divergence": _finite(self.kl.mean),
+            "tokens": self.nll_ref.count,
+        }
+
+
+class _Embedding:
+    """Cosine between mean-pooled sentence embeddings of reference and candidate."""
+
+    def __init__(self, mask: str | None, notes: list[str]) -> None:
+        self.mask, self.notes, self.cosine = mask, notes, _Mean()
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
+        if ref.ndim == 3:
+            m = np.asarray(batch[self.mask], np.float64) if self.mask in batch else np.ones(ref.shape[:2])
+            if m.shape != ref.shape[:2]:
+                _note(self.notes, f"attention mask {m.shape} does not match hidden states {ref.shape}: not pooled")
+                return
+            den = np.maximum(m.sum(1, keepdims=True), 1.0)
+            ref, cand = [(x * m[..., None]).sum(1) / den for x in (ref.astype(np.float64), cand.astype(np.float64))]
+        elif ref.ndim != 2:
+            _note(self.notes, f"embedding cosine needs [batch, seq, dim] or [batch, dim]; got {ref.shape}")
+            return
+        self.cosine.add(_cosine(ref, cand))
+
+    def result(self) -> dict[str, Any]:
+        if not self.cosine.count:
+            return {}
+        return {"embedding_cosine": _finite(self.cosine.mean), "embedding_cosine_min": _finite(self.cosine.low)}
+
+
+def _listed(outputs: Outputs) -> list[np.ndarray]:
+    return list(outputs.values()) if isinstance(outputs, Mapping) else list(outputs)
+
+
+def _note(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
+
+
+class Fidelity:
+    """Streaming fidelity accumulator: `update` once per batch, `result` at the end.
+
+    ``inputs`` (the model's `InputSpec`s) name the token-id and mask inputs; without them the
+    names ``input_ids`` and ``attention_mask`` are used.
+    """
+
+    def __init__(self, task: str = "generic", output_names: Sequence[str] | None = None,
+                 inputs: Sequence[InputSpec] | None = None):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+        self.task, self.names, self.inputs = task, list(output_names) if output_names else None, inputs
+        self.stats: list[_OutputStats | None] = []
+        self.notes: list[str] = []
+        self.batches = self.samples = 0
+        self._task: Any = None
+
+    def _task_metric(self, batch: Mapping[str, np.ndarray]) -> Any:
+        if self._task is None:
+            tokens, mask = _token_inputs(batch, self.inputs)
+            self._task = {
+                "classifier": _Classification, "image-classifier": _Classification,
+                "causal-lm": lambda: _NextToken(tokens, mask, self.notes),
+                "encoder": lambda: _Embedding(mask, self.notes),
+            }.get(self.task, lambda: False)()
+        return self._task
+
+    def _name(self, k: int) -> str:
+        return self.names[k] if self.names and k < len(self.names) else f"output {k}"
+
+    def update(self, reference: Outputs, candidate: Outputs, batch: Mapping[str, np.ndarray] | None = None) -> None:
+        """Add one batch: both models' outputs (lists in graph order, or dicts by name) and its inputs."""
+        for outputs in (reference, candidate):
+            if isinstance(outputs, Mapping):
+                self.names = self.names or list(outputs)
+        reference, candidate = [_listed(o) for o in (reference, candidate)]
+        if len(reference) != len(candidate):
+            raise ValueError(f"reference has {len(reference)} outputs, candidate {len(candidate)}: not comparable")
+        self.stats += [_OutputStats() for _ in range(len(reference) - len(self.stats))]
+        for k, (ref, cand) in enumerate(zip(reference, candidate)):
+            ref, cand = np.asarray(ref), np.asarray(cand)
+            if not (np.issubdtype(ref.dtype, np.floating) and np.issubdtype(cand.dtype, np.floating)):
+                _note(self.notes, f"{self._name(k)} is not floating ({ref.dtype}): not compared")
+            elif ref.shape != cand.shape:
+                _note(self.notes, f"{self._name(k)} changed shape {ref.shape} -> {cand.shape}: not compared")
+            elif ref.size:
+                self.stats[k].update(ref, cand)
+                if k == 0 and self._task_metric(batch or {}):
+                    self._task.update(ref, cand, batch or {})
+        first = np.asarray(reference[0]) if len(reference) else np.zeros(())
+        self.samples += first.shape[0] if first.ndim else 1
+        self.batches += 1
+
+    def per_output(self) -> dict[str, dict[str, Any]]:
+        """Generic metrics of every compared output, by name."""
+        return {self._name(k): s.result() for k, s in enumerate(self.stats) if s.elements}
+
+    def result(self) -> dict[str, Any]:
+        """Metrics of the main output, task metrics, worst case over outputs (see module docstring)."""
+        compared = [s.result() for s in self.stats if s.elements]
+        main = self.stats[0].result() if self.stats and self.stats[0].elements else {}
+        out: dict[str, Any] = {**main, **(self._task.result() if self._task else {})}
+        if len(compared) > 1:
+            out["worst"] = _worst(compared)
+        out.update(output=self._name(0), samples=self.samples, batches=self.batches)
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    # Two all-zero vectors are identical: cosine 1, not 0/0.
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(np.abs(a - b).sum(-1) == 0, 1.0, 0.0))
-
-
 def evaluate(
-    run_reference: Callable[[Batch], list[np.ndarray]],
-    run_candidate: Callable[[Batch], list[np.ndarray]],
+    run_reference: Callable[[Batch], Outputs],
+    run_candidate: Callable[[Batch], Outputs],
     dataset: Iterable[Batch],
     task: str = "generic",
-    output_names: list[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    *,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> dict[str, Any]:
-    """Run both models over ``dataset`` and return the fidelity metrics (see module docstring)."""
-    acc = Fidelity(task, output_names)
+    """Run both models over ``dataset`` batch by batch and return `Fidelity.result`."""
+    fidelity = Fidelity(task, output_names, inputs)
     total = len(dataset) if hasattr(dataset, "__len__") else None
-    for batch in progress.bar(dataset, "evaluating fidelity", total=total, unit="batch"):
-        acc.update(run_reference(batch), run_candidate(batch), batch)
-    return acc.result()
+    for batch in progress.bar(dataset, "measuring fidelity", total=total, unit="batch"):
+        fidelity.update(run_reference(batch), run_candidate(batch), batch)
+    if fidelity.batches == 0:
+        source = getattr(dataset, "source", "the data")
+        raise DataError(f"no batches to evaluate in {source}: give at least one sample of evaluation data.")
+    return fidelity.result()
 
 
 def perplexity(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> float:
-    """Perplexity of next-token prediction of one model on one batch (for passes and tests)."""
-    acc = Fidelity("causal-lm")
+    """Next-token perplexity of one model's ``logits`` [batch, seq, vocab] on ``input_ids``."""
+    metric = _NextToken("input_ids", "attention_mask", [])
     batch = {"input_ids": input_ids, **({"attention_mask": attention_mask} if attention_mask is not None else {})}
-    acc.update([logits], [logits], batch)
-    return acc.result()["perplexity_reference"]
+    metric.update(np.asarray(logits), np.asarray(logits), batch)
+    if not metric.nll_ref.count:
+        raise DataError(f"no next-token positions to score in input_ids {np.shape(input_ids)} with this mask.")
+    return math.exp(metric.nll_ref.mean)

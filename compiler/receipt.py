@@ -95,7 +95,7 @@ def render(r: Receipt) -> str:
         lines.append(f"  ({a['macs_unresolved_nodes']} weighted nodes had unresolved shapes and are not in the MAC count)")
     lines += _latency_lines(r.latency)
     lines += _op_change_lines(b["op_histogram"], a["op_histogram"])
-    lines += ["", _fidelity_header(r.fidelity)] + [f"    {k}: {_fmt(v)}" for k, v in r.fidelity.get("metrics", {}).items()]
+    lines += ["", _fidelity_header(r.fidelity)] + _metric_lines(r.fidelity.get("metrics", {}))
     lines += ["", "  passes:"]
     for p in r.passes:
         lines.append(f"    {p.name} ({p.seconds:.1f} s): {p.summary}")
@@ -133,6 +133,15 @@ def _op_change_lines(before: dict[str, int], after: dict[str, int]) -> list[str]
 def _fidelity_header(f: dict[str, Any]) -> str:
     kind = "SYNTHETIC inputs (no --eval data given)" if f.get("synthetic") else "held-out data"
     return f"  fidelity vs the input model, on {kind}: {f.get('data', '')}"
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, value in metrics.items():
+        if key == "sqnr_db" and value is None and metrics.get("exact"):
+            value = math.inf  # evaluate() writes None for JSON; the table says what it means
+        lines.append(f"    {key}: {_fmt(value)}")
+    return lines
 
 
 def _fmt(v: Any) -> str:
