@@ -312,209 +312,6 @@ def _npz(path: Path, inputs: Sequence[InputSpec], batch_size: int, where: str) -
     return from_arrays(arrays, inputs, batch_size=batch_size, name=path.name, where=where)
 
 
-# ---------------------------------------------------------------- text
-
-
-def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer wraps every sequence in, found by encoding a word both ways."""
-    plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
-    full = tokenizer("hello", add_special_tokens=True)["input_ids"]
-    for k in range(len(full) - len(plain) + 1):
-        if full[k:k + len(plain)] == plain:
-            return list(full[:k]), list(full[k + len(plain):])
-    return [], []
-
-
-def _tokenize(tokenizer: Any, text: str, chunk_chars: int = 4000) -> np.ndarray:
-    """Token ids of ``text``, tokenized in line-aligned chunks (fast, batched, no length warning)."""
-    chunks, current = [], ""
-    for line in text.splitlines(keepends=True):
-        if current and len(current) + len(line) > chunk_chars:
-            chunks.append(current)
-            current = ""
-        current += line
-    chunks.append(current)
-    encoded = tokenizer(chunks, add_special_tokens=False, verbose=False)["input_ids"]
-    return np.fromiter((t for ids in encoded for t in ids), dtype=np.int64)
-
-
-def _text_batch(windows: np.ndarray, inputs: Sequence[InputSpec]) -> Batch:
-    b, s = windows.shape
-    batch = {}
-    for spec in inputs:
-        shape = spec.concrete_shape({"batch": b, "seq": s})
-        if spec.kind == "tokens":
-            batch[spec.name] = windows
-        elif spec.kind == "attention_mask":
-            batch[spec.name] = np.ones(shape, np.int64)
-        elif spec.kind == "position_ids":
-            batch[spec.name] = np.broadcast_to(np.arange(s), shape)
-        else:
-            batch[spec.name] = np.zeros(shape, np.int64)
-    return batch
-
-
-def _text_seq_len(loaded: LoadedModel, tokens: InputSpec, seq_len: int, name: str) -> int:
-    if len(tokens.shape) > 1 and isinstance(tokens.shape[1], int):
-        return tokens.shape[1]  # exported with a fixed length: no other length runs
-    limit = getattr(loaded.tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and limit < 1_000_000 and seq_len > limit:
-        raise DataError(
-            f"{name}: seq_len {seq_len} exceeds the model's maximum length {limit}; pass --seq-len {limit} or less."
-        )
-    return seq_len
-
-
-def from_text(
-    text: str, loaded: LoadedModel, *, seq_len: int = 128, batch_size: int = DEFAULT_BATCH_SIZE,
-    name: str = "text", where: str = "data",
-) -> Dataset:
-    """Tokenize ``text`` with the model's tokenizer into windows of ``seq_len`` tokens."""
-    names = loaded.input_names()
-    if loaded.tokenizer is None:
-        raise DataError(
-            f"{where} {name} is text but the model has no tokenizer to turn it into ids. Pass a .npz "
-            f"with arrays named {names} instead, or load the model from a folder that holds its tokenizer."
-        )
-    tokens = [s for s in loaded.inputs if s.kind == "tokens"]
-    other = [f"{s.name} ({s.kind})" for s in loaded.inputs if s.kind not in TEXT_KINDS]
-    if len(tokens) != 1 or other:
-        raise DataError(
-            f"{where} {name}: text can fill token ids, masks, token types and positions, but the model "
-            f"takes {[f'{s.name} ({s.kind})' for s in loaded.inputs]}. Pass a .npz with arrays named {names}."
-        )
-    seq_len = _text_seq_len(loaded, tokens[0], seq_len, f"{where} {name}")
-    prefix, suffix = _special_tokens(loaded.tokenizer)
-    body = seq_len - len(prefix) - len(suffix)
-    ids = _tokenize(loaded.tokenizer, text)
-    n = len(ids) // max(body, 1)
-    if body < 1 or n == 0:
-        raise DataError(
-            f"{where} {name}: {len(ids)} tokens, fewer than one window of {seq_len}. "
-            "Pass more text or a smaller --seq-len."
-        )
-    windows = np.concatenate(
-        [np.tile(prefix, (n, 1)), ids[: n * body].reshape(n, body), np.tile(suffix, (n, 1))], axis=1
-    ).astype(np.int64)
-    groups = _groups(n, loaded.inputs, batch_size)
-    batches = [
-        validate_batch(_text_batch(windows[g.start:g.stop], loaded.inputs), loaded.inputs, f"{where} {name}, batch {i}")
-        for i, g in enumerate(groups)
-    ]
-    return Dataset(batches, f"{name}: {sum(map(len, groups))} windows of {seq_len} tokens")
-
-
-# ---------------------------------------------------------------- images
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class Images:
-    """Images not yet preprocessed (paths, HWC arrays or PIL images): `load` applies the model's
-    own size and normalization, so one photo set serves models with different preprocessing."""
-
-    def __init__(self, images: Sequence[Any], source: str = "images", size: tuple[int, int] | None = None):
-        self.images, self.source, self.size = list(images), source, size  # size: used if the model has none
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def _pil() -> Any:
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError("image data needs Pillow: pip install pillow") from None
-    return Image
-
-
-def _image_layout(spec: InputSpec, pre: dict[str, Any], fallback: tuple[int, int] | None, label: str):
-    """(channels_last, channels, (H, W)) for the image input."""
-    shape = tuple(spec.shape) + (None,) * (4 - len(spec.shape))
-    last = isinstance(shape[3], int) and shape[3] in (1, 3) and not (isinstance(shape[1], int) and shape[1] in (1, 3))
-    channels = shape[3 if last else 1] if isinstance(shape[3 if last else 1], int) else 3
-    static = shape[1:3] if last else shape[2:4]
-    size = pre.get("size") or (tuple(static) if all(isinstance(d, int) for d in static) else fallback)
-    if size is None:
-        raise DataError(
-            f"{label}: input {spec.name!r} has dynamic height/width {_shape_str(spec.shape)} and the model states "
-            "no image size. Pass images already at the size you want as a .npz, or re-export with a static size."
-        )
-    return last, channels, ((size, size) if isinstance(size, int) else tuple(size))
-
-
-def _pixels(image: Any, mode: str, Image: Any, label: str) -> Any:
-    """A PIL image in ``mode`` from a path, a PIL image, or an HWC/HW array (uint8, or floats in [0, 1])."""
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                return im.convert(mode)  # a new image: still valid once the file is closed
-        except OSError as exc:
-            raise DataError(f"{label}: cannot read image {image}: {exc}") from None
-    if isinstance(image, Image.Image):
-        return image.convert(mode)
-    arr = to_numpy(image)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).convert(mode)
-
-
-def _preprocess(image: Any, size: tuple[int, int], channels: int, stretch: bool, Image: Any, label: str) -> np.ndarray:
-    im = _pixels(image, "L" if channels == 1 else "RGB", Image, label)
-    h, w = size
-    if stretch:
-        return np.asarray(im.resize((w, h), Image.BILINEAR), np.float32)
-    scale = max(h / im.height, w / im.width)  # the shorter side fits, the longer is cropped
-    im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
-    left, top = (im.width - w) // 2, (im.height - h) // 2
-    return np.asarray(im.crop((left, top, left + w, top + h)), np.float32)
-
-
-def from_images(
-    images: Images | Sequence[Any], loaded: LoadedModel, *, batch_size: int = DEFAULT_BATCH_SIZE, where: str = "data"
-) -> Dataset:
-    """Resize, crop and normalize images for the model's one image input (see module docstring)."""
-    images = images if isinstance(images, Images) else Images(images)
-    label = f"{where} {images.source}"
-    specs = [s for s in loaded.inputs if s.kind == "image"]
-    if len(specs) != 1 or len(loaded.inputs) != 1:
-        raise DataError(
-            f"{label}: images fill a model with exactly one image input, but the model takes "
-            f"{[f'{s.name} ({s.kind})' for s in loaded.inputs]}. Pass a .npz with every input instead."
-        )
-    spec, pre = specs[0], loaded.image_preprocess or {}
-    last, channels, size = _image_layout(spec, pre, images.size, label)
-    mean = np.asarray(pre.get("mean", IMAGENET_MEAN[:channels] if channels == 3 else 0.5), np.float32)
-    std = np.asarray(pre.get("std", IMAGENET_STD[:channels] if channels == 3 else 0.5), np.float32)
-    # A mean stated in 0-255 pixel units means the model takes unscaled pixels.
-    scale = 1.0 if mean.max() > 1.0 else 1.0 / 255.0
-    stretch, Image = pre.get("resize") == "stretch", _pil()
-
-    def build(index_range: range) -> Batch:
-        hwc = [_preprocess(images.images[i], size, channels, stretch, Image, label) for i in index_range]
-        x = (np.stack([a.reshape(*size, channels) for a in hwc]) * scale - mean) / std
-        x = x if last else x.transpose(0, 3, 1, 2)
-        return validate_batch({spec.name: x}, loaded.inputs, f"{label}, images {index_range.start}-{index_range.stop - 1}")
-
-    groups = _groups(len(images), loaded.inputs, batch_size)
-    dataset = Dataset(_LazyBatches(groups, build), f"{images.source}: {len(images)} images at {size[0]}x{size[1]}"
-                      + ("" if "mean" in pre else " (ImageNet mean/std: the model states none)"))
-    if len(dataset):
-        dataset[0]  # fail at load time, not mid-calibration, when the images cannot fit the model
-    return dataset
-
-
-def _image_folder(folder: Path) -> Images:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(
-            f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). Pass a folder of images, "
-            "a text file or a .npz of input arrays."
-        )
-    return Images(files, folder.name)
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -528,6 +325,9 @@ def _from_path(path: Path, loaded: LoadedModel, seq_len: int, batch_size: int | 
             f"{where} {str(path)[:80]!r} does not exist: pass a text file, a folder of images or a .npz of "
             "input arrays (text in memory: slimc.data.from_text)."
         )
+    from slimc.data_images import Images, _image_folder, from_images
+    from slimc.data_text import from_text
+
     suffix = path.suffix.lower()
     if path.is_dir() or suffix in IMAGE_SUFFIXES:
         images = _image_folder(path) if path.is_dir() else Images([path], path.name)
@@ -561,6 +361,8 @@ def load(
     ``batch_size`` defaults to 4 windows for text and 8 samples otherwise; a model exported
     with a static batch size uses that instead.
     """
+    from slimc.data_images import Images, from_images
+
     where = f"{role} data"
     if isinstance(source, Dataset):
         dataset = _revalidated(source, loaded.inputs, where)
@@ -577,3 +379,16 @@ def load(
         need = f" (the model takes batches of exactly {fixed})" if fixed else ""
         raise DataError(f"{where} {dataset.source} holds no complete batch{need}: give at least one sample.")
     return dataset
+
+
+def __getattr__(name: str) -> Any:
+    # Text and image loaders live in their own modules; keep them reachable as slimc.data.X.
+    if name in ("from_text",):
+        from slimc import data_text
+
+        return getattr(data_text, name)
+    if name in ("from_images", "Images", "IMAGENET_MEAN", "IMAGENET_STD"):
+        from slimc import data_images
+
+        return getattr(data_images, name)
+    raise AttributeError(f"module 'slimc.data' has no attribute '{name}'")

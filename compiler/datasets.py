@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from slimc.data import Images
+from slimc.data_images import Images
 from slimc.errors import DataError
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
