@@ -1,151 +1,440 @@
-"""PyTorch front end: ``nn.Module`` / ``ExportedProgram`` -> ONNX IR via torch.export.
+"""PyTorch front end: an ``nn.Module`` (with example inputs) or an ``ExportedProgram`` -> IR.
 
-The module is traced with ``torch.export`` and lowered with the dynamo ONNX exporter
-(``torch.onnx.export(..., dynamo=True, optimize=True)``), whose result is already an
-`onnx_ir.Model`. Dynamic by default: axis 0 of every tensor input is ``batch``; axis 1 of
-integer inputs of rank >= 2 (token ids, masks, positions) is ``seq``. torch.export
-specialises dims whose example size is 1, so such example inputs are tiled to 2 first.
+The module is traced with ``torch.export`` (non-strict, eval mode) and the program is
+translated by ``torch.onnx.export(program, dynamo=True)``, whose ``.model`` is already an
+``onnx_ir.Model``, slimc's IR: nothing is serialised in between. The graph is then optimised
+as ``optimize=True`` would, minus one rewrite rule whose cost is quadratic in graph size
+(`optimize_graph`). Output names come from the forward's return value: dict / ``ModelOutput``
+keys (``logits``, ``last_hidden_state``), else ``output_0``, ``output_1``...
+
+Dynamic shapes: by default dim 0 of every tensor input is the batch, and dim 1 of every
+integer/bool input of rank >= 2 (token ids, attention masks, token types) is the sequence.
+They are declared ``Dim.AUTO`` so a model that pins a dim (e.g. ``x.view(2, -1)``) still
+exports, statically there; that is reported in ``LoadedModel.notes`` rather than failing.
+``torch.export`` names symbols ``s0``, ``s72``...; afterwards they are renamed ``batch`` /
+``seq`` in the IR (every input's batch symbol gets the same name, as do the sequence symbols,
+so ONNX sees ``input_ids`` and ``attention_mask`` share one length).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
+import re
+import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import onnx_ir as ir
+
 from slimc import progress
-from slimc.errors import ExportError
-from slimc.model import LoadedModel, infer_input_specs, infer_task
+from slimc.errors import ExportError, ModelLoadError
+from slimc.model import InputSpec, LoadedModel, infer_input_specs, infer_task
+
+log = logging.getLogger("slimc")
+
+BATCH, SEQ = "batch", "seq"
 
 
 def is_torch_module(obj: Any) -> bool:
-    try:
-        import torch
-    except ImportError:
+    """True for an ``nn.Module`` or ``ExportedProgram``; never imports torch itself."""
+    torch = sys.modules.get("torch")
+    if torch is None:  # nobody imported torch, so obj cannot be a torch object
         return False
     return isinstance(obj, (torch.nn.Module, torch.export.ExportedProgram))
 
 
-def _normalise(module, example_inputs, input_names) -> tuple[tuple, dict[str, Any]]:
-    """(positional args, keyword args) with names for every tensor input."""
+def load_module(
+    module: Any,
+    example_inputs: Any = None,
+    *,
+    input_names: list[str] | None = None,
+    dynamic: bool = True,
+    output_names: list[str] | None = None,
+    task: str | None = None,
+    source: str | None = None,
+    label: str | None = None,
+) -> LoadedModel:
+    """Export ``module`` to the IR and describe its inputs.
+
+    ``example_inputs``: a tensor, a tuple/list of tensors (positional) or a dict name ->
+    tensor (keyword arguments). Not needed for an ``ExportedProgram``, whose own dynamic
+    dims are kept. ``output_names`` / ``task`` / ``source`` / ``label`` (the name used in
+    progress lines and errors) let callers that know the model (the Hugging Face front end)
+    override the guesses made here.
+    """
+    import torch
+
+    name = label or type(module).__name__
+    notes: list[str] = []
+    if isinstance(module, torch.export.ExportedProgram):
+        program = module
+    else:
+        args, kwargs = _split_example_inputs(module, example_inputs, input_names)
+        program = export_program(module, args, kwargs, dynamic=dynamic, label=name)
+    if output_names is None:
+        output_names = _output_names(program)
+    model = program_to_ir(program, input_names=input_names, output_names=output_names, name=name)
+    renamed = name_dynamic_dims(model)
+    if dynamic and not isinstance(module, torch.export.ExportedProgram):
+        notes += _specialised_dims_notes(model, renamed)
+    specs = refine_token_specs(model, infer_input_specs(model))
+    return LoadedModel(
+        model=model,
+        inputs=specs,
+        task=task or infer_task(model, specs),
+        source=source or f"{name} (PyTorch module)",
+        notes=notes,
+    )
+
+
+def _split_example_inputs(module, example_inputs, input_names) -> tuple[tuple, dict]:
+    """Normalise example inputs to (args, kwargs) for ``torch.export``."""
     import torch
 
     if example_inputs is None:
-        raise ExportError("an nn.Module needs example_inputs (a tensor, a tuple of tensors, or a dict of keyword tensors).")
+        raise ModelLoadError(
+            f"exporting a {type(module).__name__} needs example inputs: pass example_inputs= a tensor, "
+            "a tuple of tensors, or a dict of input name -> tensor with the shapes the model expects."
+        )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    args = tuple(example_inputs)
-    if input_names is None:
-        params = [p for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        input_names = [p.name for p in params[: len(args)]]
-        if len(input_names) < len(args):
-            input_names = [f"input_{i}" for i in range(len(args))]
-    if len(input_names) != len(args):
-        raise ExportError(f"{len(input_names)} input names for {len(args)} example inputs.")
-    # Keyword form gives the ONNX inputs the forward's parameter names.
-    return (), dict(zip(input_names, args))
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise ModelLoadError(
+            f"example_inputs must be a tensor, a tuple/list of tensors or a dict of tensors, "
+            f"not {type(example_inputs).__name__}."
+        )
+    if input_names is not None and len(input_names) != len(args) + len(kwargs):
+        raise ModelLoadError(
+            f"input_names has {len(input_names)} names but there are {len(args) + len(kwargs)} example inputs; "
+            "give one name per input."
+        )
+    return args, kwargs
 
 
-def _dynamic_shapes(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Dim specs per input and example inputs tiled so no dynamic dim has size 1."""
-    import torch
+def dynamic_shapes_for(args: tuple, kwargs: dict) -> tuple | dict:
+    """``torch.export`` dynamic_shapes: batch on dim 0, sequence on dim 1 of integer inputs."""
     from torch.export import Dim
 
-    batch, seq = Dim("batch"), Dim("seq")
-    shapes, tiled = {}, {}
-    for name, value in kwargs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            shapes[name], tiled[name] = None, value
+    def axes(value):
+        if not hasattr(value, "dim") or value.dim() == 0:
+            return None
+        spec = {0: Dim.AUTO}
+        if value.dim() >= 2 and not value.is_floating_point() and not value.is_complex():
+            spec[1] = Dim.AUTO
+        return spec
+
+    if kwargs:  # keyword inputs: dynamic_shapes is keyed by argument name
+        return {key: axes(value) for key, value in kwargs.items()}
+    return tuple(axes(value) for value in args)
+
+
+def _widen(value, spec):
+    """Repeat a size-1 dynamic dim to size 2.
+
+    ``torch.export`` specialises dims of size 0 and 1 (they behave specially in
+    broadcasting), so an example batch of one would silently freeze the batch size.
+    """
+    import torch
+
+    if not isinstance(value, torch.Tensor) or not spec:
+        return value
+    for dim in spec:
+        if value.shape[dim] == 1:
+            value = torch.cat([value, value], dim=dim)
+    return value
+
+
+def export_program(module, args: tuple, kwargs: dict, *, dynamic: bool = True, label: str | None = None):
+    """``torch.export.export`` the module in eval mode, with typed errors."""
+    import torch
+
+    label = label or type(module).__name__
+    dynamic_shapes = dynamic_shapes_for(args, kwargs) if dynamic else None
+    if dynamic_shapes is not None:
+        if kwargs:
+            kwargs = {k: _widen(v, dynamic_shapes[k]) for k, v in kwargs.items()}
+        else:
+            args = tuple(_widen(v, s) for v, s in zip(args, dynamic_shapes))
+    was_training = module.training
+    module.eval()  # dropout and batch-norm statistics must be frozen for inference
+    try:
+        with progress.step(f"tracing {label} with torch.export"), quiet_exporter():
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch raises many unrelated types here
+        raise ExportError(_export_failure(label, "torch.export", exc, dynamic)) from exc
+    finally:
+        module.train(was_training)
+
+
+def program_to_ir(program, *, input_names=None, output_names=None, name: str = "model") -> ir.Model:
+    """Translate an ``ExportedProgram`` to an ``onnx_ir.Model`` (torch.onnx, optimised)."""
+    import torch
+
+    n_outputs = len(program.graph_signature.user_outputs)
+    if output_names is not None and len(output_names) != n_outputs:
+        output_names = None  # a mismatch would make torch.onnx fail; keep its names instead
+    try:
+        with progress.step(f"exporting {name} to ONNX"), quiet_exporter():
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                optimize=False,  # optimize_graph below: torch's optimize=True minus one slow rule
+                verbose=False,
+                input_names=input_names,
+                output_names=output_names,
+            )
+            optimize_graph(onnx_program.model)
+    except Exception as exc:
+        raise ExportError(_export_failure(name, "torch.onnx", exc, dynamic=False)) from exc
+    model = onnx_program.model
+    model.graph.name = model.graph.name or name
+    _fix_numeric_symbols(model)
+    return model
+
+
+def optimize_graph(model: ir.Model) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs, without onnxscript's SlicesSplit rule.
+
+    SlicesSplit matches *pairs* of Slice nodes anywhere in the graph, so its cost grows with
+    the square of the graph size: for SmolLM2 (30 layers) it took ~80 s of a ~130 s export,
+    to turn RoPE's two half-slices into one Split, which no slimc pass needs. The pipeline
+    mirrors ``onnxscript.optimizer.optimize_ir`` (inline, fold constants + rewrite until
+    stable, remove unused, lift constants, dedupe, CSE, fix names) and then the same
+    ``onnx_fusions.fuse`` torch runs. If onnxscript's rule table moves, fall back to its
+    full optimizer rather than skip optimisation.
+    """
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer
+    import onnxscript.rewriter
+    import onnxscript.rewriter.onnx_fusions
+
+    default_rules = getattr(onnxscript.rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if default_rules is None:
+        onnxscript.optimizer.optimize_ir(model)
+    else:
+        rules = [rule for rule in default_rules if getattr(rule, "name", None) != "SlicesSplit"]
+        ir.passes.Sequential(
+            common.InlinePass(),
+            ir.passes.PassManager(
+                [
+                    _FoldConstants(),
+                    onnxscript.rewriter.RewritePass(rules),
+                    common.RemoveUnusedNodesPass(),
+                    common.RemoveUnusedFunctionsPass(),
+                    common.RemoveUnusedOpsetsPass(),
+                ],
+                steps=2,
+                early_stop=True,
+            ),
+            common.RemoveUnusedNodesPass(),
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common.LiftSubgraphInitializersToMainGraphPass(),
+            common.DeduplicateInitializersPass(),
+            common.CommonSubexpressionEliminationPass(),
+            common.OutputFixPass(),
+            common.NameFixPass(),
+        )(model)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+class _FoldConstants(ir.passes.InPlacePass):
+    """onnxscript's public ``fold_constants`` as a pass, with ONNX shape inference on."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnxscript.optimizer
+
+        result = onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+        return ir.passes.PassResult(model, bool(result.modified))
+
+
+def _fix_numeric_symbols(model: ir.Model) -> None:
+    """Turn symbolic dims named like a number ("2") into static dims.
+
+    When ``torch.export`` specialises a dim that was marked dynamic, torch.onnx still writes it
+    as a symbol whose name is the size; ONNX Runtime would then accept any size there.
+    """
+    for value in _all_values(model):
+        shape = value.shape
+        if shape is None or not any(_numeric_symbol(d) for d in shape):
             continue
-        dims = {0: batch}
-        if not value.is_floating_point() and value.dim() >= 2:
-            dims[1] = seq
-        repeats = [2 if (axis in dims and value.shape[axis] == 1) else 1 for axis in range(value.dim())]
-        shapes[name], tiled[name] = dims, value.repeat(*repeats)
-    return shapes, tiled
+        value.shape = ir.Shape([int(d.value) if _numeric_symbol(d) else d for d in shape])
+
+
+def _numeric_symbol(dim) -> bool:
+    return isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and dim.value.isdigit()
+
+
+def _export_failure(name: str, stage: str, exc: Exception, dynamic: bool) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    if len(first) > 300:
+        first = first[:300] + "..."
+    if stage == "torch.onnx":
+        hint = (
+            "the traced graph uses an op torch.onnx cannot translate; run with --verbose for the full "
+            "report, or replace that op in the model (a custom op needs an ONNX translation)."
+        )
+    elif "data-dependent" in str(exc) or "GuardOnDataDependent" in type(exc).__name__:
+        hint = (
+            "the model branches on tensor values (Python `if` on a tensor, .item(), nonzero); rewrite that "
+            "part with torch.where / torch.cond, or pass inputs that avoid the branch."
+        )
+    elif dynamic:
+        hint = "if the model cannot take a variable batch/sequence length, retry with dynamic=False (--static)."
+    else:
+        hint = "check that example_inputs match what forward() expects (names, shapes, dtypes)."
+    return f"could not export {name} ({stage}): {first}. Hint: {hint}"
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter prints progress and warns about optional packages; keep that for -v."""
+def quiet_exporter() -> Iterator[None]:
+    """Silence torch.export / torch.onnx chatter (warnings, logs, prints) unless verbose.
+
+    The exporter warns about missing torchvision ops, deprecated pytree APIs and axis names
+    on every call, and on a failed trace prints the whole graph to stderr; none of it is
+    actionable for slimc users, whose error says what failed. What was printed goes to the
+    debug log when the step fails.
+    """
     if progress.verbosity() >= progress.VERBOSE:
         yield
         return
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript", "transformers")]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    import warnings
-
+    captured = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             warnings.simplefilter("ignore")
             yield
+    except BaseException:
+        log.debug("exporter output before the failure:\n%s", captured.getvalue()[-20000:])
+        raise
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
 
-def export(module, example_inputs=None, *, input_names=None, output_names=None, dynamic=True, label="model"):
-    """Export to an `onnx_ir.Model`. Raises `ExportError` with the cause's first line."""
-    import torch
+def _output_names(program) -> list[str]:
+    """Names for the program's outputs from its pytree: dict/ModelOutput keys, else output_<i>."""
+    import torch.utils._pytree as pytree
 
-    is_program = isinstance(module, torch.export.ExportedProgram)
-    kwargs_args: dict[str, Any] = {}
-    shapes = None
-    if not is_program:
-        module = module.eval()
-        _, kwargs_args = _normalise(module, example_inputs, input_names)
-        if dynamic:
-            shapes, kwargs_args = _dynamic_shapes(kwargs_args)
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return []
     try:
-        with progress.step(f"exporting {label} to ONNX (torch.export)"), _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                module, (), kwargs=kwargs_args or None, dynamo=True, optimize=True, verbose=False,
-                dynamic_shapes=shapes, output_names=output_names, report=False,
-            )
-    except Exception as exc:  # torch raises many types; the user needs the first line and a hint
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
-        raise ExportError(
-            f"exporting {label} to ONNX failed: {type(exc).__name__}: {first}. If the failure is about dynamic "
-            "shapes, retry with dynamic=False (--static); if an op is unsupported, export the ONNX yourself and "
-            "pass the .onnx file."
-        ) from exc
-    return program.model
+        tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        paths = [path for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except Exception:  # an exotic output container; fall back to positions
+        return [f"output_{i}" for i in range(spec.num_leaves)]
+    names: list[str] = []
+    for i, path in enumerate(paths):
+        parts = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", "")))) for key in path]
+        name = "_".join(p for p in parts if p) if any(not p.isdigit() for p in parts) else f"output_{i}"
+        names.append(name if name not in names else f"{name}_{i}")
+    return names
 
 
-def _output_names(module, kwargs) -> list[str] | None:
-    """Names of the outputs from a dry run: dict keys, else output / output_N."""
-    import torch
+def name_dynamic_dims(model: ir.Model) -> set[tuple[str, int]]:
+    """Rename the exporter's symbols on graph inputs to ``batch`` / ``seq``; return dims renamed.
 
-    with torch.no_grad():
-        out = module(**kwargs)
-    if isinstance(out, dict):
-        return [str(k) for k in out]
-    if isinstance(out, (tuple, list)):
-        return [f"output_{i}" for i in range(len(out))]
-    return ["output"]
+    A symbol is renamed only when its position says what it is (dim 0; dim 1 of an integer or
+    bool input of rank >= 2), and a symbol claimed by both roles keeps its own name: renaming
+    it would claim an equality the model does not have.
+    """
+    roles: dict[str, set[str]] = {}
+    where: dict[str, list[tuple[str, int]]] = {}
+    for value in model.graph.inputs:
+        shape = value.shape or ()
+        for dim, role in _dim_roles(value):
+            sym = shape[dim]
+            if isinstance(sym, ir.SymbolicDim) and isinstance(sym.value, str):
+                roles.setdefault(sym.value, set()).add(role)
+                where.setdefault(sym.value, []).append((value.name, dim))
+    mapping = {sym: next(iter(r)) for sym, r in roles.items() if len(r) == 1 and sym not in (BATCH, SEQ)}
+    if mapping:
+        _rename_symbols(model, mapping)
+    return {pos for sym in mapping for pos in where[sym]}
 
 
-def load_module(module, example_inputs, *, input_names=None, dynamic=True, task=None, label=None) -> LoadedModel:
-    """Export ``module`` and describe it; the task is guessed from the exported graph."""
-    import torch
+def _dim_roles(value: ir.Value) -> list[tuple[int, str]]:
+    shape = value.shape or ()
+    roles = [(0, BATCH)] if len(shape) >= 1 else []
+    dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+    if len(shape) >= 2 and (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+        roles.append((1, SEQ))
+    return roles
 
-    label = label or type(module).__name__
-    output_names = None
-    if isinstance(module, torch.nn.Module):
-        _, kwargs = _normalise(module.eval(), example_inputs, input_names)
-        try:
-            output_names = _output_names(module, kwargs)
-        except Exception as exc:
-            raise ExportError(f"{label} fails on its example inputs: {type(exc).__name__}: {exc}") from None
-    model = export(module, example_inputs, input_names=input_names, output_names=output_names, dynamic=dynamic, label=label)
-    inputs = infer_input_specs(model)
-    return LoadedModel(
-        model=model, inputs=inputs, task=task or infer_task(model, inputs), source=f"{label} (PyTorch module, torch.export)",
-    )
+
+def _rename_symbols(model: ir.Model, mapping: dict[str, str]) -> None:
+    """Rename symbols in every value's shape, including expressions such as ``s53 + 1``."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, mapping)) + r")\b")
+    for value in _all_values(model):
+        shape = value.shape
+        if shape is None or not any(isinstance(d, ir.SymbolicDim) and isinstance(d.value, str) for d in shape):
+            continue
+        dims = [
+            ir.SymbolicDim(pattern.sub(lambda m: mapping[m.group(1)], d.value))
+            if isinstance(d, ir.SymbolicDim) and isinstance(d.value, str) else d
+            for d in shape
+        ]
+        value.shape = ir.Shape(dims)
+
+
+def _all_values(model: ir.Model) -> list[ir.Value]:
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    return values + [out for node in ir.traversal.RecursiveGraphIterator(model.graph) for out in node.outputs]
+
+
+def _specialised_dims_notes(model: ir.Model, renamed: set[tuple[str, int]]) -> list[str]:
+    notes = []
+    for value in model.graph.inputs:
+        shape = value.shape or ()
+        for dim, role in _dim_roles(value):
+            if (value.name, dim) not in renamed and isinstance(shape[dim], int):
+                notes.append(
+                    f"input {value.name!r} dim {dim} ({role}) was exported static ({shape[dim]}): "
+                    "the model fixes that size."
+                )
+    return notes
+
+
+# Ops that move token ids around without changing their values.
+_ID_PRESERVING = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
+
+
+def refine_token_specs(model: ir.Model, specs: list[InputSpec]) -> list[InputSpec]:
+    """Mark integer inputs as tokens when they reach an embedding table through reshapes.
+
+    ``infer_input_specs`` only sees a Gather fed by the input itself; GPT-2 first flattens
+    ``input_ids`` with ``view(-1, seq)``, which the exporter writes as a Reshape.
+    """
+    by_name = {value.name: value for value in model.graph.inputs}
+    for spec in specs:
+        if spec.kind == "int" and spec.name in by_name:
+            rows = _embedding_rows_through(by_name[spec.name], depth=4)
+            if rows is not None:
+                spec.kind, spec.high = "tokens", rows
+    return specs
+
+
+def _embedding_rows_through(value: ir.Value, depth: int) -> int | None:
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1:
+            table = node.inputs[0]
+            if table is not None and table.const_value is not None and table.shape is not None:
+                rows = table.shape[node.attributes.get_int("axis", 0)]
+                if isinstance(rows, int):
+                    return rows
+        elif node.op_type in _ID_PRESERVING and index == 0 and depth > 0:
+            rows = _embedding_rows_through(node.outputs[0], depth - 1)
+            if rows is not None:
+                return rows
+    return None
