@@ -127,10 +127,16 @@ def compile(  # noqa: A001 - the public verb of a compiler
     return result
 
 
+def _copy_ir(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
 def _copy_if_ir(model: Any) -> Any:
-    # The caller's IR object must not change: passes work in place on our own copy.
+    # The caller's objects must not change: passes work in place on our own copy.
     if isinstance(model, ir.Model):
-        return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        return _copy_ir(model)
+    if isinstance(model, LoadedModel):
+        return dataclasses.replace(model, model=_copy_ir(model.model), inputs=[dataclasses.replace(s) for s in model.inputs])
     return model
 
 
