@@ -77,8 +77,16 @@ _TOKEN_TYPES = re.compile(r"token_type|segment", re.I)
 _POSITIONS = re.compile(r"position", re.I)
 
 
-def _embedding_rows(value: ir.Value) -> int | None:
-    """If ``value`` indexes an embedding table (Gather on an initializer), return its row count."""
+# Ops that move token ids around without changing their values.
+_ID_PRESERVING = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
+
+
+def _embedding_rows(value: ir.Value, depth: int = 4) -> int | None:
+    """If ``value`` indexes an embedding table, return its row count.
+
+    Follows ops that keep ids intact (GPT-2 flattens ``input_ids`` with a Reshape before the
+    Gather) up to ``depth`` steps.
+    """
     for node, index in value.uses():
         if node.op_type == "Gather" and index == 1 and node.inputs[0] is not None:
             table = node.inputs[0]
@@ -86,6 +94,10 @@ def _embedding_rows(value: ir.Value) -> int | None:
                 rows = table.shape[node.attributes.get_int("axis", 0)]
                 if isinstance(rows, int):
                     return rows
+        elif node.op_type in _ID_PRESERVING and index == 0 and depth > 0:
+            rows = _embedding_rows(node.outputs[0], depth - 1)
+            if rows is not None:
+                return rows
     return None
 
 

@@ -61,3 +61,19 @@ def test_op_histogram_counts_domains():
     model = ir.serde.deserialize_model(tiny_cnn())
     hist = op_histogram(model)
     assert hist["Identity"] == 2 and hist["Relu"] == 2 and sum(hist.values()) == 13
+
+
+def test_token_inputs_found_through_reshapes():
+    # GPT-2 style: ids are flattened before the embedding Gather.
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input_ids", "shape"], ["flat"]),
+         helper.make_node("Gather", ["emb", "flat"], ["h"])],
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1]),
+         helper.make_tensor("emb", TensorProto.FLOAT, [30, 4], np.zeros(120, np.float32))],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    (spec,) = infer_input_specs(model)
+    assert spec.kind == "tokens" and spec.high == 30

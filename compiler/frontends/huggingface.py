@@ -378,10 +378,9 @@ def _tokenizer(source: _Source):
 
 
 def _describe(source: _Source, model, config, kind: str, notes: list[str], tokenizer) -> LoadedModel:
-    from slimc.frontends.torch_module import refine_token_specs
 
     notes = list(notes)
-    inputs = refine_token_specs(model, infer_input_specs(model))
+    inputs = infer_input_specs(model)
     vocab = _vocab_size(config)
     for spec in inputs:
         if spec.name == "input_ids" and vocab:

@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from slimc import progress
 from slimc.errors import ExportError, ModelLoadError
-from slimc.model import InputSpec, LoadedModel, infer_input_specs, infer_task
+from slimc.model import LoadedModel, infer_input_specs, infer_task
 
 log = logging.getLogger("slimc")
 
@@ -81,7 +81,7 @@ def load_module(
     renamed = name_dynamic_dims(model)
     if dynamic and not isinstance(module, torch.export.ExportedProgram):
         notes += _specialised_dims_notes(model, renamed)
-    specs = refine_token_specs(model, infer_input_specs(model))
+    specs = infer_input_specs(model)
     return LoadedModel(
         model=model,
         inputs=specs,
@@ -404,37 +404,3 @@ def _specialised_dims_notes(model: ir.Model, renamed: set[tuple[str, int]]) -> l
                     "the model fixes that size."
                 )
     return notes
-
-
-# Ops that move token ids around without changing their values.
-_ID_PRESERVING = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
-
-
-def refine_token_specs(model: ir.Model, specs: list[InputSpec]) -> list[InputSpec]:
-    """Mark integer inputs as tokens when they reach an embedding table through reshapes.
-
-    ``infer_input_specs`` only sees a Gather fed by the input itself; GPT-2 first flattens
-    ``input_ids`` with ``view(-1, seq)``, which the exporter writes as a Reshape.
-    """
-    by_name = {value.name: value for value in model.graph.inputs}
-    for spec in specs:
-        if spec.kind == "int" and spec.name in by_name:
-            rows = _embedding_rows_through(by_name[spec.name], depth=4)
-            if rows is not None:
-                spec.kind, spec.high = "tokens", rows
-    return specs
-
-
-def _embedding_rows_through(value: ir.Value, depth: int) -> int | None:
-    for node, index in value.uses():
-        if node.op_type == "Gather" and index == 1:
-            table = node.inputs[0]
-            if table is not None and table.const_value is not None and table.shape is not None:
-                rows = table.shape[node.attributes.get_int("axis", 0)]
-                if isinstance(rows, int):
-                    return rows
-        elif node.op_type in _ID_PRESERVING and index == 0 and depth > 0:
-            rows = _embedding_rows_through(node.outputs[0], depth - 1)
-            if rows is not None:
-                return rows
-    return None
