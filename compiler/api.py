@@ -31,7 +31,7 @@ from slimc.model import LoadedModel
 from slimc.onnx_io import check_output_path, save_onnx
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
-from slimc.receipt import Receipt
+from slimc.receipt import Receipt, within_noise
 from slimc.verify import check_model_file, outputs_match
 
 log = logging.getLogger("slimc")
@@ -213,6 +213,7 @@ def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], thre
         "before": stats["before"].to_json(),
         "after": stats["after"].to_json(),
         "speedup": stats["before"].median_ms / stats["after"].median_ms,
+        "within_noise": within_noise({"before": stats["before"].to_json(), "after": stats["after"].to_json()}),
         "feed": "x".join(map(str, shape)) if shape else "scalar",
         "machine": ort_backend.machine_description(threads),
     }

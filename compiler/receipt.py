@@ -73,7 +73,7 @@ def _ratio(before: float, after: float) -> str:
 
 
 def _row(label: str, before: str, after: str, change: str) -> str:
-    return f"  {label:<28}{before:>14}{after:>14}   {change}"
+    return f"  {label:<36}{before:>14}{after:>14}   {change}"
 
 
 def render(r: Receipt) -> str:
@@ -116,10 +116,18 @@ def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
     before, after = lat["before"]["median_ms"], lat["after"]["median_ms"]
     speed = lat["speedup"]
     change = f"{speed:.2f}x {'faster' if speed >= 1 else 'SLOWER'}"
+    if within_noise(lat):
+        change = f"no measurable change ({speed:.2f}x, inside the p10-p90 spread)"
     return [
         _row(f"latency median ({lat['feed']})", f"{before:.2f} ms", f"{after:.2f} ms", change),
         f"    measured on {lat['machine']}; {lat['after']['runs']} runs each, alternating, after warm-up",
     ]
+
+
+def within_noise(lat: dict[str, Any]) -> bool:
+    """True when the two runs' p10-p90 ranges overlap: the ratio is not a measured difference."""
+    b, a = lat["before"], lat["after"]
+    return a["p10_ms"] <= b["p90_ms"] and b["p10_ms"] <= a["p90_ms"]
 
 
 def _op_change_lines(before: dict[str, int], after: dict[str, int]) -> list[str]:

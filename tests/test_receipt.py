@@ -49,3 +49,10 @@ def test_json_is_strict_and_round_trips(tmp_path):
     assert data["fidelity"]["metrics"]["sqnr_db"] == "inf"
     assert data["passes"][0]["left_alone"] == [{"what": "node x", "why": "no rule"}]
     assert data["latency"]["speedup"] == 2.5 and r.speedup == 2.5
+
+
+def test_overlapping_spreads_are_not_called_a_speedup():
+    r = _receipt()
+    r.latency["after"] = {"median_ms": 9.3, "p10_ms": 8.9, "p90_ms": 10.5, "runs": 20}
+    r.latency["speedup"] = 10.0 / 9.3
+    assert "no measurable change (1.08x" in str(r)
