@@ -46,6 +46,7 @@ class Stage:
     path: Path
     session: Any
     outputs: list[list[np.ndarray]]
+    full_check: bool = True  # False when only the basic checker passed (inputs only)
 
     @property
     def bytes_on_disk(self) -> int:
@@ -101,7 +102,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     workdir = tempfile.TemporaryDirectory(prefix="slimc-")
     work = Path(workdir.name)
     baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True)
-    full_check = baseline.label != "input(basic-check)"
+    full_check = baseline.full_check
     before = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": baseline.bytes_on_disk}
     verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
                      "fails the full ONNX checker (strict shape inference); later passes are held to the basic checker"}]
@@ -151,6 +152,7 @@ def _evaluation_set(evaluation: Any, loaded: LoadedModel, seq_len: int, seed: in
 
 def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_check: bool) -> Stage:
     """Save ``model``, check it, load it in ORT and run the verification batches."""
+    passed_full = full_check
     with progress.step(f"saving and checking {label}"):
         save_onnx(model, path)
         if full_check:
@@ -161,12 +163,12 @@ def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_ch
                     raise
                 log.warning("the input model fails the full ONNX checker (%s); using the basic checker", exc)
                 check_model_file(path, full=False)
-                label = "input(basic-check)"
+                passed_full = False
         else:
             check_model_file(path, full=False)
         session = ort_backend.create_session(path, threads)
         outputs = [ort_backend.run(session, batch) for batch in batches]
-    return Stage(label=label, path=path, session=session, outputs=outputs)
+    return Stage(label=label, path=path, session=session, outputs=outputs, full_check=passed_full)
 
 
 def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str]) -> PassReport:

@@ -90,8 +90,8 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def check_output_path(output: Path, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse an output over an input file, or in a folder that cannot be written."""
+def check_output_path(output: Path, inputs: tuple[Path, ...] = (), suffix: str = ".onnx") -> None:
+    """Refuse an output over an input file, in a folder that cannot be written, or misnamed."""
     output = Path(output)
     resolved = output.resolve()
     for src in inputs:
@@ -105,8 +105,8 @@ def check_output_path(output: Path, inputs: tuple[Path, ...] = ()) -> None:
         raise OutputPathError(f"output folder {folder} does not exist. Create it first.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputPathError(f"output folder {folder} is not writable. Choose a folder you can write to.")
-    if output.suffix != ".onnx":
-        raise OutputPathError(f"output {output} must end in .onnx.")
+    if output.suffix != suffix:
+        raise OutputPathError(f"output {output} must end in {suffix}.")
 
 
 def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:

@@ -80,3 +80,8 @@ def test_inspect(cnn_file, capsys):
     assert main(["inspect", str(cnn_file), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["macs"] == 6932 and info["op_histogram"]["Identity"] == 2
+
+
+def test_receipt_path_is_checked_before_work(cnn_file, tmp_path, capsys):
+    assert main([str(cnn_file), "--receipt", str(tmp_path / "r.txt"), "--no-latency"]) == 2
+    assert "must end in .json" in capsys.readouterr().err

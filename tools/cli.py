@@ -94,7 +94,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output_path(args.output, (source,))
     if args.receipt is not None:
-        check_output_path(args.receipt.with_suffix(".onnx"), (source,))
+        check_output_path(args.receipt, (source,), suffix=".json")
     result = slimc.compile(
         source, args.passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
         measure_latency=not args.no_latency, threads=args.threads, seq_len=args.seq_len,
