@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from slimc import progress
-from slimc.errors import BackendError, DataError
+from slimc.errors import BackendError, DataError, first_line
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -48,12 +48,7 @@ def create_session(path: str | os.PathLike, threads: int | None = None) -> ort.I
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-        raise BackendError(f"ONNX Runtime cannot load {Path(path).name}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise BackendError(f"ONNX Runtime cannot load {Path(path).name}: {first_line(exc, 1000)}") from None
 
 
 def prepare_feed(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,7 +72,7 @@ def run(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> list[np.
     try:
         return session.run(None, feed)
     except Exception as exc:
-        raise BackendError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+        raise BackendError(f"ONNX Runtime failed to run the model: {first_line(exc, 1000)}") from None
 
 
 @dataclasses.dataclass

@@ -45,3 +45,12 @@ class OutputPathError(SlimcError):
 
 class BackendError(SlimcError):
     """The backend could not build or run the model."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of an exception's message (its type name if none), cut at ``limit``.
+
+    Library errors (ORT, torch, onnx) often carry pages of context; a user needs the first line.
+    """
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return line if len(line) <= limit else line[:limit] + "..."

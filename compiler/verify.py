@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from slimc.errors import VerificationError
+from slimc.errors import VerificationError, first_line
 
 EXACT_RTOL = 1e-4
 EXACT_ATOL = 1e-5
@@ -25,14 +25,9 @@ def check_model_file(path: str | Path, *, full: bool = True) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise VerificationError(f"ONNX checker: {_first_line(exc)}") from None
+        raise VerificationError(f"ONNX checker: {first_line(exc, 500)}") from None
     except Exception as exc:  # the checker raises assorted C++ errors for malformed graphs
-        raise VerificationError(f"ONNX checker failed: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:500] if text else type(exc).__name__
+        raise VerificationError(f"ONNX checker failed: {first_line(exc, 500)}") from None
 
 
 @dataclasses.dataclass

@@ -127,3 +127,11 @@ def test_large_models_switch_to_external_data_automatically(tmp_path, monkeypatc
     session = ort.InferenceSession(str(tmp_path / "big.onnx"), providers=["CPUExecutionProvider"])
     out = session.run(None, {"x": np.zeros((1, 3, 8, 8), np.float32)})[0]
     assert out.shape == (1, 5)
+
+
+def test_first_line_of_library_errors():
+    from slimc.errors import first_line
+
+    assert first_line(RuntimeError("\n  boom: bad node\nstack...\n")) == "boom: bad node"
+    assert first_line(ValueError("")) == "ValueError"
+    assert first_line(RuntimeError("x" * 50), limit=10) == "x" * 10 + "..."

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from slimc import progress
-from slimc.errors import ModelLoadError, UnsafeModelError
+from slimc.errors import ModelLoadError, UnsafeModelError, first_line
 from slimc.model import LoadedModel, infer_input_specs
 
 try:
@@ -150,7 +150,7 @@ def _load_config(source: _Source):
     except ImportError as exc:  # e.g. the gguf package
         raise ModelLoadError(f"reading {source.label} needs a missing package: {exc}") from None
     except Exception as exc:  # JSON errors, unknown model_type, corrupt GGUF header...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise ModelLoadError(
             f"cannot read the model config of {source.label}: {first}. Check that config.json is valid JSON "
             "from save_pretrained(), and that this transformers version knows its model_type."
@@ -267,7 +267,7 @@ def _load_weights(source: _Source, kind: str):
                 source.folder, dtype=torch.float32, attn_implementation="eager", **source.extra
             )
     except Exception as exc:  # missing/corrupt weights, shape mismatches, missing packages
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise ModelLoadError(
             f"transformers cannot load the weights of {source.label}: {type(exc).__name__}: {first}. "
             "Check that the weight files are complete and match config.json."

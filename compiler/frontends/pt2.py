@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from slimc.errors import ModelLoadError
+from slimc.errors import ModelLoadError, first_line
 from slimc.model import LoadedModel
 
 
@@ -41,7 +41,7 @@ def _read_program(path: Path):
         with quiet_exporter():
             return torch.export.load(str(path))
     except Exception as exc:  # zipfile, JSON and torch errors all mean "not a usable archive"
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         raise ModelLoadError(
             f"{path} is not a readable torch.export archive ({type(exc).__name__}: {first}). Re-create it with "
             "torch.export.save(torch.export.export(model, args), 'model.pt2') using the same PyTorch version."

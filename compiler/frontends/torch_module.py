@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc import progress
-from slimc.errors import ExportError, ModelLoadError
+from slimc.errors import ExportError, ModelLoadError, first_line
 from slimc.model import LoadedModel, infer_input_specs, infer_task
 
 log = logging.getLogger("slimc")
@@ -273,9 +273,7 @@ def _numeric_symbol(dim) -> bool:
 
 
 def _export_failure(name: str, stage: str, exc: Exception, dynamic: bool) -> str:
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    if len(first) > 300:
-        first = first[:300] + "..."
+    first = first_line(exc)
     if stage == "torch.onnx":
         hint = (
             "the traced graph uses an op torch.onnx cannot translate; run with --verbose for the full "
