@@ -13,6 +13,7 @@ from slimc.errors import PassConfigError
 # name -> "module:Class"
 REGISTRY: dict[str, str] = {
     "cleanup": "slimc.passes.cleanup:Cleanup",
+    "prune": "slimc.passes.prune.prune_pass:Prune",
 }
 
 

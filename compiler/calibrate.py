@@ -1,0 +1,265 @@
+"""Calibration statistics: per-channel sums, sums of squares and X^T X of chosen graph values.
+
+Passes that calibrate (activation-aware pruning, smoothing, quantization ranges) need only a few
+statistics of an activation, never the activation itself: one hidden state of an LLM over a
+calibration set is gigabytes, its per-channel sums are kilobytes. So instead of exporting the
+values, :func:`collect` instruments a copy of the model with reduction nodes and makes their
+results the graph outputs (the original outputs are dropped, so ONNX Runtime runs only what the
+statistics need). For each requested value ``x`` and channel axis ``a``, in float32 (float16 and
+bfloat16 are cast first; float64 stays float64)::
+
+    sum[c]   = ReduceSum(x,   all axes but a)         sumsq[c] = ReduceSum(x * x, all axes but a)
+    size     = Size(x)                                 gram     = X^T X,  X = x with a moved last, as [-1, C]
+
+Batches stream through one ORT session and every output is added into a float64 total, so
+memory holds statistics only. Work on a value is shared between requests (one Cast, one x * x,
+one Size), and requests on the same value and axis share their reductions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from slimc import progress
+from slimc.backends.onnxruntime import create_session, run
+from slimc.errors import DataError
+from slimc.onnx_io import save_onnx
+
+_FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StatRequest:
+    """Statistics of graph value ``value`` per channel along ``axis`` (negative counts from the end)."""
+
+    value: str
+    axis: int
+    gram: bool = False  # also accumulate X^T X over the channel axis ([C, C])
+
+
+@dataclasses.dataclass
+class ChannelStats:
+    """Sums over every calibration element of each channel; ``count`` elements per channel."""
+
+    count: int
+    sum: np.ndarray  # [C] float64
+    sumsq: np.ndarray  # [C] float64
+    gram: np.ndarray | None  # [C, C] float64, when requested
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance, clipped at 0 (E[x²] − E[x]² can round below it)."""
+        return np.maximum(self.sumsq / self.count - self.mean**2, 0.0)
+
+    @property
+    def norm(self) -> np.ndarray:
+        """L2 norm of each channel over all calibration elements."""
+        return np.sqrt(self.sumsq)
+
+    @property
+    def rms(self) -> np.ndarray:
+        return np.sqrt(self.sumsq / self.count)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outputs:
+    """Names of the instrumented model's outputs for one (value, axis)."""
+
+    sum: str
+    sumsq: str
+    size: str
+    gram: str | None
+
+
+def collect(
+    model: ir.Model,
+    requests: Sequence[StatRequest],
+    dataset: Sequence[Mapping[str, np.ndarray]] | None,
+    *,
+    threads: int | None = None,
+    desc: str = "calibration",
+) -> dict[StatRequest, ChannelStats]:
+    """Per-channel statistics of each requested value over every batch of ``dataset``.
+
+    ``model`` is not modified. Raises `DataError` without data, `ValueError` for a request that
+    names no float activation of the main graph or an axis out of range, `BackendError` when ONNX
+    Runtime cannot build or run the instrumented model.
+    """
+    if dataset is None or len(dataset) == 0:
+        raise DataError(
+            f"{desc} needs calibration data, and none was given. Pass it with calibration=... in "
+            "slimc.compile(...), or --calib PATH on the command line (a text file, an image folder "
+            "or an .npz of arrays keyed by input name)."
+        )
+    requests = list(dict.fromkeys(requests))
+    values = _activations(model, requests)
+    with tempfile.TemporaryDirectory(prefix="slimc-calib-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_onnx(model, path)  # weights over ~1.8 GB go to external data beside it
+        proto = onnx.load(str(path), load_external_data=False)
+        types = _types(proto, values, {r.value for r in requests})
+        axes = {r: _normalise_axis(r, types[r.value][1]) for r in requests}
+        wanted: dict[tuple[str, int], bool] = {}  # (value, axis) -> whether any request wants X^T X
+        for r in requests:
+            wanted[(r.value, axes[r])] = wanted.get((r.value, axes[r]), False) or r.gram
+        plan = _instrument(proto, types, wanted)
+        onnx.save(proto, str(path))
+        totals = _stream(create_session(path, threads), dataset, desc)
+    stats = {}
+    for r in requests:
+        names = plan[(r.value, axes[r])]
+        channels = totals[names.sum].shape[0]
+        stats[r] = ChannelStats(
+            count=int(totals[names.size]) // channels, sum=totals[names.sum], sumsq=totals[names.sumsq],
+            gram=totals[names.gram] if r.gram else None,
+        )
+    return stats
+
+
+def _activations(model: ir.Model, requests: Sequence[StatRequest]) -> dict[str, ir.Value]:
+    """The requested values of the main graph by name; ValueError for weights and unknown names."""
+    graph = model.graph
+    values = {v.name: v for v in graph.inputs}
+    values.update((v.name, v) for node in graph for v in node.outputs)
+    for r in requests:
+        if r.value in graph.initializers:
+            raise ValueError(f"calibration: {r.value!r} is an initializer (a weight), not an activation.")
+        if r.value not in values:
+            raise ValueError(f"calibration: the main graph has no value named {r.value!r}.")
+    return values
+
+
+def _types(proto: onnx.ModelProto, values: dict[str, ir.Value], names: set[str]) -> dict[str, tuple[int, int]]:
+    """(ONNX element type, rank) of each named value: from the IR, else from ONNX shape inference."""
+    known = {}
+    for name in names:
+        value = values[name]
+        if value.dtype is not None and value.shape is not None:
+            known[name] = (int(value.dtype), len(value.shape))
+    if len(known) < len(names):
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+        for info in [*inferred.input, *inferred.value_info, *inferred.output]:
+            tensor = info.type.tensor_type
+            if info.name in names and info.name not in known and tensor.HasField("shape"):
+                known[info.name] = (tensor.elem_type, len(tensor.shape.dim))
+    for name in names:
+        if name not in known:
+            raise ValueError(
+                f"calibration: the rank of {name!r} is unknown (no shape in the graph and ONNX shape "
+                "inference cannot derive one); run shape inference on the model or add its value_info."
+            )
+        if known[name][0] not in _FLOATS:
+            dtype = TensorProto.DataType.Name(known[name][0])
+            raise ValueError(f"calibration: {name!r} is {dtype}; statistics need a float value.")
+    return known
+
+
+def _normalise_axis(request: StatRequest, rank: int) -> int:
+    if not -rank <= request.axis < rank:
+        raise ValueError(
+            f"calibration: axis {request.axis} is out of range for {request.value!r} of rank {rank}."
+        )
+    return request.axis % rank
+
+
+class _Builder:
+    """Appends nodes and initializers to a graph under names no existing value uses."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.graph = proto.graph
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if not self.opset:
+            self.opset = 17
+            proto.opset_import.append(helper.make_opsetid("", self.opset))
+        self.used = {n for node in self.graph.node for n in [*node.input, *node.output]}
+        self.used |= {v.name for v in [*self.graph.input, *self.graph.output, *self.graph.initializer]}
+
+    def name(self, hint: str) -> str:
+        index = 0
+        while f"slimc.calib/{hint}/{index}" in self.used:
+            index += 1
+        self.used.add(name := f"slimc.calib/{hint}/{index}")
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self.name(hint)
+        self.graph.node.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def reduce_sum(self, x: str, axes: list[int], hint: str) -> str:
+        """ReduceSum over ``axes`` with keepdims=0: axes as an input from opset 13, an attribute before."""
+        if not axes:  # a rank-1 value: every element is its own channel already
+            return self.node("Identity", [x], hint)
+        if self.opset < 13:
+            return self.node("ReduceSum", [x], hint, axes=axes, keepdims=0)
+        axes_name = self.name(f"{hint}.axes")
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
+        return self.node("ReduceSum", [x, axes_name], hint, keepdims=0)
+
+
+def _instrument(
+    proto: onnx.ModelProto, types: dict[str, tuple[int, int]], wanted: dict[tuple[str, int], bool]
+) -> dict[tuple[str, int], _Outputs]:
+    """Add the reductions for each (value, axis) (with X^T X where True) and make them the outputs."""
+    build = _Builder(proto)
+    del proto.graph.output[:]  # only the statistics are computed; ORT prunes the rest of the graph
+
+    def output(name: str, elem: int) -> str:
+        proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+        return name
+
+    shared: dict[str, tuple[str, str, str]] = {}  # value -> (float value, its square, its size)
+    plan = {}
+    for (value, axis), gram in wanted.items():
+        elem, rank = types[value]
+        if value not in shared:
+            xf = value
+            if elem in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+                xf = build.node("Cast", [value], "float", to=TensorProto.FLOAT)
+            size = output(build.node("Size", [value], "size"), TensorProto.INT64)
+            shared[value] = (xf, build.node("Mul", [xf, xf], "square"), size)
+        xf, square, size = shared[value]
+        stat_elem = TensorProto.DOUBLE if elem == TensorProto.DOUBLE else TensorProto.FLOAT
+        others = [a for a in range(rank) if a != axis]
+        gram_out = None
+        if gram:
+            last = xf if axis == rank - 1 else build.node("Transpose", [xf], "last", perm=[*others, axis])
+            rows = build.node("Flatten", [last], "rows", axis=rank - 1)  # [-1, C]; [1, C] at rank 1
+            rows_t = build.node("Transpose", [rows], "rows_t")
+            gram_out = output(build.node("MatMul", [rows_t, rows], "gram"), stat_elem)
+        plan[(value, axis)] = _Outputs(
+            output(build.reduce_sum(xf, others, "sum"), stat_elem),
+            output(build.reduce_sum(square, others, "sumsq"), stat_elem), size, gram_out,
+        )
+    return plan
+
+
+def _stream(session, dataset: Sequence[Mapping[str, np.ndarray]], desc: str) -> dict[str, np.ndarray]:
+    """Run every batch and add each output into a float64 total (int64 sizes stay exact)."""
+    names = [o.name for o in session.get_outputs()]
+    totals: dict[str, np.ndarray] = {}
+    for index, batch in enumerate(progress.bar(dataset, desc, total=len(dataset), unit="batch")):
+        for name, out in zip(names, run(session, dict(batch))):
+            out = out.astype(np.int64 if out.dtype == np.int64 else np.float64)
+            if name not in totals:
+                totals[name] = out
+            elif totals[name].shape != out.shape:
+                raise ValueError(
+                    f"calibration: batch {index} gives statistics of shape {out.shape}, earlier batches "
+                    f"{totals[name].shape}: the channel axis must have the same size in every batch."
+                )
+            else:
+                totals[name] += out
+    return totals
