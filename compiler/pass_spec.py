@@ -177,6 +177,8 @@ def coerce(value: Any, annotation: Any) -> Any:
                 errors.append(str(exc))
         raise ValueError(" or ".join(errors))
     if origin is typing.Literal:
+        if value is None and "none" in args:
+            return "none"  # the parser reads a bare `none` as None; here it is one of the choices
         if value not in args:
             raise ValueError(f"expected one of {', '.join(map(str, args))}, got {value!r}")
         return value

@@ -45,9 +45,6 @@ def compensate(g: DependencyGraph, plan: dict[int, np.ndarray], stats: dict, met
         if c.node.op_type == "MatMul" and c.weight is not c.node.inputs[1]:
             left.append((where, "the weight is the left operand of MatMul; no per-output bias to compensate into"))
             continue
-        if c.node.outputs[0].is_graph_output() and not _has_bias(c):
-            left.append((where, "its output is a graph output; a bias cannot be inserted there"))
-            continue
         w = np.asarray(c.weight.const_value.numpy()).astype(np.float64)
         if method == "least_squares" and c.node.op_type in ("MatMul", "Gemm") and w.ndim == 2 and st.gram is not None:
             new_w, delta = _least_squares(w, c.weight_axis, keep, st)
@@ -88,12 +85,6 @@ def _least_squares(w: np.ndarray, axis: int, keep: np.ndarray, st) -> tuple[np.n
     return (out if axis == 0 else out.T), sol[n]
 
 
-def _has_bias(c: Contraction) -> bool:
-    if c.node.op_type in ("Gemm", "Conv", "ConvTranspose"):
-        return len(c.node.inputs) > 2 and c.node.inputs[2] is not None
-    return _matmul_bias(c) is not None
-
-
 def _matmul_bias(c: Contraction) -> ir.Value | None:
     out = c.node.outputs[0]
     uses = list(out.uses())
@@ -124,6 +115,11 @@ def _add_bias(g: DependencyGraph, c: Contraction, delta: np.ndarray) -> None:
         for use in list(out.uses()):
             if use.node is not add:
                 use.node.replace_input_with(use.idx, add.outputs[0])
+        if out.is_graph_output():  # the biased value takes over the output's place and name
+            index = list(g.graph.outputs).index(out)
+            name, out.name = out.name, f"{out.name}__before_bias"
+            add.outputs[0].name = name
+            g.graph.outputs[index] = add.outputs[0]
         g.graph.insert_after(node, add)
         return
     if len(node.inputs) > 2 and node.inputs[2] is not None:
