@@ -3,6 +3,7 @@
     slimc MODEL --passes "cleanup" -o out.onnx [--calib DATA] [--eval DATA] [--receipt r.json]
     slimc passes                      list every pass with its options and defaults
     slimc inspect MODEL               inputs, outputs, params, MACs, op histogram
+    slimc inspect MODEL --groups      ... and every pruning group: kind, size, prunable or blocked and why
     slimc demo [--model minilm]       compress a real pretrained model and print the receipt
 
 Errors a user can cause print one message (no traceback) and exit 2; bugs exit 1.
@@ -54,6 +55,7 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
     if command == "inspect":
         p.add_argument("model", help=".onnx file, Hugging Face folder, .gguf or .pt2 file")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--groups", action="store_true", help="list the pruning groups: kind, size, initializers, prunable or blocked and why")
     elif command == "demo":
         from slimc.tools.demo import DEMO_MODELS
 
@@ -139,6 +141,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": str(v.shape)} for v in loaded.model.graph.outputs],
         **stats,
     }
+    if args.groups:
+        info["groups"] = _groups(loaded.model)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -153,7 +157,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"  ({stats['macs_unresolved_nodes']} nodes unresolved)" if stats["macs_unresolved_nodes"] else ""))
     print(f"  nodes: {stats['nodes']}")
     print("  ops: " + ", ".join(f"{op} {n}" for op, n in stats["op_histogram"].items()))
+    if args.groups:
+        _print_groups(info["groups"])
     return 0
+
+
+def _groups(model) -> list[dict]:
+    import onnx_ir as ir
+
+    from slimc.passes.prune import DependencyGraph
+
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # the analysis unshares constants
+    return [grp.describe() for grp in DependencyGraph(copy).groups()]
+
+
+def _print_groups(groups: list[dict]) -> None:
+    prunable = sum(g["status"] == "prunable" for g in groups)
+    print(f"  pruning groups: {len(groups)} ({prunable} prunable)")
+    print(f"    {'id':>3}  {'kind':<9} {'size':>5}  {'status':<26} name")
+    for g in groups:
+        print(f"    {g['id']:>3}  {g['kind']:<9} {g['size']:>5}  {g['status']:<26} {g['name']}")
+        inits = g["initializers"]
+        print(f"           slices {len(inits)}: " + ", ".join(inits[:4]) + (f", ... ({len(inits) - 4} more)" if len(inits) > 4 else ""))
+        for reason in g["reasons"][:3]:
+            print(f"           - {reason}")
+        if len(g["reasons"]) > 3:
+            print(f"           - ... {len(g['reasons']) - 3} more")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

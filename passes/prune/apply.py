@@ -59,7 +59,7 @@ def apply_plan(g: DependencyGraph, plan: dict[int, np.ndarray]) -> None:
         if all(m is None for m in masks):
             continue
         if value.const_value is not None:
-            array = np.asarray(value.const_value.numpy())
+            array = g.array(value)
             for axis, m in enumerate(masks):
                 if m is not None:
                     array = np.compress(m, array, axis=axis)

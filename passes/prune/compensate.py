@@ -45,10 +45,11 @@ def compensate(g: DependencyGraph, plan: dict[int, np.ndarray], stats: dict, met
         if c.node.op_type == "MatMul" and c.weight is not c.node.inputs[1]:
             left.append((where, "the weight is the left operand of MatMul; no per-output bias to compensate into"))
             continue
-        w = np.asarray(c.weight.const_value.numpy()).astype(np.float64)
+        w = g.array(c.weight).astype(np.float64)
         if method == "least_squares" and c.node.op_type in ("MatMul", "Gemm") and w.ndim == 2 and st.gram is not None:
             new_w, delta = _least_squares(w, c.weight_axis, keep, st)
-            set_constant(c.weight, new_w.astype(c.weight.const_value.numpy().dtype))
+            set_constant(c.weight, new_w.astype(g.array(c.weight).dtype))
+            g.forget(c.weight)
         else:
             if method == "least_squares":
                 left.append((where, f"{c.node.op_type}: least squares needs a 2-D MatMul/Gemm weight; bias compensation used"))
@@ -100,12 +101,13 @@ def _matmul_bias(c: Contraction) -> ir.Value | None:
 
 def _add_bias(g: DependencyGraph, c: Contraction, delta: np.ndarray) -> None:
     node, out = c.node, c.node.outputs[0]
-    dtype = c.weight.const_value.numpy().dtype
+    dtype = g.array(c.weight).dtype
     if node.op_type == "MatMul":
         bias = _matmul_bias(c)
         if bias is not None:
             old = np.asarray(bias.const_value.numpy())
             set_constant(bias, (old + delta.reshape(old.shape)).astype(old.dtype))
+            g.forget(bias)
             return
         value = _new_const(g.graph, f"{node.name}_bias", delta.astype(dtype))
         g.slots[value] = [g.slots[out][-1]]
@@ -126,6 +128,7 @@ def _add_bias(g: DependencyGraph, c: Contraction, delta: np.ndarray) -> None:
         bias = node.inputs[2]
         old = np.asarray(bias.const_value.numpy())
         set_constant(bias, (old + delta.reshape(old.shape) if old.size == delta.size else old + delta).astype(old.dtype))
+        g.forget(bias)
         return
     value = _new_const(g.graph, f"{node.name}_bias", delta.astype(dtype))
     g.slots[value] = [g.slots[out][1 if node.op_type != "Gemm" else -1]]

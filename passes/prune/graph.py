@@ -60,6 +60,23 @@ class Group:
     def is_blocked(self, allow: frozenset[str] = frozenset()) -> bool:
         return any(kind is HARD or kind not in allow for _, kind in self.blocked)
 
+    def describe(self) -> dict:
+        """A JSON-ready row for ``slimc inspect --groups`` and reports."""
+        soft = sorted({k for _, k in self.blocked if k is not HARD})
+        return {
+            "id": self.id, "kind": self.kind, "size": self.size, "name": self.name,
+            "status": "blocked" if self.is_blocked(frozenset(soft) if not self.hard_blocked else frozenset()) else (
+                "prunable" if not self.blocked else f"prunable with target={'/'.join(soft)}"),
+            "reasons": [r for r, _ in self.blocked],
+            "initializers": [f"{v.name}[axis {axis}]" + (f" ({module_path(u[0].node)})" if (u := list(v.uses())) else "")
+                             for v, axis in self.weights],
+            "consumers": sorted({c.node.name or c.node.op_type for c in self.contractions}),
+        }
+
+    @property
+    def hard_blocked(self) -> bool:
+        return any(kind is HARD for _, kind in self.blocked)
+
     @property
     def initializer_names(self) -> list[str]:
         return sorted({v.name for v, _ in self.weights if v.name})
@@ -122,6 +139,7 @@ class DependencyGraph:
         self.sites: list[ShapeSite] = []
         self.contractions: list[Contraction] = []
         self.unsupported: dict[str, int] = defaultdict(int)
+        self._arrays: dict[ir.Value, np.ndarray] = {}
         unshare_constants(self.graph)
         for node in self.graph:
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -165,6 +183,18 @@ class DependencyGraph:
         for atom in self.axes(value) or []:
             self.block(atom, reason, kind)
 
+    def array(self, value: ir.Value) -> np.ndarray:
+        """A constant's data as numpy, converted once per analysis (protobuf-backed tensors
+        copy on every ``numpy()`` call)."""
+        cached = self._arrays.get(value)
+        if cached is None:
+            cached = self._arrays[value] = np.asarray(value.const_value.numpy())
+        return cached
+
+    def forget(self, value: ir.Value) -> None:
+        """Drop the cached array of a constant whose data was replaced."""
+        self._arrays.pop(value, None)
+
     def is_weight(self, value: ir.Value | None) -> bool:
         return value is not None and value.const_value is not None and value.dtype is not None and value.dtype.is_floating_point()
 
@@ -191,18 +221,15 @@ class DependencyGraph:
             for leaf in atoms.leaves(atom):
                 consumers[leaf].append(c)
         outer, inner, nested = self._product_roles()
+        index = {v: i for i, v in enumerate(self.slots)}
         groups = []
-        for leaf in sorted(weights, key=lambda a: self._order(weights[a])):
+        for leaf in sorted(weights, key=lambda a: min(index[v] for v, _ in weights[a])):
             if atoms.size(leaf) < 2 or any(kind == STRUCTURAL for _, kind in reasons[leaf]):
                 continue
             kind = self._kind(leaf, weights[leaf], reasons[leaf], outer, inner, nested)
             name = self._name(weights[leaf], consumers[leaf])
             groups.append(Group(len(groups), leaf, atoms.size(leaf), kind, name, weights[leaf], consumers[leaf], reasons[leaf]))
         return groups
-
-    def _order(self, weights: list[tuple[ir.Value, int]]) -> int:
-        index = {v: i for i, v in enumerate(self.slots)}
-        return min(index[v] for v, _ in weights)
 
     def _product_roles(self) -> tuple[set[int], set[int], set[int]]:
         """Leaves that lead a product (heads), end one (head dims), or lead another leader (GQA)."""
