@@ -63,10 +63,10 @@ class Group:
     def describe(self) -> dict:
         """A JSON-ready row for ``slimc inspect --groups`` and reports."""
         soft = sorted({k for _, k in self.blocked if k is not HARD})
+        needs = " + ".join("change_interface=true" if k == "interface" else f"target={k}" for k in soft)
+        status = "blocked" if self.hard_blocked else ("prunable" if not soft else f"prunable with {needs}")
         return {
-            "id": self.id, "kind": self.kind, "size": self.size, "name": self.name,
-            "status": "blocked" if self.is_blocked(frozenset(soft) if not self.hard_blocked else frozenset()) else (
-                "prunable" if not self.blocked else f"prunable with target={'/'.join(soft)}"),
+            "id": self.id, "kind": self.kind, "size": self.size, "name": self.name, "status": status,
             "reasons": [r for r, _ in self.blocked],
             "initializers": [f"{v.name}[axis {axis}]" + (f" ({module_path(u[0].node)})" if (u := list(v.uses())) else "")
                              for v, axis in self.weights],
@@ -126,9 +126,13 @@ def unshare_constants(graph: ir.Graph) -> int:
 
 
 class DependencyGraph:
-    """Slots, couplings, shape sites and contractions of one model (analysis only; no edits)."""
+    """Slots, couplings, shape sites and contractions of one model.
 
-    def __init__(self, model: ir.Model):
+    With ``keep_interface=False`` graph inputs and outputs block only softly (kind
+    ``interface``): a pass may then change their sizes, and says so.
+    """
+
+    def __init__(self, model: ir.Model, *, keep_interface: bool = True):
         from slimc.passes.prune.rules import RULES, block_node
 
         self.model = model
@@ -152,9 +156,9 @@ class DependencyGraph:
             except Conflict as exc:
                 block_node(self, node, f"{node.op_type} couples incompatible index maps ({exc})")
         for value in self.graph.inputs:
-            self.block_value(value, f"graph input '{value.name}'")
+            self.block_value(value, f"graph input '{value.name}'", HARD if keep_interface else "interface")
         for value in self.graph.outputs:
-            self.block_value(value, f"graph output '{value.name}'")
+            self.block_value(value, f"graph output '{value.name}'", HARD if keep_interface else "interface")
 
     # ------------------------------------------------------------ slots
 

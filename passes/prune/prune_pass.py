@@ -52,6 +52,7 @@ class Prune(Pass):
     ignore: Optional[list[str]] = None
     compensate: Literal["none", "bias", "least_squares"] = "none"
     calibration_batches: int = 32
+    change_interface: bool = False
 
     name = "prune"
     exact = False
@@ -78,7 +79,7 @@ class Prune(Pass):
 
     def eligible(self, groups: list[Group]) -> tuple[list[Group], list[tuple[str, str]]]:
         targets = self._targets()
-        allow = frozenset(SOFT[t] for t in targets if t in SOFT)
+        allow = frozenset(SOFT[t] for t in targets if t in SOFT) | ({"interface"} if self.change_interface else set())
         chosen, left = [], []
         for grp in groups:
             label = f"{grp.kind} group {grp.name} ({grp.size})"
@@ -147,7 +148,7 @@ class Prune(Pass):
     def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         start = time.perf_counter()
         params0, _ = count_params(model)
-        g = DependencyGraph(model)
+        g = DependencyGraph(model, keep_interface=not self.change_interface)
         groups = g.groups()
         chosen, left = self.eligible(groups)
         stats = self._statistics(model, chosen, ctx) if chosen else {}
@@ -177,6 +178,11 @@ class Prune(Pass):
                    f" ({1 - params1 / max(params0, 1):.1%} fewer); importance={self.importance}")
         if compensated:
             summary += f", {compensated} consumers compensated ({self.compensate})"
+        if self.change_interface and plan:
+            changed = [v.name for v in (*model.graph.inputs, *model.graph.outputs)
+                       if any(g.mask(a, plan) is not None for a in (g.slots.get(v) or []))]
+            if changed:
+                summary += f"; interface changed: {', '.join(changed)}"
         return PassReport(
             name=self.name, modified=bool(plan), summary=summary,
             details={"groups_total": len(groups), "groups_pruned": pruned, "params_before": params0, "params_after": params1,

@@ -1,0 +1,58 @@
+"""The pruning benchmark's core on a tiny bottleneck ResNet: structure of the report, and
+Torch-Pruning really removing MACs. Timings are recorded, never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+pytest.importorskip("torch_pruning")
+
+from slimc import passes  # noqa: E402
+from slimc.tools import bench_prune  # noqa: E402
+
+
+def tiny_resnet() -> bench_prune.Case:
+    config = tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck", num_labels=10)
+    return bench_prune.resnet_case(config, size=64, name="tiny-resnet")
+
+
+def test_bench_tiny_resnet(tmp_path):
+    report = bench_prune.run([tiny_resnet()], ratio=0.5, repeats=1)
+
+    assert report["ratio"] == 0.5 and report["machine"]
+    assert report["versions"]["torch-pruning"]
+    assert report["slimc_prune_available"] == ("prune" in passes.REGISTRY)
+    (item,) = report["models"]
+    assert item["model"] == "tiny-resnet" and item["input"] == "pixel_values 1x3x64x64"
+    results = item["results"]
+    assert set(results) == {"baseline", "torch-pruning", "slimc"}
+
+    base, tp = results["baseline"], results["torch-pruning"]
+    assert base["macs"] > 0 and base["params"] > 0 and base["macs_unresolved_nodes"] == 0
+    assert base["latency"]["runs"] >= 1 and base["latency"]["median_ms"] > 0
+    assert tp["status"] == "ok", tp.get("note")
+    assert tp["macs_ratio"] > 1 and tp["params_ratio"] > 1
+    assert tp["macs"] < base["macs"] and tp["prune_seconds"] >= 0
+    assert tp["speedup"] > 0 and "latency" in tp
+
+    slimc_entry = results["slimc"]
+    if report["slimc_prune_available"]:
+        assert slimc_entry["status"] in ("ok", "failed")
+        if slimc_entry["status"] == "ok":
+            assert {"macs_ratio", "params_ratio", "speedup", "prune_seconds", "latency"} <= set(slimc_entry)
+    else:
+        assert slimc_entry["status"] == "unavailable" and "prune" in slimc_entry["note"]
+
+    json.dumps(report)  # the --out file must be writable as JSON
+    table = bench_prune.markdown(report)
+    assert "| tiny-resnet | torch-pruning |" in table and report["machine"] in table
+    assert table.count("| tiny-resnet |") == 3
+
+
+def test_cli_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        bench_prune.main(["--models", "alexnet"])
