@@ -161,7 +161,7 @@ def _fix_attention_sizes(model, num_heads: dict) -> None:
         config.intermediate_size = model.encoder.layer[0].intermediate.dense.out_features
 
 
-def prune_with_slimc(loaded, ratio: float) -> dict[str, Any]:
+def prune_with_slimc(loaded, ratio: float, kind: str = "cnn") -> dict[str, Any]:
     """slimc's ``prune`` pass on the baseline export; ``{"status": "unavailable"}`` until it exists."""
     import slimc
     from slimc import passes
@@ -170,9 +170,11 @@ def prune_with_slimc(loaded, ratio: float) -> dict[str, Any]:
         return {"status": "unavailable", "note": "slimc has no 'prune' pass yet (not in slimc.passes.REGISTRY); "
                 "only the Torch-Pruning half was measured"}
     spec = f"prune(ratio={ratio}, importance=magnitude)"
+    if kind == "bert":  # as Torch-Pruning does: heads and FFN, then the hidden width (the output changes)
+        spec += f",prune(ratio={ratio}, importance=magnitude, target=hidden, change_interface=true)"
     start = time.perf_counter()
     try:
-        result = slimc.compile(loaded, passes=[spec], measure_latency=False, verify=True)
+        result = slimc.compile(loaded, passes=spec, measure_latency=False, verify=True)
     except slimc.SlimcError as exc:
         return {"status": "failed", "note": f"{type(exc).__name__}: {exc}"}
     wall = time.perf_counter() - start
@@ -219,7 +221,7 @@ def bench_model(case: Case, ratio: float, repeats: int, threads: int | None = No
             paths["torch-pruning"] = Path(tmp) / "torch_pruning.onnx"
             save_onnx(model, paths["torch-pruning"])
 
-        entries["slimc"] = prune_with_slimc(baseline, ratio)
+        entries["slimc"] = prune_with_slimc(baseline, ratio, case.kind)
         if entries["slimc"]["status"] == "ok":
             model = entries["slimc"].pop("model")
             entries["slimc"].update(graph_stats(model, feed))

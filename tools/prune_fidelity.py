@@ -26,6 +26,7 @@ SMOLLM2 = [("ffn 20%", "ratio=0.2, target=ffn"), ("ffn 40%", "ratio=0.4, target=
 MINILM = [("30%", "ratio=0.3"), ("50%", "ratio=0.5")]
 EFFICIENTNET = [("channels 20%", "ratio=0.2, target=channels"), ("channels 40%", "ratio=0.4, target=channels")]
 METHODS = [("magnitude", "none"), ("magnitude", "bias"), ("wanda", "none"), ("wanda", "bias"), ("flap", "none"), ("flap", "bias")]
+QUICK = [("magnitude", "none"), ("wanda", "none"), ("wanda", "bias"), ("flap", "none"), ("flap", "bias")]
 
 
 def _text_data(loaded, eval_batches: int, folder: Path):
@@ -37,7 +38,7 @@ def _text_data(loaded, eval_batches: int, folder: Path):
         datasets.write_text(wiki, datasets.wikipedia_text())
     if not lee.exists():
         datasets.write_text(lee, datasets.lee_text())
-    calib = data.load(lee, loaded, seq_len=128, batch_size=4, max_batches=16, role="calibration")
+    calib = data.load(lee, loaded, seq_len=128, batch_size=4, max_batches=8, role="calibration")
     evaluation = data.load(wiki, loaded, seq_len=128, batch_size=4, max_batches=eval_batches, role="evaluation")
     return calib, evaluation
 
@@ -77,10 +78,12 @@ def _model(name: str, folder: Path, eval_batches: int):
     return loaded, EFFICIENTNET, METHODS, calib, evaluation
 
 
-def run(names: list[str], folder: Path, eval_batches: int) -> dict:
+def run(names: list[str], folder: Path, eval_batches: int, quick: bool = False) -> dict:
     results: dict = {}
     for name in names:
         loaded, points, methods, calib, evaluation = _model(name, folder, eval_batches)
+        if quick:
+            points, methods = points[::2], QUICK
         rows = []
         for label, spec in points:
             for importance, comp in methods:
@@ -102,7 +105,7 @@ def markdown(results: dict) -> str:
         points = list(dict.fromkeys(r["point"] for r in res["rows"]))
         lines += [f"**{name}** ({title.format(ref=ref)}; calibration: {res['calibration']}; evaluation: {res['evaluation']})", "",
                   "| importance | compensate | " + " | ".join(points) + " |", "|---|---|" + "---|" * len(points)]
-        for importance, comp in METHODS:
+        for importance, comp in dict.fromkeys((r["importance"], r["compensate"]) for r in res["rows"]):
             cells = []
             for p in points:
                 row = next(r for r in res["rows"] if r["point"] == p and r["importance"] == importance and r["compensate"] == comp)
@@ -119,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, default=Path("prune_fidelity.md"))
     p.add_argument("--data", type=Path, default=Path("slimc-data"), help="folder for the text files")
     p.add_argument("--eval-batches", type=int, default=12, help="held-out batches of 4 x 128 tokens (text models)")
+    p.add_argument("--quick", action="store_true", help="first and last point only, 5 method/compensation pairs")
     args = p.parse_args(argv)
-    results = run(args.models.split(","), args.data, args.eval_batches)
+    results = run(args.models.split(","), args.data, args.eval_batches, args.quick)
     args.out.write_text(json.dumps(results, indent=2))
     args.markdown.write_text(markdown(results))
     print(markdown(results))
