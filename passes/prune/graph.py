@@ -133,7 +133,8 @@ class DependencyGraph:
     """
 
     def __init__(self, model: ir.Model, *, keep_interface: bool = True):
-        from slimc.passes.prune.rules import RULES, block_node
+        # the complete table: importing layout_rules registers its rules next to rules.py's
+        from slimc.passes.prune.layout_rules import RULES, block_node
 
         self.model = model
         self.graph = model.graph
