@@ -63,8 +63,10 @@ def _efficientnet(data: Path) -> dict[str, Any]:
 
 
 DEMO_MODELS = {
-    "minilm": DemoModel("all-MiniLM-L6-v2 (sentence encoder, 22.7 M params)", "cleanup", _minilm),
-    "smollm2": DemoModel("SmolLM2-135M-Instruct (causal LM, GGUF Q4_1 weights)", "cleanup", _smollm2),
+    "minilm": DemoModel("all-MiniLM-L6-v2 (sentence encoder, 22.7 M params)",
+                        "prune(ratio=0.2, target=ffn, importance=flap, compensate=bias)", _minilm),
+    "smollm2": DemoModel("SmolLM2-135M-Instruct (causal LM, GGUF Q4_1 weights)",
+                         "prune(ratio=0.2, target=ffn, importance=wanda)", _smollm2),
     "efficientnet-lite0": DemoModel("EfficientNet-Lite0 (ImageNet classifier)", "cleanup", _efficientnet),
 }
 
