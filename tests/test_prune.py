@@ -235,3 +235,35 @@ def test_least_squares_minimises_the_layer_error_on_calibration_statistics(tmp_p
         (pruned,) = _run(model, {"x": x}, tmp_path, method)
         errors[method] = float(np.mean((pruned - y) ** 2))
     assert errors["least_squares"] < errors["bias"] < errors["none"], errors
+
+
+def test_merged_biases_do_not_couple_but_tied_weights_do(tmp_path):
+    """Exporters merge identical constants: a shared zero bias must not tie two layers' channels;
+    a weight matrix used twice is a real tie and keeps both uses consistent (and shared)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = {n: rng.standard_normal(s).astype(np.float32) for n, s in
+         {"wa": (16, 32), "wb": (16, 32), "wa2": (32, 16), "wb2": (32, 16), "wt": (16, 32), "wt2": (32, 16), "wt3": (32, 16)}.items()}
+    zero = np.zeros(32, np.float32)
+    nodes = []
+    for branch in ("a", "b"):  # two layers sharing one merged zero bias
+        nodes += [helper.make_node("MatMul", ["x", f"w{branch}"], [f"{branch}1"]), helper.make_node("Add", [f"{branch}1", "zero"], [f"{branch}2"]),
+                  helper.make_node("Relu", [f"{branch}2"], [f"{branch}3"]), helper.make_node("MatMul", [f"{branch}3", f"w{branch}2"], [f"y{branch}"])]
+    for k, second in (("t1", "wt2"), ("t2", "wt3")):  # one weight used by two layers: tied
+        nodes += [helper.make_node("MatMul", ["x", "wt"], [f"{k}h"]), helper.make_node("Relu", [f"{k}h"], [f"{k}r"]),
+                  helper.make_node("MatMul", [f"{k}r", second], [f"y{k}"])]
+    outputs = [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, ["batch", 16]) for k in ("a", "b", "t1", "t2")]
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.reshape(-1)) for n, a in w.items()]
+    inits.append(helper.make_tensor("zero", TensorProto.FLOAT, (32,), zero))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])], outputs, inits)
+    base = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])))
+    groups = [g for g in DependencyGraph(_copy(base)).groups() if not g.is_blocked()]
+    assert sorted(len(g.contractions) for g in groups) == [1, 1, 2]  # a, b apart; the tied pair together
+    model = _copy(base)
+    params = count_params(model)[0]
+    report = Prune(ratio=0.5).apply(model, slimc.pipeline.PassContext())
+    assert len(report.details["groups_pruned"]) == 3
+    assert count_params(model)[0] == params - (16 * 16 * 2 + 16 * 16 * 2 + 16 * 16 * 3 + 16)  # halves everywhere; the zero bias stays one (re-shared), the tie stays one
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    _run(model, {"x": x}, tmp_path, "tied")

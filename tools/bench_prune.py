@@ -306,6 +306,30 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prune_time_scaling(depths: list[int], ratio: float, repeats: int = 3) -> list[dict[str, Any]]:
+    """Analysis + pruning time of slimc's ``prune`` (export excluded) on BERT-base at several depths."""
+    import onnx_ir as ir
+    import transformers as tf
+
+    from slimc import frontends
+    from slimc.passes.prune.prune_pass import Prune
+    from slimc.pipeline import PassContext
+
+    rows = []
+    for depth in depths:
+        case = bert_case(tf.BertConfig(num_hidden_layers=depth, attn_implementation="eager"), name=f"bert-base-{depth}")
+        exported = frontends.load(case.build(), case.example).model
+        proto = ir.serde.serialize_model(exported)
+        times = []
+        for _ in range(repeats):
+            model = ir.serde.deserialize_model(proto)
+            start = time.perf_counter()
+            Prune(ratio=ratio).apply(model, PassContext())
+            times.append(time.perf_counter() - start)
+        rows.append({"layers": depth, "nodes": len(exported.graph), "seconds": sorted(times)[len(times) // 2]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_prune", description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet50,bert-base", help=f"comma-separated, from: {', '.join(CASES)}")
@@ -314,7 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    parser.add_argument("--scaling", help="instead: time slimc's analysis + pruning on BERT-base at these depths, e.g. 4,12,24")
     args = parser.parse_args(argv)
+    if args.scaling:
+        rows = prune_time_scaling([int(d) for d in args.scaling.split(",")], args.ratio)
+        table = "\n".join(["| BERT-base layers | nodes | analysis + pruning (s, median of 3) |", "|---:|---:|---:|",
+                           *(f"| {r['layers']} | {r['nodes']} | {r['seconds']:.2f} |" for r in rows)]) + "\n"
+        print(table)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        if args.markdown:
+            args.markdown.write_text(table)
+        return 0
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]

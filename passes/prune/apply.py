@@ -64,6 +64,7 @@ def apply_plan(g: DependencyGraph, plan: dict[int, np.ndarray]) -> None:
                 if m is not None:
                     array = np.compress(m, array, axis=axis)
             set_constant(value, array)
+            g.forget(value)
         elif value.shape is not None:
             dims = list(value.shape)
             for axis, m in enumerate(masks):

@@ -100,19 +100,23 @@ def module_path(node: ir.Node) -> str:
     return node.name or node.op_type
 
 
-def unshare_constants(graph: ir.Graph) -> int:
-    """Give every use of a shared float initializer its own value (the tensor is not copied).
+def unshare_constants(graph: ir.Graph) -> dict[ir.Value, ir.Value]:
+    """Give every use of a shared 1-D float initializer its own value (the tensor is not copied).
 
-    A constant used twice does not couple its uses: two zero biases that the exporter merged
-    into one initializer must not tie the channels of two unrelated layers. After pruning,
-    onnx_ir's `DeduplicateInitializersPass` (run by `prune`) shares identical ones again.
+    Exporters merge byte-identical constants: two zero biases or unit norm scales merged into
+    one initializer must not tie the channels of two unrelated layers. Shared weights of rank
+    2 and more are real ties (tied embeddings) and keep coupling their uses. Returns
+    {clone: original}; `DependencyGraph.reshare` merges the clones that are still identical
+    after pruning (tied embeddings stay tied).
     """
-    count = 0
+    clones: dict[ir.Value, ir.Value] = {}
     for value in list(graph.initializers.values()):
         uses = list(value.uses())
         if len(uses) < 2 or value.is_graph_input() or value.is_graph_output() or value.dtype is None:
             continue
         if not value.dtype.is_floating_point() or value.const_value is None or value.const_value.size < 2:
+            continue
+        if len(value.const_value.shape) != 1:
             continue
         for k, (node, index) in enumerate(uses[1:], 1):
             name = f"{value.name}__use{k}"
@@ -121,8 +125,8 @@ def unshare_constants(graph: ir.Graph) -> int:
             clone = ir.Value(name=name, shape=value.shape, type=value.type, const_value=value.const_value)
             graph.register_initializer(clone)
             node.replace_input_with(index, clone)
-            count += 1
-    return count
+            clones[clone] = value
+    return clones
 
 
 class DependencyGraph:
@@ -145,7 +149,7 @@ class DependencyGraph:
         self.contractions: list[Contraction] = []
         self.unsupported: dict[str, int] = defaultdict(int)
         self._arrays: dict[ir.Value, np.ndarray] = {}
-        unshare_constants(self.graph)
+        self.clones = unshare_constants(self.graph)
         for node in self.graph:
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if rule is None:
@@ -195,6 +199,20 @@ class DependencyGraph:
         if cached is None:
             cached = self._arrays[value] = np.asarray(value.const_value.numpy())
         return cached
+
+    def reshare(self) -> int:
+        """Point every clone that still equals its original back at it; returns how many."""
+        merged = 0
+        for clone, original in self.clones.items():
+            a, b = clone.const_value, original.const_value
+            if a is None or b is None or clone.graph is None:
+                continue
+            if a is not b and (tuple(a.shape) != tuple(b.shape) or not np.array_equal(self.array(clone), self.array(original))):
+                continue
+            clone.replace_all_uses_with(original)
+            self.graph.initializers.pop(clone.name, None)
+            merged += 1
+        return merged
 
     def forget(self, value: ir.Value) -> None:
         """Drop the cached array of a constant whose data was replaced."""

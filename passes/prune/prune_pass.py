@@ -160,6 +160,7 @@ class Prune(Pass):
             compensated, comp_left = run_compensation(g, plan, stats, self.compensate)
         if plan:
             apply_plan(g, plan)
+        g.reshare()
         common.RemoveUnusedNodesPass()(model)
         common.DeduplicateInitializersPass()(model)
         params1, _ = count_params(model)
