@@ -24,7 +24,8 @@ from pathlib import Path
 SMOLLM2 = [("ffn 20%", "ratio=0.2, target=ffn"), ("ffn 40%", "ratio=0.4, target=ffn"),
            ("1 of 3 KV groups", "ratio=0.34, target=kv_heads")]
 MINILM = [("30%", "ratio=0.3"), ("50%", "ratio=0.5")]
-EFFICIENTNET = [("channels 20%", "ratio=0.2, target=channels"), ("channels 40%", "ratio=0.4, target=channels")]
+EFFICIENTNET = [("channels 5%", "ratio=0.05, target=channels"), ("channels 10%", "ratio=0.1, target=channels"),
+                ("channels 20%", "ratio=0.2, target=channels")]
 METHODS = [("magnitude", "none"), ("magnitude", "bias"), ("wanda", "none"), ("wanda", "bias"), ("flap", "none"), ("flap", "bias")]
 QUICK = [("magnitude", "none"), ("wanda", "none"), ("wanda", "bias"), ("flap", "none"), ("flap", "bias")]
 
