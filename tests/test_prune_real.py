@@ -90,7 +90,7 @@ def test_demo_prunes_minilm_and_writes_its_receipt(tmp_path):
     (report,) = result.receipt.passes
     assert report.name == "prune" and report.details["groups_pruned"]
     assert result.receipt.after["params"] < result.receipt.before["params"]
-    assert result.receipt.fidelity["metrics"]["embedding_cosine"] > 0.8  # measured 0.92-0.95 on held-out Wikipedia
+    assert result.receipt.fidelity["metrics"]["embedding_cosine"] > 0.8  # 0.916 measured at -25% of the FFN
     saved = json.loads((tmp_path / "demo" / "minilm.receipt.json").read_text())
     assert saved["passes"][0]["name"] == "prune"
     onnx.checker.check_model(str(tmp_path / "demo" / "minilm.onnx"), full_check=True)
