@@ -85,3 +85,22 @@ def test_inspect(cnn_file, capsys):
 def test_receipt_path_is_checked_before_work(cnn_file, tmp_path, capsys):
     assert main([str(cnn_file), "--receipt", str(tmp_path / "r.txt"), "--no-latency"]) == 2
     assert "must end in .json" in capsys.readouterr().err
+
+
+def test_prune_from_the_command_line_and_inspect_groups(zoo_model, tmp_path, capsys):
+    import onnx_ir as ir
+
+    model = tmp_path / "llama.onnx"
+    ir.save(zoo_model("llama").loaded.model, model)
+    assert main(["inspect", str(model), "--groups", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    kinds = {(g["kind"], g["status"]) for g in groups}
+    assert ("kv_heads", "prunable") in kinds and ("ffn", "prunable") in kinds
+    assert any(g["status"] == "blocked" and "graph output 'logits'" in g["reasons"] for g in groups)
+    assert main(["inspect", str(model), "--groups"]) == 0
+    assert "pruning groups:" in capsys.readouterr().out
+    out = tmp_path / "small.onnx"
+    assert main([str(model), "--passes", "prune(ratio=0.5)", "-o", str(out), "--no-latency", "-q"]) == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    assert main([str(model), "--passes", "prune(ratio=1.5)", "-o", str(tmp_path / "bad.onnx"), "-q"]) == 2
+    assert "ratio=1.5 is out of range" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
