@@ -79,6 +79,14 @@ def resnet():
     return _build(tf.ResNetForImageClassification, config), _image(64), "image-classifier"
 
 
+def resnet_bottleneck():
+    """ResNet-50's block: 1x1 reduce, 3x3, 1x1 expand, projection shortcuts (tiny widths)."""
+    config = tf.ResNetConfig(
+        embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], layer_type="bottleneck", num_labels=10,
+    )
+    return _build(tf.ResNetForImageClassification, config), _image(64), "image-classifier"
+
+
 def mobilenet_v2():
     config = tf.MobileNetV2Config(image_size=64, depth_multiplier=0.25, num_labels=10)
     return _build(tf.MobileNetV2ForImageClassification, config), _image(64), "image-classifier"
@@ -95,6 +103,7 @@ ZOO: dict[str, Callable[[], tuple]] = {
     "llama": llama,
     "vit": vit,
     "resnet": resnet,
+    "resnet_bottleneck": resnet_bottleneck,
     "mobilenet_v2": mobilenet_v2,
     "convnext": convnext,
 }
