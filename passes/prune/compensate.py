@@ -46,13 +46,15 @@ def compensate(g: DependencyGraph, plan: dict[int, np.ndarray], stats: dict, met
             left.append((where, "the weight is the left operand of MatMul; no per-output bias to compensate into"))
             continue
         w = g.array(c.weight).astype(np.float64)
-        if method == "least_squares" and c.node.op_type in ("MatMul", "Gemm") and w.ndim == 2 and st.gram is not None:
+        shared = len(list(c.weight.uses())) > 1  # a tied weight cannot be refit for one of its uses
+        if method == "least_squares" and c.node.op_type in ("MatMul", "Gemm") and w.ndim == 2 and st.gram is not None and not shared:
             new_w, delta = _least_squares(w, c.weight_axis, keep, st)
             set_constant(c.weight, new_w.astype(g.array(c.weight).dtype))
             g.forget(c.weight)
         else:
             if method == "least_squares":
-                left.append((where, f"{c.node.op_type}: least squares needs a 2-D MatMul/Gemm weight; bias compensation used"))
+                why = "the weight is tied to another layer" if shared else "least squares needs a 2-D MatMul/Gemm weight"
+                left.append((where, f"{c.node.op_type}: {why}; bias compensation used"))
             delta = _bias_delta(w, c, ~keep, st.mean)
         _add_bias(g, c, delta)
         count += 1
