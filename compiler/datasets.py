@@ -125,6 +125,18 @@ def lee_text() -> str:
     return _gensim_file(LEE_CORPUS).read_text(encoding="utf-8", errors="replace")
 
 
+def text_files(folder: str | Path) -> tuple[Path, Path]:
+    """``(calibration, evaluation)`` text files in ``folder``, written once: the Lee news corpus
+    and held-out Wikipedia articles (the demo's and the fidelity tools' text data)."""
+    folder = Path(folder)
+    lee, wiki = folder / "lee_background.txt", folder / "wikipedia.txt"
+    if not lee.exists():
+        write_text(lee, lee_text())
+    if not wiki.exists():
+        write_text(wiki, wikipedia_text())
+    return lee, wiki
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` as UTF-8 (creating folders) so the CLI can take it as ``--calib``/``--eval``."""
     path = Path(path)

@@ -11,7 +11,6 @@ pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 pytest.importorskip("torch_pruning")
 
-from slimc import passes  # noqa: E402
 from slimc.tools import bench_prune  # noqa: E402
 
 
@@ -25,7 +24,6 @@ def test_bench_tiny_resnet(tmp_path):
 
     assert report["ratio"] == 0.5 and report["machine"]
     assert report["versions"]["torch-pruning"]
-    assert report["slimc_prune_available"] == ("prune" in passes.REGISTRY)
     (item,) = report["models"]
     assert item["model"] == "tiny-resnet" and item["input"] == "pixel_values 1x3x64x64"
     results = item["results"]
@@ -40,12 +38,9 @@ def test_bench_tiny_resnet(tmp_path):
     assert tp["speedup"] > 0 and "latency" in tp
 
     slimc_entry = results["slimc"]
-    if report["slimc_prune_available"]:
-        assert slimc_entry["status"] in ("ok", "failed")
-        if slimc_entry["status"] == "ok":
-            assert {"macs_ratio", "params_ratio", "speedup", "prune_seconds", "latency"} <= set(slimc_entry)
-    else:
-        assert slimc_entry["status"] == "unavailable" and "prune" in slimc_entry["note"]
+    assert slimc_entry["status"] == "ok", slimc_entry.get("note")
+    assert {"macs_ratio", "params_ratio", "speedup", "prune_seconds", "latency"} <= set(slimc_entry)
+    assert slimc_entry["macs_ratio"] > 1 and slimc_entry["params_ratio"] > 1
 
     json.dumps(report)  # the --out file must be writable as JSON
     table = bench_prune.markdown(report)

@@ -20,8 +20,9 @@ transformers. What it does, per model (random weights, seeded; no downloads):
    ``prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio``), hidden width and
    FFN pruned by ``ratio``, the pooler left alone; heads/sizes are written back to the attention
    modules and the config so the forward runs. The pruned module is exported like the baseline;
-3. slimc: ``slimc.compile(baseline, passes=["prune(ratio=R, importance=magnitude)"])`` when the
-   pass is registered (it is reported as unavailable otherwise).
+3. slimc: ``slimc.compile(baseline, passes=["prune(ratio=R, importance=magnitude)"])``; for BERT
+   followed by ``prune(ratio=R, target=hidden, change_interface=true)``, as Torch-Pruning prunes
+   the hidden width too.
 
 Measured: MACs and parameters with ``slimc.analysis`` on each ONNX graph (per sample), their
 ratios baseline/pruned, ONNX Runtime CPU latency (all models in one ``measure_latency`` call:
@@ -162,13 +163,9 @@ def _fix_attention_sizes(model, num_heads: dict) -> None:
 
 
 def prune_with_slimc(loaded, ratio: float, kind: str = "cnn") -> dict[str, Any]:
-    """slimc's ``prune`` pass on the baseline export; ``{"status": "unavailable"}`` until it exists."""
+    """slimc's ``prune`` pass on the baseline export (its time from the receipt, export excluded)."""
     import slimc
-    from slimc import passes
 
-    if "prune" not in passes.REGISTRY:
-        return {"status": "unavailable", "note": "slimc has no 'prune' pass yet (not in slimc.passes.REGISTRY); "
-                "only the Torch-Pruning half was measured"}
     spec = f"prune(ratio={ratio}, importance=magnitude)"
     if kind == "bert":  # as Torch-Pruning does: heads and FFN, then the hidden width (the output changes)
         spec += f",prune(ratio={ratio}, importance=magnitude, target=hidden, change_interface=true)"
@@ -250,7 +247,7 @@ def run(cases: list[Case], ratio: float = 0.5, repeats: int = 20, threads: int |
     import onnxruntime
     import torch
 
-    from slimc import __version__, passes
+    from slimc import __version__
     from slimc.backends.onnxruntime import machine_description
 
     if not 0 < ratio < 1:
@@ -263,7 +260,6 @@ def run(cases: list[Case], ratio: float = 0.5, repeats: int = 20, threads: int |
         "machine": machine_description(threads),
         "versions": {"slimc": __version__, "torch-pruning": torch_pruning_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__},
-        "slimc_prune_available": "prune" in passes.REGISTRY,
         "models": [bench_model(case, ratio, repeats, threads) for case in cases],
     }
 
@@ -300,9 +296,6 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(e.get('params_ratio'), '.2f')} | {e['latency']['median_ms']:.2f} | "
                 f"{_fmt(e.get('speedup'), '.2f')} | {_fmt(e.get('prune_seconds'), '.2f')} | {notes} |"
             )
-    if not report["slimc_prune_available"]:
-        lines += ["", "**slimc's `prune` pass is not available yet** (not registered in `slimc.passes.REGISTRY`): "
-                  "only Torch-Pruning was measured."]
     return "\n".join(lines) + "\n"
 
 
@@ -344,12 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = prune_time_scaling([int(d) for d in args.scaling.split(",")], args.ratio)
         table = "\n".join(["| BERT-base layers | nodes | analysis + pruning (s, median of 3) |", "|---:|---:|---:|",
                            *(f"| {r['layers']} | {r['nodes']} | {r['seconds']:.2f} |" for r in rows)]) + "\n"
-        print(table)
-        if args.out:
-            args.out.write_text(json.dumps(rows, indent=2) + "\n")
-        if args.markdown:
-            args.markdown.write_text(table)
-        return 0
+        return _emit(table, rows, args)
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
@@ -359,16 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.parent.is_dir():
             parser.error(f"{path}: folder {path.parent} does not exist")
     _torch_pruning()  # fail before any slow build when the dependency is missing
-    from slimc import passes
-
-    if "prune" not in passes.REGISTRY:
-        print("note: slimc's 'prune' pass does not exist yet (not in slimc.passes.REGISTRY); "
-              "measuring the baseline and Torch-Pruning only.", file=sys.stderr)
     report = run([CASES[n]() for n in names], args.ratio, args.repeats, args.threads)
-    table = markdown(report)
+    return _emit(markdown(report), report, args)
+
+
+def _emit(table: str, data: Any, args: argparse.Namespace) -> int:
+    """Print the table; write it (--markdown) and the data (--out) where asked."""
     print(table)
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.write_text(json.dumps(data, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(table)
     return 0

@@ -23,29 +23,19 @@ class DemoModel:
     build: Callable[[Path], dict[str, Any]]  # data folder -> compile() keyword arguments
 
 
-def _text_files(folder: Path) -> tuple[Path, Path]:
-    from slimc import datasets
-
-    folder.mkdir(parents=True, exist_ok=True)
-    wiki, lee = folder / "wikipedia.txt", folder / "lee_background.txt"
-    if not wiki.exists():
-        datasets.write_text(wiki, datasets.wikipedia_text())
-    if not lee.exists():
-        datasets.write_text(lee, datasets.lee_text())
-    return lee, wiki
-
-
 def _minilm(data: Path) -> dict[str, Any]:
+    from slimc import datasets
     from slimc.tools.models import minilm_path
 
-    calib, evaluation = _text_files(data)
+    calib, evaluation = datasets.text_files(data)
     return {"model": minilm_path(), "calibration": calib, "evaluation": evaluation, "seq_len": 128}
 
 
 def _smollm2(data: Path) -> dict[str, Any]:
+    from slimc import datasets
     from slimc.tools.models import smollm2_gguf
 
-    calib, evaluation = _text_files(data)
+    calib, evaluation = datasets.text_files(data)
     return {"model": smollm2_gguf(), "calibration": calib, "evaluation": evaluation, "seq_len": 128}
 
 

@@ -33,12 +33,7 @@ QUICK = [("magnitude", "none"), ("wanda", "none"), ("wanda", "bias"), ("flap", "
 def _text_data(loaded, eval_batches: int, folder: Path):
     from slimc import data, datasets
 
-    folder.mkdir(parents=True, exist_ok=True)
-    wiki, lee = folder / "wikipedia.txt", folder / "lee_background.txt"
-    if not wiki.exists():
-        datasets.write_text(wiki, datasets.wikipedia_text())
-    if not lee.exists():
-        datasets.write_text(lee, datasets.lee_text())
+    lee, wiki = datasets.text_files(folder)
     calib = data.load(lee, loaded, seq_len=128, batch_size=4, max_batches=8, role="calibration")
     evaluation = data.load(wiki, loaded, seq_len=128, batch_size=4, max_batches=eval_batches, role="evaluation")
     return calib, evaluation

@@ -144,6 +144,14 @@ def expand(g: DependencyGraph, node: ir.Node) -> None:
         g.sites.append(ShapeSite(node, "shape", {"input": 1, "entries": entries}))
 
 
+def _tie_all_but(g: DependencyGraph, whole: list, parts: list[list], axis: int) -> None:
+    """Concat / Split: every axis of each part is the whole's, except the joined ``axis``."""
+    for part in parts:
+        for i, (a, b) in enumerate(zip(part, whole)):
+            if i != axis:
+                g.tie(a, b)
+
+
 @rule("Concat")
 def concat(g: DependencyGraph, node: ir.Node) -> None:
     out = node.outputs[0]
@@ -152,10 +160,7 @@ def concat(g: DependencyGraph, node: ir.Node) -> None:
         return
     oa, ins = axes[0], axes[1:]
     axis = attr(node, "axis") % len(oa)
-    for ia in ins:
-        for i, (a, b) in enumerate(zip(ia, oa)):
-            if i != axis:
-                g.tie(a, b)
+    _tie_all_but(g, oa, ins, axis)
     parts = [ia[axis] for ia in ins]
     if oa[axis] is not None and all(p is not None for p in parts):
         g.atoms.make_sum(oa[axis], parts)
@@ -171,10 +176,7 @@ def split(g: DependencyGraph, node: ir.Node) -> None:
         return
     xa, outs = axes[0], axes[1:]
     axis = attr(node, "axis", 0) % len(xa)
-    for oa in outs:
-        for i, (a, b) in enumerate(zip(xa, oa)):
-            if i != axis:
-                g.tie(a, b)
+    _tie_all_but(g, xa, outs, axis)
     parts = [oa[axis] for oa in outs]
     if xa[axis] is None or any(p is None for p in parts):
         return
