@@ -14,6 +14,10 @@ from slimc.errors import PassConfigError
 REGISTRY: dict[str, str] = {
     "cleanup": "slimc.passes.cleanup:Cleanup",
     "prune": "slimc.passes.prune.prune_pass:Prune",
+    "int8": "slimc.passes.quant.int8:Int8",
+    "smoothquant": "slimc.passes.quant.smoothquant:SmoothQuant",
+    "int4": "slimc.passes.quant.int4:Int4",
+    "fp16": "slimc.passes.quant.fp16:Fp16",
 }
 
 

@@ -1,0 +1,1 @@
+"""Quantization passes: `int8`, `smoothquant`, `int4`, `fp16`, and what they share (`common`)."""

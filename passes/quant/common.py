@@ -1,0 +1,199 @@
+"""What the quantization passes share: weighted-op discovery, exclusion globs, refusing a model
+that is already quantized, and the latency guard.
+
+The latency guard is the promise that a quantization pass never hands back a slower model
+without saying so: the pass saves its input and its result, measures both on the target backend
+(ONNX Runtime CPU, same `SessionOptions`, interleaved rounds, median) on one sample of the
+calibration data, and refuses a result below ``min_speedup`` unless the user forces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from slimc.errors import DataError, PassConfigError, SlimcError
+
+# Ops that only exist in a model that has been quantized already (by slimc, ORT, NNCF, ...).
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+    "QLinearConv", "QLinearMatMul", "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "QGemm", "QLinearAdd", "QLinearMul", "GatherBlockQuantized", "QAttention",
+})
+
+
+class LatencyGuardError(SlimcError):
+    """A quantized model measured slower than its input; the pass refuses it (``force=true`` keeps it)."""
+
+
+def module_path(node: ir.Node) -> str:
+    """The PyTorch module a node came from (torch.export name scopes), else the node's name."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        if len(parts) >= 2 and parts[-2]:
+            return parts[-2]
+    return node.name or node.op_type
+
+
+def node_matches(node: ir.Node, patterns: Sequence[str] | None) -> bool:
+    """Whether a glob in ``patterns`` matches the node's name, op type, module path or weight name."""
+    if not patterns:
+        return False
+    names = [node.name or "", node.op_type, module_path(node)]
+    names += [v.name for v in node.inputs if v is not None and v.const_value is not None and v.name]
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedOp:
+    """A MatMul/Gemm/Conv whose weight is a constant: ``weight`` is input ``index`` of ``node``.
+
+    ``k_axis`` is the weight's reduction (input-channel) axis and ``n_axis`` its output axis, in
+    the weight as stored (Gemm with transB=1 stores [N, K]; Conv stores [N, K/group, kh, kw]).
+    """
+
+    node: ir.Node
+    index: int
+    weight: ir.Value
+    k_axis: int
+    n_axis: int
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.weight.const_value.numpy()
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def weighted_ops(model: ir.Model, op_types: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> list[WeightedOp]:
+    """Every node of ``op_types`` in the main graph whose weight is a float constant initializer.
+
+    MatMul counts only with a 2-D constant second input (an activation x weight product, not
+    attention's activation x activation); Gemm with a constant B; Conv with a constant W.
+    """
+    found = []
+    for node in model.graph:
+        if node.op_type not in op_types or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        w = node.inputs[1]
+        if w.const_value is None or w.dtype is None or not w.dtype.is_floating_point():
+            continue
+        shape = tuple(w.const_value.shape)
+        if node.op_type == "MatMul" and len(shape) == 2:
+            found.append(WeightedOp(node, 1, w, 0, 1))
+        elif node.op_type == "Gemm" and len(shape) == 2:
+            trans = bool(_attr(node, "transB", 0))
+            found.append(WeightedOp(node, 1, w, 1 if trans else 0, 0 if trans else 1))
+        elif node.op_type == "Conv" and len(shape) >= 3:
+            found.append(WeightedOp(node, 1, w, 1, 0))
+    return found
+
+
+def refuse_quantized(model: ir.Model, pass_name: str) -> None:
+    """Raise if ``model`` already contains quantized ops (quantizing twice compounds the error)."""
+    ops = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
+    if ops:
+        raise PassConfigError(
+            f"{pass_name}: the model is already quantized (it contains {', '.join(ops)}). Run {pass_name} on the "
+            "float model; to combine quantizations, put them in one --passes list on the float model."
+        )
+
+
+def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.ndarray]:
+    """One sample to time on: the first calibration batch's first row, else synthetic inputs.
+
+    ``seq`` cuts token inputs (integer inputs with a sequence axis) to their first ``seq``
+    positions: ``seq=1`` times a decode-sized step, the calibration length times a prefill.
+    """
+    from slimc import data
+
+    batch = None
+    if ctx is not None and ctx.calibration is not None and len(ctx.calibration):
+        batch = ctx.calibration[0]
+    elif ctx is not None and ctx.loaded is not None:
+        batch = data.synthetic(ctx.loaded.inputs, n_batches=1, seed=ctx.seed + 2000, sizes={"seq": 64})[0]
+    if batch is None:
+        raise DataError("the latency guard needs an example input: pass calibration data.")
+    feed = {k: np.asarray(v)[:1] for k, v in batch.items()}
+    if seq is not None:
+        feed = {k: (v[:, :seq] if v.ndim >= 2 and not np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
+    return feed
+
+
+@dataclasses.dataclass
+class GuardResult:
+    before_ms: float
+    after_ms: float
+    speedup: float
+    feed: str
+    machine: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measure(models: Mapping[str, ir.Model], feed: Mapping[str, np.ndarray], threads: int | None = None,
+            budget_s: float = 30.0) -> dict[str, float]:
+    """Median ORT CPU latency (ms) of each model on ``feed``, measured interleaved in one run."""
+    from slimc.backends import onnxruntime as ort_backend
+    from slimc.onnx_io import save_onnx
+
+    with tempfile.TemporaryDirectory(prefix="slimc-guard-") as tmp:
+        sessions = {}
+        for i, (name, model) in enumerate(models.items()):
+            path = Path(tmp) / f"{i:02d}.onnx"
+            save_onnx(model, path)
+            sessions[name] = ort_backend.create_session(path, threads)
+        stats = ort_backend.measure_latency(sessions, dict(feed), warmup=2, repeats=15, rounds=3, budget_s=budget_s)
+    return {name: s.median_ms for name, s in stats.items()}
+
+
+def guard(pass_name: str, before: ir.Model, after: ir.Model, feed: Mapping[str, np.ndarray], *,
+          min_speedup: float = 1.0, force: bool = False, threads: int | None = None,
+          before_ms: float | None = None, after_ms: float | None = None) -> GuardResult:
+    """Measure ``after`` against ``before``; raise `LatencyGuardError` below ``min_speedup`` unless ``force``.
+
+    Pass ``before_ms``/``after_ms`` when they were already measured (in one interleaved run).
+    """
+    from slimc.backends.onnxruntime import machine_description
+
+    if before_ms is None or after_ms is None:
+        times = measure({"before": before, "after": after}, feed, threads)
+        before_ms, after_ms = times["before"], times["after"]
+    shape = "x".join(str(d) for d in next(iter(feed.values())).shape) if feed else "scalar"
+    result = GuardResult(before_ms, after_ms, before_ms / after_ms, shape, machine_description(threads))
+    if result.speedup < min_speedup and not force:
+        raise LatencyGuardError(
+            f"{pass_name}: the quantized model is slower than its input on this backend "
+            f"({after_ms:.2f} ms vs {before_ms:.2f} ms, {result.speedup:.2f}x, input {shape}; "
+            f"{result.machine}). Refused. Use {pass_name}(force=true) to keep it anyway "
+            f"(e.g. for the size), or a target where it pays off."
+        )
+    return result
+
+
+def to_proto(model: ir.Model):
+    """The IR as an `onnx.ModelProto` (for libraries that work on protos: ORT's quantizer, float16)."""
+    return ir.serde.serialize_model(model)
+
+
+def replace_in_place(model: ir.Model, new: Any) -> None:
+    """Make ``model`` (which passes modify in place) hold ``new`` (an `ir.Model` or `onnx.ModelProto`)."""
+    if not isinstance(new, ir.Model):
+        new = ir.serde.deserialize_model(new)
+    model.graph = new.graph  # opset imports live on the graph in onnx_ir
+    model.functions.clear()
+    model.functions.update(new.functions)
