@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
 from slimc.errors import DataError, PassConfigError, SlimcError
 
@@ -163,10 +164,11 @@ def measure(models: Mapping[str, ir.Model], feed: Mapping[str, np.ndarray], thre
 
 def guard(pass_name: str, before: ir.Model, after: ir.Model, feed: Mapping[str, np.ndarray], *,
           min_speedup: float = 1.0, force: bool = False, threads: int | None = None,
-          before_ms: float | None = None, after_ms: float | None = None) -> GuardResult:
+          before_ms: float | None = None, after_ms: float | None = None, context: str = "") -> GuardResult:
     """Measure ``after`` against ``before``; raise `LatencyGuardError` below ``min_speedup`` unless ``force``.
 
-    Pass ``before_ms``/``after_ms`` when they were already measured (in one interleaved run).
+    Pass ``before_ms``/``after_ms`` when they were already measured (in one interleaved run);
+    ``context`` (e.g. the other configurations tried) is added to the refusal message.
     """
     from slimc.backends.onnxruntime import machine_description
 
@@ -180,7 +182,7 @@ def guard(pass_name: str, before: ir.Model, after: ir.Model, feed: Mapping[str, 
             f"{pass_name}: the quantized model is slower than its input on this backend "
             f"({after_ms:.2f} ms vs {before_ms:.2f} ms, {result.speedup:.2f}x, input {shape}; "
             f"{result.machine}). Refused. Use {pass_name}(force=true) to keep it anyway "
-            f"(e.g. for the size), or a target where it pays off."
+            f"(e.g. for the size), or a target where it pays off.{(' ' + context) if context else ''}"
         )
     return result
 
@@ -194,6 +196,8 @@ def replace_in_place(model: ir.Model, new: Any) -> None:
     """Make ``model`` (which passes modify in place) hold ``new`` (an `ir.Model` or `onnx.ModelProto`)."""
     if not isinstance(new, ir.Model):
         new = ir.serde.deserialize_model(new)
+    # Library rewriters (ORT's quantizers) can append nodes out of order; ONNX requires topological order.
+    ir.passes.common.TopologicalSortPass()(new)
     model.graph = new.graph  # opset imports live on the graph in onnx_ir
     model.functions.clear()
     model.functions.update(new.functions)

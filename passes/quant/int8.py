@@ -1,0 +1,479 @@
+"""The `int8` pass: static (QDQ) and dynamic int8, chosen by measurement, guarded, budgeted.
+
+ONNX Runtime's quantization library does the rewriting (QDQ insertion, calibrators, dynamic
+MatMulInteger); slimc decides *what* to quantize and refuses what does not pay off:
+
+1. **Candidates.** ``mode=static``: QDQ on the weighted ops (Conv, MatMul and Gemm with a
+   constant weight; in CNN-dominated graphs also the data-movement ops between convolutions,
+   so ORT keeps int8 tensors flowing from conv to conv). ``mode=dynamic``: MatMul/Gemm with
+   runtime-computed activation scales; Conv stays float (ORT's ConvInteger is several times
+   slower than its float Conv on CPU). ``mode=auto`` builds the candidates that apply to the
+   graph (static, dynamic, static Conv + dynamic MatMul) and keeps the fastest, measured
+   side by side with the float model on ONNX Runtime on one sample of the calibration data.
+2. **Calibration** (static): ORT's calibrators (min/max, percentile, entropy histograms) fed
+   one batch at a time, so memory holds ranges and histograms, never the activations of the
+   whole set.
+3. **Accuracy budget** (``max_loss``): the model is checked on calibration batches held back
+   from the range calibration. Each quantized node's own error is estimated in one streamed
+   run (relative error power of its output minus that of its input, float vs quantized);
+   if the budget fails, the nodes with the largest errors are kept in float, the smallest
+   such set found by bisection.
+4. **Latency guard**: the result is measured against the pass's input; slower than
+   ``min_speedup`` is refused (`LatencyGuardError`) unless ``force=true``.
+
+Activation-by-activation MatMuls (attention scores and context) have no constant weight and
+stay float; shape inference is onnx's own on the cleaned graph (ORT's ``quant_pre_process``
+symbolic shape inference fails on dynamo exports and is not used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from slimc import progress
+from slimc.errors import DataError, PassConfigError
+from slimc.passes.quant import common
+from slimc.pipeline import Pass, PassContext, PassReport
+
+WEIGHTED = ("Conv", "MatMul", "Gemm")
+# Ops that carry int8 tensors from conv to conv in ORT's QDQ fusions (CNN-dominated graphs only).
+CNN_PASSTHROUGH = ("Add", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize",
+                   "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Split")
+# max_loss keys -> (fidelity metric, direction). Aliases keep the CLI short.
+LOSS_METRICS = {
+    "sqnr": ("sqnr_db", "min"), "sqnr_db": ("sqnr_db", "min"),
+    "cosine": ("cosine", "min"), "embedding_cosine": ("embedding_cosine", "min"),
+    "top1": ("top1_agreement", "min"), "top1_agreement": ("top1_agreement", "min"),
+    "ppl": ("perplexity_ratio", "max"), "perplexity_ratio": ("perplexity_ratio", "max"),
+    "kl": ("kl_divergence", "max"), "kl_divergence": ("kl_divergence", "max"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to quantize: ``static`` op kinds get QDQ, ``dynamic`` op kinds dynamic int8."""
+
+    name: str
+    static: tuple[str, ...] = ()
+    dynamic: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Int8(Pass):
+    """int8 weights and activations: static QDQ or dynamic, per op kind, whichever measures faster."""
+
+    mode: Literal["auto", "static", "dynamic"] = "auto"
+    per_channel: bool = True
+    calibrate: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = 99.999
+    exclude: Optional[list[str]] = None
+    max_loss: Optional[dict[str, float]] = None
+    calibration_batches: int = 16
+    holdout_batches: int = 2
+    min_speedup: float = 1.0
+    force: bool = False
+    latency_seq: Optional[int] = None
+
+    name = "int8"
+    exact = False
+    description = "int8 quantization (static QDQ / dynamic, chosen by measured latency), latency guard, accuracy budget"
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        if not 0.0 < self.percentile <= 100.0:
+            raise PassConfigError(f"int8: percentile={self.percentile} must be in (0, 100], e.g. 99.999.")
+        if self.calibration_batches < 1 or self.holdout_batches < 0:
+            raise PassConfigError("int8: calibration_batches must be >= 1 and holdout_batches >= 0.")
+        if self.min_speedup <= 0:
+            raise PassConfigError("int8: min_speedup must be > 0 (1.0 refuses anything slower than the input).")
+        if self.latency_seq is not None and self.latency_seq < 1:
+            raise PassConfigError("int8: latency_seq must be >= 1 (1 times a decode-sized step).")
+        for key, bound in (self.max_loss or {}).items():
+            if key not in LOSS_METRICS:
+                raise PassConfigError(
+                    f"int8: max_loss has unknown metric '{key}'; use one of sqnr (min dB), cosine, embedding_cosine, "
+                    "top1 (min agreement), ppl (max perplexity ratio), kl (max KL divergence), "
+                    "e.g. max_loss={sqnr: 25} or max_loss={ppl: 1.05}."
+                )
+            if not isinstance(bound, (int, float)) or not math.isfinite(bound):
+                raise PassConfigError(f"int8: max_loss[{key}] must be a number, not {bound!r}.")
+
+    # ------------------------------------------------------------------ planning
+
+    def _candidates(self, kinds: set[str], has_static_data: bool) -> tuple[list[Candidate], list[str]]:
+        conv = ("Conv",) if "Conv" in kinds else ()
+        mm = tuple(k for k in ("MatMul", "Gemm") if k in kinds)
+        notes = []
+        if self.mode == "static":
+            return [Candidate("static", static=conv + mm)], notes
+        if self.mode == "dynamic":
+            return ([Candidate("dynamic", dynamic=mm)] if mm else []), notes
+        found = []
+        if has_static_data:
+            found.append(Candidate("static", static=conv + mm))
+            if conv and mm:
+                found.append(Candidate("static Conv + dynamic MatMul", static=conv, dynamic=mm))
+        else:
+            notes.append("static candidates need calibration data: only dynamic int8 was tried")
+        if mm:
+            found.append(Candidate("dynamic", dynamic=mm))
+        return found, notes
+
+    def _data(self, ctx: PassContext, needs_data: bool):
+        calib = ctx.calibration
+        if calib is None or not len(calib):
+            if needs_data:
+                why = "static int8 ranges" if self.mode == "static" else "the accuracy budget (max_loss)"
+                raise DataError(f"int8: {why} need calibration data: pass --calib FILE (or calibration=... in Python).")
+            return None, None, None
+        if self.max_loss and self.holdout_batches and len(calib) > self.holdout_batches:
+            ranges, holdout = calib.split(self.holdout_batches)
+            note = None
+        else:
+            ranges, holdout = calib, calib.head(max(1, self.holdout_batches))
+            note = "the accuracy budget was checked on calibration batches (too few to hold some out)" if self.max_loss else None
+        return ranges.head(self.calibration_batches), holdout, note
+
+    # ------------------------------------------------------------------ the pass
+
+    def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
+        common.refuse_quantized(model, "int8")
+        _name_nodes(model)
+        weighted = common.weighted_ops(model, WEIGHTED)
+        if not weighted:
+            return PassReport(self.name, False, "nothing to quantize: no Conv, MatMul or Gemm with a constant weight")
+        left_alone: list[tuple[str, str]] = []
+        user_excluded = [w.node.name for w in weighted if common.node_matches(w.node, self.exclude)]
+        paths = {w.node.name: common.module_path(w.node) for w in weighted}
+        left_alone += [(f"{n} ({paths[n]})", f"excluded by exclude={self.exclude}") for n in user_excluded]
+        attention = [n for n in model.graph if n.op_type == "MatMul" and not any(w.node is n for w in weighted)]
+        if attention:
+            left_alone.append((f"{len(attention)} activation x activation MatMul(s) (attention)",
+                               "no constant weight to quantize ahead of time; kept float"))
+        kinds = {w.node.op_type for w in weighted if w.node.name not in user_excluded}
+        calib = ctx.calibration
+        has_data = calib is not None and len(calib) > 0
+        candidates, notes = self._candidates(kinds, has_data)
+        if not candidates:
+            return PassReport(self.name, False, "nothing to quantize in dynamic mode: the graph has only Conv weights "
+                              "(dynamic int8 Conv is slower than float on ORT CPU; use mode=static)",
+                              left_alone=left_alone + [("Conv", "dynamic ConvInteger is slower than float Conv on ORT CPU")])
+        needs_data = any(c.static for c in candidates) or bool(self.max_loss)
+        ranges_set, holdout, data_note = self._data(ctx, needs_data)
+        if data_note:
+            notes.append(data_note)
+        if any("Conv" not in c.static for c in candidates) and "Conv" in kinds and self.mode == "dynamic":
+            left_alone.append(("Conv nodes", "dynamic int8 Conv (ConvInteger) is slower than float Conv on ORT CPU; "
+                               "use mode=static or auto"))
+        feed = common.latency_feed(ctx, model, self.latency_seq)
+        conv_heavy = sum(w.node.op_type == "Conv" for w in weighted) > len(weighted) / 2
+
+        with tempfile.TemporaryDirectory(prefix="slimc-int8-") as tmp:
+            work = _Work(Path(tmp), model, self, conv_heavy, user_excluded)
+            if any(c.static for c in candidates):
+                work.calibrate(ranges_set, candidates)
+            built = {c.name: work.build(c, ()) for c in progress.bar(candidates, "int8 candidates", total=len(candidates))}
+            times = work.measure(built, feed)
+            speed = {name: times["float"] / ms for name, ms in times.items() if name != "float"}
+            chosen = next(c for c in candidates if c.name == max(speed, key=speed.get))
+            details: dict[str, Any] = {
+                "candidates": [{"name": c.name, "static": list(c.static), "dynamic": list(c.dynamic),
+                                "ms": round(times[c.name], 3), "speedup": round(speed[c.name], 3)} for c in candidates],
+                "float_ms": round(times["float"], 3),
+                "chosen": chosen.name,
+                "calibration": None if not work.ranges else {
+                    "method": self.calibrate, "batches": len(ranges_set), "tensors": len(work.ranges.data), "data": ranges_set.source},
+            }
+            final, final_ms, fallback = built[chosen.name], times[chosen.name], []
+            if self.max_loss:
+                final, fallback, budget = work.fit_budget(chosen, final, holdout, ctx)
+                details["budget"] = budget
+                if fallback:
+                    final_ms = None
+                    left_alone += [(work.label(n), f"kept float for the accuracy budget (error share {e:.2e}, among the "
+                                       f"{len(fallback)} largest)") for n, e in fallback]
+            if final_ms is None:
+                times = work.measure({"final": final}, feed)
+                final_ms = times["final"]
+            guard = common.guard("int8", model, model, feed, min_speedup=self.min_speedup, force=self.force,
+                                 before_ms=times["float"], after_ms=final_ms, context=_tried(details))
+            details["guard"] = guard.to_json()
+            if guard.speedup < self.min_speedup:
+                notes.append(f"kept with force=true although {guard.speedup:.2f}x is below min_speedup={self.min_speedup}")
+            counts = _quantized_counts(final)
+            common.replace_in_place(model, final)
+        details["quantized_ops"] = counts
+        details["float_weighted_nodes"] = len(user_excluded) + len(fallback)
+        if notes:
+            details["notes"] = notes
+        n_quant = sum(counts.values())
+        summary = (f"{chosen.name}: {n_quant} ops quantized, {len(user_excluded) + len(fallback)} weighted nodes left in float; "
+                   f"{guard.speedup:.2f}x vs float ({guard.after_ms:.2f} vs {guard.before_ms:.2f} ms, input {guard.feed})")
+        return PassReport(self.name, True, summary, details=details, left_alone=left_alone)
+
+
+class _Work:
+    """The pass's scratch state: the float proto, calibration ranges, built candidates on disk."""
+
+    def __init__(self, tmp: Path, model: ir.Model, opts: Int8, conv_heavy: bool, user_excluded: Sequence[str]):
+        from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
+
+        self.tmp, self.opts, self.conv_heavy = tmp, opts, conv_heavy
+        self.user_excluded = list(user_excluded)
+        self._counter = 0
+        with progress.step("int8: shape inference"):
+            self.proto = save_and_reload_model_with_shape_infer(common.to_proto(model))
+        self.float_path = self._save(self.proto, "float")
+        self.ranges = None
+        self.weighted = {w.node.name: w for w in common.weighted_ops(model, WEIGHTED)}
+
+    def label(self, name: str) -> str:
+        """A node's name with the module it came from, for the report."""
+        path = common.module_path(self.weighted[name].node)
+        return name if path == name else f"{name} ({path})"
+
+    def _save(self, proto: onnx.ModelProto, label: str) -> Path:
+        self._counter += 1
+        path = self.tmp / f"{self._counter:03d}-{label.replace(' ', '_').replace('+', '')}.onnx"
+        large = proto.ByteSize() > 1_800_000_000 if proto.ByteSize() >= 0 else True
+        onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+        return path
+
+    def _static_ops(self, kinds: Sequence[str]) -> list[str]:
+        return list(kinds) + (list(CNN_PASSTHROUGH) if self.conv_heavy and "Conv" in kinds else [])
+
+    def calibrate(self, dataset, candidates: Sequence[Candidate]) -> None:
+        from onnxruntime.quantization import CalibrationMethod, create_calibrator
+
+        from slimc.backends.onnxruntime import prepare_feed
+
+        ops = sorted({op for c in candidates for op in self._static_ops(c.static)})
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[self.opts.calibrate]
+        extra = {"percentile": self.opts.percentile} if self.opts.calibrate == "percentile" else {}
+        if self.opts.calibrate != "minmax":
+            extra.update(num_bins=2048 if self.opts.calibrate == "percentile" else 512)
+        with progress.step("int8: instrumenting for calibration"):
+            calibrator = create_calibrator(self.float_path, ops, augmented_model_path=str(self.tmp / "augmented.onnx"),
+                                           calibrate_method=method, use_external_data_format=self.proto.ByteSize() > 1_800_000_000,
+                                           extra_options=extra)
+        for batch in progress.bar(dataset, f"int8: calibrating ({self.opts.calibrate})", total=len(dataset), unit="batch"):
+            try:
+                feed = prepare_feed(calibrator.infer_session, batch)
+            except DataError as exc:
+                raise DataError(f"int8: calibration batch does not fit the model: {exc}") from None
+            calibrator.collect_data(_OneBatch(feed))  # one batch at a time: ranges/histograms merge, memory stays flat
+        self.ranges = calibrator.compute_data()
+        del calibrator
+
+    def build(self, cand: Candidate, keep_float: Sequence[str]) -> onnx.ModelProto:
+        """The float model with ``cand`` applied, ``keep_float`` and the user's exclusions left alone."""
+        from onnxruntime.quantization import QuantType
+        from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+        from onnxruntime.quantization.quant_utils import QuantizationMode
+
+        excluded = self.user_excluded + list(keep_float)
+        model = onnx.ModelProto()
+        model.CopyFrom(self.proto)
+        if cand.static:
+            static_names = [n for n, w in self.weighted.items() if w.node.op_type in cand.static]
+            static_excluded = excluded + [n for n in self.weighted if n not in static_names]
+            quantizer = QDQQuantizer(
+                model, self.opts.per_channel, False, QuantType.QInt8, QuantType.QUInt8, self.ranges, None,
+                static_excluded + _activation_matmuls(model), self._static_ops(cand.static),
+                {"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+            quantizer.quantize_model()
+            model = quantizer.model.model
+        if cand.dynamic:
+            quantizer = ONNXQuantizer(
+                model, self.opts.per_channel, False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
+                QuantType.QUInt8, None, None, excluded, list(cand.dynamic), {"MatMulConstBOnly": True},
+            )
+            quantizer.quantize_model()
+            model = quantizer.model.model
+        return model
+
+    def measure(self, built: dict[str, onnx.ModelProto], feed) -> dict[str, float]:
+        from slimc.backends import onnxruntime as ort_backend
+
+        sessions = {"float": ort_backend.create_session(self.float_path)}
+        for name, proto in built.items():
+            sessions[name] = ort_backend.create_session(self._save(proto, name))
+        stats = ort_backend.measure_latency(sessions, dict(feed), warmup=2, repeats=15, rounds=3, budget_s=30.0)
+        return {name: s.median_ms for name, s in stats.items()}
+
+    # -------------------------------------------------------------- accuracy budget
+
+    def fit_budget(self, cand: Candidate, full: onnx.ModelProto, holdout, ctx: PassContext):
+        """Keep the fewest most-sensitive nodes in float so that every ``max_loss`` bound holds."""
+        from slimc import evaluate
+        from slimc.backends import onnxruntime as ort_backend
+
+        ref = ort_backend.create_session(self.float_path)
+        ref_out = [ort_backend.run(ref, b) for b in holdout]
+        names = [o.name for o in ref.get_outputs()]
+        task = ctx.loaded.task if ctx.loaded is not None else "generic"
+        inputs = ctx.loaded.inputs if ctx.loaded is not None else None
+
+        def check(proto: onnx.ModelProto) -> tuple[bool, dict[str, Any]]:
+            session = ort_backend.create_session(self._save(proto, "budget"))
+            index = {id(b): i for i, b in enumerate(holdout)}
+            metrics = evaluate.evaluate(lambda b: ref_out[index[id(b)]], lambda b: ort_backend.run(session, b),
+                                        _Listed(holdout), task, output_names=names, inputs=inputs)
+            return _within(metrics, self.opts.max_loss), metrics
+
+        ok, metrics = check(full)
+        budget: dict[str, Any] = {"max_loss": dict(self.opts.max_loss), "data": holdout.source,
+                                  "full": _pick(metrics, self.opts.max_loss)}
+        if ok:
+            return full, [], {**budget, "kept_float": 0, "result": _pick(metrics, self.opts.max_loss)}
+        quantized = [n for n, w in self.weighted.items() if n not in self.user_excluded and w.node.op_type in
+                     (cand.static + cand.dynamic)]
+        errors = self.node_errors(full, quantized, holdout)
+        order = sorted(quantized, key=lambda n: -errors.get(n, 0.0))
+        lo, hi = 0, len(order)  # lo fails; is hi enough?
+        best, best_metrics = None, None
+        ok_all, m_all = check(self.build(cand, order))
+        if not ok_all:
+            raise PassConfigError(
+                f"int8: max_loss={self.opts.max_loss} cannot be met even with every weighted node in float "
+                f"({_pick(m_all, self.opts.max_loss)}); the remaining error comes from quantized pass-through ops. "
+                "Loosen max_loss, or exclude more ops."
+            )
+        best, best_metrics = hi, m_all
+        with progress.step("int8: fitting the accuracy budget"):
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                ok_mid, m_mid = check(self.build(cand, order[:mid]))
+                if ok_mid:
+                    hi, best, best_metrics = mid, mid, m_mid
+                else:
+                    lo = mid
+        kept = order[:best]
+        budget.update(kept_float=len(kept), of=len(order), result=_pick(best_metrics, self.opts.max_loss),
+                      errors={n: errors.get(n, 0.0) for n in order[: max(best, 10)]})
+        return self.build(cand, kept), [(n, errors.get(n, 0.0)) for n in kept], budget
+
+    def node_errors(self, quant: onnx.ModelProto, nodes: Sequence[str], dataset) -> dict[str, float]:
+        """Per node: relative error power of its output minus that of its activation input (float vs int8)."""
+        from slimc.backends import onnxruntime as ort_backend
+
+        probes = {}
+        for n in nodes:
+            node = self.weighted[n].node
+            probes[n] = (node.inputs[0].name, node.outputs[0].name)
+        tensors = sorted({t for pair in probes.values() for t in pair})
+        f_sess = ort_backend.create_session(self._save(_with_outputs(self.proto, tensors), "probe-float"))
+        q_sess = ort_backend.create_session(self._save(_with_outputs(quant, tensors), "probe-int8"))
+        signal = dict.fromkeys(tensors, 0.0)
+        noise = dict.fromkeys(tensors, 0.0)
+        for batch in progress.bar(dataset, "int8: per-node errors", total=len(dataset), unit="batch"):
+            f_out = dict(zip([o.name for o in f_sess.get_outputs()], ort_backend.run(f_sess, batch)))
+            q_out = dict(zip([o.name for o in q_sess.get_outputs()], ort_backend.run(q_sess, batch)))
+            for t in tensors:
+                f, q = f_out[t].astype(np.float64), q_out[t].astype(np.float64)
+                signal[t] += float((f * f).sum())
+                noise[t] += float(((q - f) ** 2).sum())
+        rel = {t: noise[t] / signal[t] if signal[t] > 0 else 0.0 for t in tensors}
+        return {n: max(0.0, rel[o] - rel[i]) for n, (i, o) in probes.items()}
+
+
+class _OneBatch:
+    """A CalibrationDataReader over exactly one feed."""
+
+    def __init__(self, feed):
+        self._feed = feed
+
+    def get_next(self):
+        feed, self._feed = self._feed, None
+        return feed
+
+
+class _Listed:
+    """A dataset view whose batches are the same objects on every iteration (for cached references)."""
+
+    def __init__(self, dataset):
+        self._batches = list(dataset)
+        self.source = getattr(dataset, "source", "data")
+
+    def __len__(self):
+        return len(self._batches)
+
+    def __iter__(self):
+        return iter(self._batches)
+
+
+def _tried(details: dict[str, Any]) -> str:
+    tried = ", ".join(f"{c['name']} {c['speedup']:.2f}x" for c in details["candidates"])
+    return f"Configurations measured: {tried}."
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Give every node a unique name: ORT's quantizer addresses nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in consts]
+
+
+def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+def _within(metrics: dict[str, Any], bounds: dict[str, float]) -> bool:
+    for key, bound in bounds.items():
+        metric, direction = LOSS_METRICS[key]
+        if metric == "sqnr_db" and metrics.get("exact"):
+            continue
+        value = metrics.get(metric)
+        if value is None:
+            raise PassConfigError(
+                f"int8: max_loss uses '{key}' but this model's fidelity has no '{metric}' "
+                f"(available: {', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))})."
+            )
+        if (direction == "min" and value < bound) or (direction == "max" and value > bound):
+            return False
+    return True
+
+
+def _pick(metrics: dict[str, Any], bounds: dict[str, float]) -> dict[str, Any]:
+    return {LOSS_METRICS[k][0]: metrics.get(LOSS_METRICS[k][0]) for k in bounds}
+
+
+def _quantized_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    """Quantized weighted ops by kind: static (weight through DequantizeLinear) or dynamic (MatMulInteger)."""
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = None
+        if node.op_type in WEIGHTED and len(node.input) > 1 and producer.get(node.input[1]) == "DequantizeLinear":
+            key = f"{node.op_type} (static QDQ)"
+        elif node.op_type in ("MatMulInteger", "ConvInteger"):
+            key = f"{node.op_type} (dynamic)"
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    return counts
