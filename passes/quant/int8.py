@@ -360,6 +360,11 @@ class _Work:
                     hi, best, best_metrics = mid, mid, m_mid
                 else:
                     lo = mid
+        if best == len(order):
+            raise PassConfigError(
+                f"int8: max_loss={self.opts.max_loss} cannot be met with any weighted node quantized (quantized: "
+                f"{budget['full']}; the bound holds only with all {len(order)} in float). Loosen max_loss."
+            )
         kept = order[:best]
         budget.update(kept_float=len(kept), of=len(order), result=_pick(best_metrics, self.opts.max_loss),
                       errors={n: errors.get(n, 0.0) for n in order[: max(best, 10)]})
