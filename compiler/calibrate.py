@@ -1,4 +1,4 @@
-"""Calibration statistics: per-channel sums, sums of squares and X^T X of chosen graph values.
+"""Calibration statistics: per-channel sums, sums of squares, max |x| and X^T X of chosen graph values.
 
 Passes that calibrate (activation-aware pruning, smoothing, quantization ranges) need only a few
 statistics of an activation, never the activation itself: one hidden state of an LLM over a
@@ -10,17 +10,19 @@ bfloat16 are cast first; float64 stays float64)::
 
     sum[c]   = ReduceSum(x,   all axes but a)         sumsq[c] = ReduceSum(x * x, all axes but a)
     size     = Size(x)                                 gram     = X^T X,  X = x with a moved last, as [-1, C]
+    absmax[c] = ReduceMax(Abs(x), all axes but a)      (only when a request asks for it)
 
-Batches stream through one ORT session and every output is added into a float64 total, so
-memory holds statistics only. Work on a value is shared between requests (one Cast, one x * x,
-one Size), and requests on the same value and axis share their reductions.
+Batches stream through one ORT session and every output is added into a float64 total (absmax:
+the running np.maximum), so memory holds statistics only. Work on a value is shared between
+requests (one Cast, one x * x, one Size, one Abs), and requests on the same value and axis share
+their reductions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ class StatRequest:
     value: str
     axis: int
     gram: bool = False  # also accumulate X^T X over the channel axis ([C, C])
+    absmax: bool = False  # also track max |x| of each channel
 
 
 @dataclasses.dataclass
@@ -53,6 +56,7 @@ class ChannelStats:
     sum: np.ndarray  # [C] float64
     sumsq: np.ndarray  # [C] float64
     gram: np.ndarray | None  # [C, C] float64, when requested
+    absmax: np.ndarray | None = None  # [C] float64: max |x| over every element, when requested
 
     @property
     def mean(self) -> np.ndarray:
@@ -81,6 +85,7 @@ class _Outputs:
     sumsq: str
     size: str
     gram: str | None
+    absmax: str | None = None
 
 
 def collect(
@@ -111,19 +116,21 @@ def collect(
         proto = onnx.load(str(path), load_external_data=False)
         types = _types(proto, values, {r.value for r in requests})
         axes = {r: _normalise_axis(r, types[r.value][1]) for r in requests}
-        wanted: dict[tuple[str, int], bool] = {}  # (value, axis) -> whether any request wants X^T X
+        wanted: dict[tuple[str, int], tuple[bool, bool]] = {}  # (value, axis) -> (any wants X^T X, any wants max |x|)
         for r in requests:
-            wanted[(r.value, axes[r])] = wanted.get((r.value, axes[r]), False) or r.gram
+            gram, absmax = wanted.get((r.value, axes[r]), (False, False))
+            wanted[(r.value, axes[r])] = (gram or r.gram, absmax or r.absmax)
         plan = _instrument(proto, types, wanted)
         onnx.save(proto, str(path))
-        totals = _stream(create_session(path, threads), dataset, desc)
+        maxima = {names.absmax for names in plan.values() if names.absmax}
+        totals = _stream(create_session(path, threads), dataset, desc, maxima)
     stats = {}
     for r in requests:
         names = plan[(r.value, axes[r])]
         channels = totals[names.sum].shape[0]
         stats[r] = ChannelStats(
             count=int(totals[names.size]) // channels, sum=totals[names.sum], sumsq=totals[names.sumsq],
-            gram=totals[names.gram] if r.gram else None,
+            gram=totals[names.gram] if r.gram else None, absmax=totals[names.absmax] if r.absmax else None,
         )
     return stats
 
@@ -208,11 +215,21 @@ class _Builder:
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
         return self.node("ReduceSum", [x, axes_name], hint, keepdims=0)
 
+    def reduce_max(self, x: str, axes: list[int], hint: str) -> str:
+        """ReduceMax over ``axes`` with keepdims=0: axes as an input from opset 18, an attribute before."""
+        if not axes:
+            return self.node("Identity", [x], hint)
+        if self.opset < 18:
+            return self.node("ReduceMax", [x], hint, axes=axes, keepdims=0)
+        axes_name = self.name(f"{hint}.axes")
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
+        return self.node("ReduceMax", [x, axes_name], hint, keepdims=0)
+
 
 def _instrument(
-    proto: onnx.ModelProto, types: dict[str, tuple[int, int]], wanted: dict[tuple[str, int], bool]
+    proto: onnx.ModelProto, types: dict[str, tuple[int, int]], wanted: dict[tuple[str, int], tuple[bool, bool]]
 ) -> dict[tuple[str, int], _Outputs]:
-    """Add the reductions for each (value, axis) (with X^T X where True) and make them the outputs."""
+    """Add the reductions for each (value, axis) (with X^T X, max |x| where flagged) and make them the outputs."""
     build = _Builder(proto)
     del proto.graph.output[:]  # only the statistics are computed; ORT prunes the rest of the graph
 
@@ -221,8 +238,9 @@ def _instrument(
         return name
 
     shared: dict[str, tuple[str, str, str]] = {}  # value -> (float value, its square, its size)
+    magnitudes: dict[str, str] = {}  # value -> Abs(float value), made once
     plan = {}
-    for (value, axis), gram in wanted.items():
+    for (value, axis), (gram, absmax) in wanted.items():
         elem, rank = types[value]
         if value not in shared:
             xf = value
@@ -239,15 +257,25 @@ def _instrument(
             rows = build.node("Flatten", [last], "rows", axis=rank - 1)  # [-1, C]; [1, C] at rank 1
             rows_t = build.node("Transpose", [rows], "rows_t")
             gram_out = output(build.node("MatMul", [rows_t, rows], "gram"), stat_elem)
+        absmax_out = None
+        if absmax:
+            if value not in magnitudes:
+                magnitudes[value] = build.node("Abs", [xf], "abs")
+            absmax_out = output(build.reduce_max(magnitudes[value], others, "absmax"), stat_elem)
         plan[(value, axis)] = _Outputs(
             output(build.reduce_sum(xf, others, "sum"), stat_elem),
-            output(build.reduce_sum(square, others, "sumsq"), stat_elem), size, gram_out,
+            output(build.reduce_sum(square, others, "sumsq"), stat_elem), size, gram_out, absmax_out,
         )
     return plan
 
 
-def _stream(session, dataset: Sequence[Mapping[str, np.ndarray]], desc: str) -> dict[str, np.ndarray]:
-    """Run every batch and add each output into a float64 total (int64 sizes stay exact)."""
+def _stream(
+    session, dataset: Sequence[Mapping[str, np.ndarray]], desc: str, maxima: Set[str] = frozenset()
+) -> dict[str, np.ndarray]:
+    """Run every batch and add each output into a float64 total (int64 sizes stay exact).
+
+    Outputs named in ``maxima`` keep the running element-wise maximum instead of a sum.
+    """
     names = [o.name for o in session.get_outputs()]
     totals: dict[str, np.ndarray] = {}
     for index, batch in enumerate(progress.bar(dataset, desc, total=len(dataset), unit="batch")):
@@ -260,6 +288,8 @@ def _stream(session, dataset: Sequence[Mapping[str, np.ndarray]], desc: str) -> 
                     f"calibration: batch {index} gives statistics of shape {out.shape}, earlier batches "
                     f"{totals[name].shape}: the channel axis must have the same size in every batch."
                 )
+            elif name in maxima:
+                totals[name] = np.maximum(totals[name], out)
             else:
                 totals[name] += out
     return totals

@@ -239,3 +239,34 @@ def test_weights_in_external_data(monkeypatch):
     stats = collect(model, [request], data)
     assert sorted(f.name for f in files) == ["model.onnx", "model.onnx.data"]
     check(stats[request], concat(data, "X") @ big.astype(np.float64), 2, gram=True)
+
+
+@pytest.mark.parametrize("opset", [13, 18])  # ReduceMax takes axes as an attribute before 18
+def test_absmax_is_the_running_max_over_batches(opset):
+    model, data = mlp(opset), dataset("X", (4, 5), sizes=(2, 3, 1, 4))
+    x = concat(data, "X")
+    h = x @ W.astype(np.float64)
+    last, mid, plain = StatRequest("h", -1, absmax=True), StatRequest("h", 1, absmax=True), StatRequest("h", -1)
+    stats = collect(model, [last, mid, plain, StatRequest("X", 2, gram=True, absmax=True)], data)
+    np.testing.assert_allclose(stats[last].absmax, np.abs(h).max(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(stats[mid].absmax, np.abs(h).max(axis=(0, 2)), rtol=1e-6)
+    np.testing.assert_allclose(stats[StatRequest("X", 2, gram=True, absmax=True)].absmax, np.abs(x).max(axis=(0, 1)), rtol=1e-6)
+    assert stats[last].absmax.dtype == np.float64 and stats[plain].absmax is None
+    check(stats[last], h, 2)  # the other statistics are unchanged by asking for absmax
+    check(stats[StatRequest("X", 2, gram=True, absmax=True)], x, 2, gram=True)
+    # each batch's maximum alone is smaller somewhere: the result really is the max over batches
+    per_batch = [np.abs(b["X"].astype(np.float64) @ W.astype(np.float64)).max(axis=(0, 1)) for b in data]
+    np.testing.assert_allclose(stats[last].absmax, np.max(per_batch, axis=0), rtol=1e-6)
+
+
+def test_absmax_rank1_and_float16():
+    model = _model(
+        [helper.make_node("Neg", ["X"], ["n"]), helper.make_node("Cast", ["n"], ["Y"], to=TensorProto.FLOAT)],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [6])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [6])], [],
+    )
+    rng = np.random.default_rng(3)
+    data = Dataset([{"X": rng.standard_normal(6).astype(np.float16)} for _ in range(3)], "test")
+    stats = collect(model, [StatRequest("n", 0, absmax=True)], data)
+    want = np.max([np.abs(b["X"].astype(np.float64)) for b in data], axis=0)
+    np.testing.assert_allclose(stats[StatRequest("n", 0, absmax=True)].absmax, want, rtol=1e-3)

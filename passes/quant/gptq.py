@@ -184,11 +184,13 @@ def gptq(weight: np.ndarray, h: np.ndarray, block_size: int, symmetric: bool = T
         raise ValueError(f"gptq: Hessian shape {h.shape} does not match K={k}.")
     if lazy_batch % block_size:
         raise ValueError(f"gptq: the lazy batch ({lazy_batch}) must be a multiple of block_size ({block_size}).")
-    w = np.array(weight, np.float32).T.copy()  # [N, K]: GPTQ's rows are outputs, its columns the K inputs
+    # GPTQ's "columns" (the dimensions quantized one after another) are the K input dimensions:
+    # the rows of an ONNX [K, N] weight, so this works on it as stored, one contiguous row at a time.
+    w = np.array(weight, np.float32)
     h = np.array(h, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[dead, :] = 0.0
     mean_diag = float(np.mean(np.diag(h)))
     used = damp
     while True:
@@ -205,21 +207,19 @@ def gptq(weight: np.ndarray, h: np.ndarray, block_size: int, symmetric: bool = T
     zps = np.full((n, nb), MID, np.uint8)
     for i1 in range(0, k, lazy_batch):
         i2 = min(i1 + lazy_batch, k)
-        w1 = w[:, i1:i2].copy()
+        w1 = w[i1:i2]  # a view: updated in place
         err = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % block_size == 0:  # a new block starts: its grid from the weights as updated so far
-                g = col // block_size
-                scales[:, g], zps[:, g] = block_params(w1[:, i:i + block_size], symmetric)
-            g = col // block_size
-            q = encode(w1[:, i:i + 1], scales[:, g], zps[:, g])[:, 0]
-            codes[:, col] = q
-            e = (w1[:, i] - decode(q[:, None], scales[:, g], zps[:, g])[:, 0]) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+            row, g = i1 + i, (i1 + i) // block_size
+            if row % block_size == 0:  # a new block starts: its grid from the weights as updated so far
+                scales[:, g], zps[:, g] = block_params(w1[i:i + block_size].T, symmetric)
+            q = encode(w1[i][:, None], scales[:, g], zps[:, g])[:, 0]
+            codes[:, row] = q
+            e = (w1[i] - decode(q[:, None], scales[:, g], zps[:, g])[:, 0]) / u1[i, i]
+            w1[i + 1:] -= np.outer(u1[i, i + 1:], e)
+            err[i] = e
+        w[i2:] -= u[i1:i2, i2:].T @ err
     codes = _pad_codes(codes, zps, k, block_size)
     return Quantized(codes, scales, zps, k, block_size, symmetric), GptqInfo(int(dead.sum()), used)
 

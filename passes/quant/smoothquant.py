@@ -337,8 +337,8 @@ class SmoothQuant(Pass):
 
     # ------------------------------------------------------------ analysis
 
-    def groups(self, model: ir.Model) -> tuple[list[_Group], list[tuple[str, str]]]:
-        """The groups that can be smoothed exactly, and (what, why) for those that cannot."""
+    def groups(self, model: ir.Model) -> tuple[list[_Group], list[tuple[str, str]], int]:
+        """The groups that can be smoothed exactly, (what, why) for what cannot, and how many groups there are."""
         by_input: dict[ir.Value, list[WeightedOp]] = {}
         convs = []
         for op in weighted_ops(model):
@@ -361,7 +361,7 @@ class SmoothQuant(Pass):
             names = ", ".join(n.name or "?" for n in convs[:3]) + (", ..." if len(convs) > 3 else "")
             left.append((f"{len(convs)} Conv layer(s) ({names})",
                          "smoothquant smooths MatMul/Gemm inputs; conv channels (axis 1) are not handled"))
-        return groups, left
+        return groups, left, len(by_input)
 
     def _group(self, x: ir.Value, linears: list[WeightedOp], nodes: set, tracer: _Tracer) -> _Group | str:
         channels = {op.array.shape[op.k_axis] for op in linears}
@@ -410,7 +410,7 @@ class SmoothQuant(Pass):
                 "smoothquant needs calibration data (the per-channel activation maxima set the scales). "
                 "Pass calibration=... to slimc.compile(...), or --calib PATH on the command line."
             )
-        groups, left = self.groups(model)
+        groups, left, total = self.groups(model)
         stats = {}
         if groups:
             from slimc.calibrate import StatRequest, collect
@@ -470,10 +470,10 @@ class SmoothQuant(Pass):
             hi = max(g["scale_max"] for g in smoothed)
             ratio_b = max(g["act_channel_ratio_before"] for g in smoothed)
             ratio_a = max(g["act_channel_ratio_after"] for g in smoothed)
-            summary = (f"{len(smoothed)} of {len(smoothed) + len(left)} linear-input groups smoothed (alpha={self.alpha}); "
+            summary = (f"{len(smoothed)} of {total} linear-input groups smoothed (alpha={self.alpha}); "
                        f"scales in [{lo:.3g}, {hi:.3g}]; worst activation channel max/median {ratio_b:.3g} -> {ratio_a:.3g}")
         else:
-            summary = f"nothing smoothed: {len(left)} group(s) left alone (see left_alone)"
+            summary = f"nothing smoothed: {total} linear-input group(s), none can be folded exactly (see left_alone)"
         return PassReport(
             name=self.name, modified=bool(smoothed), summary=summary,
             details={"alpha": self.alpha, "groups_smoothed": smoothed, "constants_changed": len(work),
@@ -509,5 +509,9 @@ def _write(model: ir.Model, work: dict[tuple[ir.Node, int], np.ndarray]) -> None
                        const_value=ir.Tensor(arr, name=name))
         graph.register_initializer(new)
         node.replace_input_with(index, new)
-        if value.is_initializer() and not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+        if value.uses() or value.is_graph_input() or value.is_graph_output():
+            continue
+        if value.is_initializer():
             graph.initializers.pop(value.name)
+        elif (producer := value.producer()) is not None and producer.op_type == "Constant" and producer.graph is graph:
+            graph.remove(producer)  # the graph keeps its size: the new initializer replaces it
