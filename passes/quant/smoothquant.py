@@ -42,7 +42,9 @@ exact: smooth the float32 model, before fp16), Conv layers (channels on axis 1; 
 Scales come from the original model (activation maxima are streamed through an instrumented
 copy, `slimc.calibrate`), are clipped to [1e-5, 1e5], and are 1 for channels whose activation
 or weight row is all zero. A constant that something else also reads (exporters share one
-deduplicated ``ones`` vector between every norm) is copied before it is changed.
+deduplicated ``ones`` vector between every norm) is copied before it is changed. The pass
+declares itself exact: ``compile()`` checks the outputs against its input (fp32 rounding of the
+rescaled constants moves them by a few ulps).
 """
 
 from __future__ import annotations
@@ -228,8 +230,9 @@ class _Tracer:
             if self.shapes.last_dim(src) != channels:
                 shape = self.shapes(src)
                 shown = "unknown" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-                return (f"{_label(node)} makes the {channels} channels from an input of shape {shown} (e.g. attention "
-                        "heads merged back), so one scale per channel cannot be folded through it")
+                return (f"{_label(node)} forms the {channels} channels from an input of shape {shown} whose last axis "
+                        "is not those channels (attention heads merged back, NCHW features flattened), so one scale "
+                        "per channel cannot be folded through it")
             return src
         if op == "Transpose":
             perm = _attr(node, "perm", None)
