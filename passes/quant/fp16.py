@@ -164,9 +164,10 @@ class Fp16(Pass):
         left = _left_alone(blocked, kept_fp32)
         details: dict[str, Any] = {
             "weight_bytes_before": bytes0, "weight_bytes_after": bytes1,
-            "float_weight_bytes_before": float_bytes0, "params": params0,
+            "float32_weight_bytes_before": float_bytes0, "float32_weight_bytes_after": _float_weight_bytes(model),
+            "params": params0,
             "initializers_kept_float32": kept_fp32,
-            "blocked": {reason: dict(collections.Counter(op for op in ops)) for reason, ops in _by_reason(blocked).items()},
+            "blocked": {reason: dict(collections.Counter(ops)) for reason, ops in _by_reason(blocked).items()},
             "blocked_nodes": len(blocked), "block_unmatched": unmatched,
             "clipped_values": clip["clipped"], "clipped_tensors": clip["tensors"], "clip_to": self.clip_to,
             "raised_tiny_values": clip["tiny"],
