@@ -48,7 +48,7 @@ class _Target:
     """One node to rewrite: ``y = act @ weight (+ bias)`` with ``weight`` [K, N] as computed here."""
 
     node: ir.Node
-    act: ir.Value
+    act: str  # the activation input's name (GPTQ's statistics are keyed by it)
     source: ir.Value  # the constant the weight comes from (an initializer)
     transposed: bool  # weight = source.T (Gemm transB=1, or a Transpose node between them)
     alpha: float  # Gemm's alpha, folded into the weight
@@ -160,6 +160,8 @@ class Int4(Pass):
                 source, transposed, via = producer.inputs[0], True, producer
             else:
                 return "its second input is computed in the graph (activation x activation, e.g. attention), not a constant weight"
+        if source.is_graph_input():
+            return "the weight is also a graph input (a caller may replace it at run time)"
         shape = tuple(source.const_value.shape)
         if len(shape) != 2:
             return f"weight of shape {list(shape)} is not a 2-D matrix (batched MatMul)"
@@ -168,7 +170,7 @@ class Int4(Pass):
         if node.op_type == "Gemm":
             if _attr(node, "transA", 0):
                 return "Gemm with transA=1"
-            transposed = bool(_attr(node, "transB", 0))
+            transposed = transposed != bool(_attr(node, "transB", 0))  # a Transpose before a transB=1 undoes it
             alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 bias = node.inputs[2]
@@ -180,7 +182,7 @@ class Int4(Pass):
         if k < self.block_size:
             return (f"K={k} is smaller than one block (block_size={self.block_size}): most of each block would be "
                     "padding; left in float")
-        return _Target(node, act, source, transposed, alpha, bias, beta, via)
+        return _Target(node, act.name, source, transposed, alpha, bias, beta, via)
 
     # ------------------------------------------------------------ calibration
 
@@ -188,9 +190,11 @@ class Int4(Pass):
         """{activation name: (XᵀX, rows)} for every target's input, from one calibration run."""
         from slimc.calibrate import StatRequest, collect
 
-        names = sorted({t.act.name for t in targets})
+        names = sorted({t.act for t in targets})
         requests = [StatRequest(n, -1, gram=True) for n in names]
-        stats = collect(model, requests, ctx.calibration.head(self.calibration_batches), desc="int4 gptq statistics")
+        calib = ctx.calibration
+        batches = calib.head(self.calibration_batches) if hasattr(calib, "head") else list(calib)[: self.calibration_batches]
+        stats = collect(model, requests, batches, desc="int4 gptq statistics")
         return {r.value: (stats[r].gram, stats[r].count) for r in requests}
 
     # ------------------------------------------------------------ rewriting
@@ -230,7 +234,8 @@ class Int4(Pass):
                  ir.AttrInt64("block_size", self.block_size)]
         if self.accuracy_level:
             attrs.append(ir.AttrInt64("accuracy_level", self.accuracy_level))
-        mnb = ir.Node(MS_DOMAIN, "MatMulNBits", [t.act, *inputs], attributes=attrs, name=node.name, num_outputs=1)
+        # the node's current input: an earlier rewrite may have replaced the value it read
+        mnb = ir.Node(MS_DOMAIN, "MatMulNBits", [node.inputs[0], *inputs], attributes=attrs, name=node.name, num_outputs=1)
         for key, val in node.metadata_props.items():
             mnb.metadata_props[key] = val
         new_nodes = [mnb]
@@ -281,8 +286,8 @@ class Int4(Pass):
             k, n = weight.shape
             h = None
             if self.method == "gptq":
-                gram = sum(grams[t.act.name][0] for t in group)
-                rows = sum(grams[t.act.name][1] for t in group)
+                gram = sum(grams[t.act][0] for t in group)
+                rows = sum(grams[t.act][1] for t in group)
                 h = gptq.hessian(gram, rows)
             q, info = self._quantize(weight, h)
             packed = gptq.pack(q, _SCALE_DTYPES[first.source.dtype])
@@ -354,7 +359,11 @@ class Int4(Pass):
             if self.force:
                 return None  # nothing to time on, and the user keeps the result regardless
             raise DataError(f"int4: {exc} Or use int4(force=true) to skip the latency check.") from exc
-        return common.guard(self.name, before, after, feed, min_speedup=self.min_speedup, force=self.force, threads=None)
+        tokens = any(v.ndim >= 2 and v.shape[1] > 1 and not np.issubdtype(v.dtype, np.floating) for v in feed.values())
+        hint = ("4-bit weights pay off when few rows are multiplied at a time (decoding), less in a prefill: "
+                "int4(latency_seq=1) times one decode step.") if tokens and self.latency_seq is None else ""
+        return common.guard(self.name, before, after, feed, min_speedup=self.min_speedup, force=self.force, threads=None,
+                            context=hint)
 
 
 def _mb(n: int) -> str:
