@@ -145,22 +145,28 @@ class Int8(Pass):
         return ranges.head(self.calibration_batches), holdout, note
 
     def _choose(self, candidates: list[Candidate], speed: dict[str, float], fidelity: dict[str, dict]) -> Candidate:
-        """The fastest candidate that meets ``max_loss``; within 5% of the fastest, the most accurate.
+        """The fastest accurate-enough candidate.
 
-        Speeds within a few percent are within the noise of a CPU measurement, and a static
-        candidate with badly clipped activation ranges can be as fast as a dynamic one at a
-        fraction of its accuracy. With no candidate meeting the budget, the most accurate one
-        goes on to the budget search.
+        With ``max_loss``, accurate enough means within it (none within: the most accurate goes
+        on to the budget search). Without, it means at most twice the error of the most
+        accurate candidate (`_loss`: 3 dB of SQNR; for an LLM, twice the log perplexity
+        ratio): a static candidate with clipped activation ranges can be a little faster than a
+        dynamic one at a fraction of its accuracy. Speeds within 5% of the fastest are within
+        a CPU measurement's noise; among those the most accurate wins.
         """
-        quality = {c.name: _quality(fidelity.get(c.name)) for c in candidates}
+        loss = {c.name: _loss(fidelity.get(c.name)) for c in candidates}
         pool = candidates
-        if self.max_loss and fidelity:
-            pool = [c for c in candidates if _within(fidelity[c.name], self.max_loss)]
-            if not pool:
-                return max(candidates, key=lambda c: quality[c.name])
+        if fidelity:
+            if self.max_loss:
+                pool = [c for c in candidates if _within(fidelity[c.name], self.max_loss)]
+                if not pool:
+                    return min(candidates, key=lambda c: loss[c.name])
+            else:
+                best = min(loss.values())
+                pool = [c for c in candidates if loss[c.name] <= 2 * best + 1e-12]
         fastest = max(speed[c.name] for c in pool)
         near = [c for c in pool if speed[c.name] >= 0.95 * fastest]
-        return max(near, key=lambda c: (quality[c.name], speed[c.name]))
+        return min(near, key=lambda c: (loss[c.name], -speed[c.name]))
 
     # ------------------------------------------------------------------ the pass
 
@@ -522,13 +528,23 @@ def _within(metrics: dict[str, Any], bounds: dict[str, float]) -> bool:
     return True
 
 
-def _quality(metrics: dict[str, Any] | None) -> float:
-    """SQNR (dB) of the main output; identical outputs rank highest."""
-    if not metrics:
+def _loss(metrics: dict[str, Any] | None) -> float:
+    """One error number per candidate, lower is better, on the task's own scale.
+
+    Causal LMs: log of the perplexity ratio (floored at 0); encoders: 1 - embedding cosine;
+    classifiers: KL divergence of the predictions; otherwise the noise-to-signal power of the
+    main output, 10^(-SQNR/10).
+    """
+    if not metrics or metrics.get("exact"):
         return 0.0
-    if metrics.get("exact"):
-        return math.inf
-    return float(metrics.get("sqnr_db") or 0.0)
+    if metrics.get("perplexity_ratio") is not None:
+        return max(0.0, math.log(metrics["perplexity_ratio"]))
+    if metrics.get("embedding_cosine") is not None:
+        return max(0.0, 1.0 - metrics["embedding_cosine"])
+    if metrics.get("kl_divergence") is not None:
+        return max(0.0, metrics["kl_divergence"])
+    sqnr = metrics.get("sqnr_db")
+    return 10 ** (-sqnr / 10) if sqnr is not None else math.inf
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
