@@ -242,7 +242,7 @@ def quantize_slimc(loaded, source: Path, calib, evaluation, work: Path, *, spec:
     import slimc
 
     start = time.perf_counter()
-    result = slimc.compile(loaded, passes=[spec], calibration=calib, evaluation=evaluation, measure_latency=False,
+    result = slimc.compile(loaded, passes=spec, calibration=calib, evaluation=evaluation, measure_latency=False,
                            threads=threads)  # its passes' own latency checks use the benchmark's threads
     receipt = result.receipt
     info = {"config": spec, "pass_seconds": sum(report.seconds for report in receipt.passes),
@@ -408,9 +408,23 @@ def _fidelity(reference: _Reference, session, evaluation, loaded) -> dict[str, A
                              output_names=[o.name for o in session.get_outputs()], inputs=loaded.inputs)
 
 
-def bench_model(case: Case, tools: Sequence[str], spec: str = "int8", repeats: int = 20, threads: int | None = None,
-                workdir: str | Path | None = None) -> dict[str, Any]:
-    """fp32 and each tool's quantized model for one case: latency per feed, speedup, fidelity, size."""
+def columns(tools: Sequence[str], specs: str | Sequence[str]) -> list[tuple[str, str, str]]:
+    """(column name, tool, slimc spec) per table column: one slimc column per spec."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    out = []
+    for tool in tools:
+        if tool == "slimc":
+            out += [("slimc" if len(specs) == 1 else f"slimc {spec}", tool, spec) for spec in specs]
+        else:
+            out.append((tool, tool, specs[0]))
+    return out
+
+
+def bench_model(case: Case, tools: Sequence[str], spec: str | Sequence[str] = "int8", repeats: int = 20,
+                threads: int | None = None, workdir: str | Path | None = None) -> dict[str, Any]:
+    """fp32 and each tool's quantized model for one case: latency per feed, speedup, fidelity, size.
+
+    ``spec`` may list several slimc pass specs; each becomes its own column ("slimc SPEC")."""
     from slimc.backends import onnxruntime as ort_backend
     from slimc.onnx_io import save_onnx
 
@@ -428,22 +442,23 @@ def bench_model(case: Case, tools: Sequence[str], spec: str = "int8", repeats: i
         paths = {"fp32": models / "fp32.onnx"}
         save_onnx(loaded.model, paths["fp32"])
         cells: dict[str, dict[str, Any]] = {"fp32": {"config": "fp32 export"}}
-        for tool in tools:
-            work = Path(tmp) / tool
+        cols = columns(tools, spec)
+        for index, (name, tool, col_spec) in enumerate(cols):
+            work = Path(tmp) / f"{index:02d}-{tool}"
             work.mkdir()
             start = time.perf_counter()
             try:
                 model, info = QUANTIZERS[tool](loaded, paths["fp32"], calib, evaluation, work,
-                                               spec=spec, transformer=case.transformer, threads=threads)
+                                               spec=col_spec, transformer=case.transformer, threads=threads)
                 seconds = time.perf_counter() - start
-                paths[tool] = models / f"{tool}.onnx"
-                save_onnx(model, paths[tool])
+                paths[name] = models / f"{index:02d}-{tool}.onnx"
+                save_onnx(model, paths[name])
                 del model
-                cells[tool] = {**info, "quantize_seconds": seconds}
+                cells[name] = {**info, "quantize_seconds": seconds}
             except Exception as exc:  # record and go on: one tool failing must not hide the others
-                cells[tool] = {"error": _error(exc), "traceback": _trace(exc),
+                cells[name] = {"error": _error(exc), "traceback": _trace(exc),
                                "quantize_seconds": time.perf_counter() - start}
-                paths.pop(tool, None)
+                paths.pop(name, None)
         for name, path in paths.items():
             cells[name]["size_bytes"] = _bytes_on_disk(path)
 
@@ -458,7 +473,7 @@ def bench_model(case: Case, tools: Sequence[str], spec: str = "int8", repeats: i
         _measure(cells, sessions, feeds, repeats)
 
         reference = _Reference(sessions["fp32"])
-        for name in tools:
+        for name, _, _ in cols:
             if name in sessions and "error" not in cells[name]:
                 try:
                     cells[name]["fidelity"] = _fidelity(reference, sessions[name], evaluation, loaded)
@@ -512,7 +527,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def run(cases: list[Case], tools: Sequence[str] = TOOLS, spec: str = "int8", repeats: int = 20,
+def run(cases: list[Case], tools: Sequence[str] = TOOLS, spec: str | Sequence[str] = "int8", repeats: int = 20,
         threads: int | None = None) -> dict[str, Any]:
     """The whole benchmark: one `bench_model` per case (a model that cannot be loaded or measured
     is recorded with its error), plus the machine and versions."""
@@ -531,7 +546,8 @@ def run(cases: list[Case], tools: Sequence[str] = TOOLS, spec: str = "int8", rep
             results.append(bench_model(case, tools, spec, repeats, threads))
         except Exception as exc:
             results.append({"model": case.name, "error": _error(exc), "notes": list(case.notes)})
-    return {"spec": spec, "tools": list(tools), "repeats": repeats, "threads": threads,
+    return {"spec": spec if isinstance(spec, str) else "; ".join(spec), "tools": [c[0] for c in columns(tools, spec)],
+            "repeats": repeats, "threads": threads,
             "machine": machine_description(threads), "load_average": {"start": load_before, "end": _load_average()},
             "versions": versions(), "models": results}
 
@@ -645,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_quant", description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, from: {', '.join(TOOLS)}")
-    parser.add_argument("--slimc-spec", default="int8", help="slimc's pass spec (default int8), e.g. 'smoothquant,int8'")
+    parser.add_argument("--slimc-spec", action="append", default=None,
+                        help="slimc's pass spec (default int8), e.g. 'smoothquant,int8'; repeat for more slimc columns")
     parser.add_argument("--repeats", type=int, default=20, help="timed ORT runs per model and feed (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
     parser.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default 8)")
@@ -662,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.calib_batches < 1 or args.eval_batches < 1:
         parser.error("--calib-batches and --eval-batches must be at least 1")
     cases = [make_case(n, args.data, args.calib_batches, args.eval_batches) for n in models]
-    report = run(cases, tools, args.slimc_spec, args.repeats, args.threads)
+    report = run(cases, tools, args.slimc_spec or ["int8"], args.repeats, args.threads)
     table = markdown(report)
     print(table)
     if args.out:
