@@ -16,6 +16,7 @@ from slimc.errors import (
     BackendError,
     DataError,
     ExportError,
+    LatencyGuardError,
     ModelLoadError,
     OutputPathError,
     PassConfigError,
@@ -39,7 +40,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "BackendError", "DataError", "ExportError", "ModelLoadError", "OutputPathError", "PassConfigError",
+    "BackendError", "DataError", "ExportError", "LatencyGuardError", "ModelLoadError", "OutputPathError", "PassConfigError",
     "PassFailedError", "SlimcError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
 ]
 

@@ -43,6 +43,10 @@ class OutputPathError(SlimcError):
     """The output path is the input, or its folder cannot be written."""
 
 
+class LatencyGuardError(SlimcError):
+    """A compressed model measured slower than its input; the pass refused it (``force=true`` keeps it)."""
+
+
 class BackendError(SlimcError):
     """The backend could not build or run the model."""
 

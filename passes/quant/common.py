@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
-from slimc.errors import DataError, PassConfigError, SlimcError
+from slimc.errors import DataError, LatencyGuardError, PassConfigError  # noqa: F401 - re-exported
 
 # Ops that only exist in a model that has been quantized already (by slimc, ORT, NNCF, ...).
 QUANTIZED_OPS = frozenset({
@@ -28,10 +28,6 @@ QUANTIZED_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
     "QGemm", "QLinearAdd", "QLinearMul", "GatherBlockQuantized", "QAttention",
 })
-
-
-class LatencyGuardError(SlimcError):
-    """A quantized model measured slower than its input; the pass refuses it (``force=true`` keeps it)."""
 
 
 def module_path(node: ir.Node) -> str:
