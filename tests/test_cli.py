@@ -104,3 +104,20 @@ def test_prune_from_the_command_line_and_inspect_groups(zoo_model, tmp_path, cap
     onnx.checker.check_model(str(out), full_check=True)
     assert main([str(model), "--passes", "prune(ratio=1.5)", "-o", str(tmp_path / "bad.onnx"), "-q"]) == 2
     assert "ratio=1.5 is out of range" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
+
+
+def test_int8_from_the_command_line_and_its_latency_guard(cnn_file, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    # the guard refuses (nothing is 100x faster): exit 2, the numbers, nothing written
+    assert main([str(cnn_file), "--passes", "int8(mode=static, min_speedup=100)", "--calib", str(calib),
+                 "-o", str(out), "--no-latency", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "Refused" in err and "force=true" in err and "Traceback" not in err and not out.exists()
+    assert main([str(cnn_file), "--passes", "int8(mode=static, force=true)", "--calib", str(calib),
+                 "-o", str(out), "--no-latency", "-q"]) == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(out)).graph.node)

@@ -172,7 +172,16 @@ class Int8(Pass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         common.refuse_quantized(model, "int8")
-        _name_nodes(model)
+        names = {node: node.name for node in model.graph}
+        _name_nodes(model)  # ORT's quantizer addresses nodes by name
+        try:
+            return self._apply(model, ctx)
+        except BaseException:
+            for node, name in names.items():  # a refused or failed run leaves the model as it was
+                node.name = name
+            raise
+
+    def _apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         weighted = common.weighted_ops(model, WEIGHTED)
         if not weighted:
             return PassReport(self.name, False, "nothing to quantize: no Conv, MatMul or Gemm with a constant weight")
@@ -225,6 +234,9 @@ class Int8(Pass):
                 "calibration": None if not work.ranges else {
                     "method": self.calibrate, "batches": len(ranges_set), "tensors": len(work.ranges.data), "data": ranges_set.source},
             }
+            for kind in sorted(kinds - set(chosen.static + chosen.dynamic)):
+                count = sum(w.node.op_type == kind for w in weighted if w.node.name not in user_excluded)
+                left_alone.append((f"{count} {kind} node(s)", f"not quantized by the chosen configuration '{chosen.name}'"))
             final, final_ms, fallback = built[chosen.name], times[chosen.name], []
             if self.max_loss:
                 final, fallback, budget = work.fit_budget(chosen, final, fidelity[chosen.name])
