@@ -21,6 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
 from slimc.errors import DataError, LatencyGuardError, PassConfigError  # noqa: F401 - re-exported
+from slimc.passes.prune.graph import module_path  # noqa: F401 - the PyTorch module a node came from
 
 # Ops that only exist in a model that has been quantized already (by slimc, ORT, NNCF, ...).
 QUANTIZED_OPS = frozenset({
@@ -28,16 +29,6 @@ QUANTIZED_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
     "QGemm", "QLinearAdd", "QLinearMul", "GatherBlockQuantized", "QAttention",
 })
-
-
-def module_path(node: ir.Node) -> str:
-    """The PyTorch module a node came from (torch.export name scopes), else the node's name."""
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
-        if len(parts) >= 2 and parts[-2]:
-            return parts[-2]
-    return node.name or node.op_type
 
 
 def node_matches(node: ir.Node, patterns: Sequence[str] | None) -> bool:
