@@ -417,8 +417,7 @@ class _Work:
                      (cand.static + cand.dynamic)]
         errors = self.node_errors(full, quantized, holdout)
         order = sorted(quantized, key=lambda n: -errors.get(n, 0.0))
-        lo, hi = 0, len(order)  # lo fails; is hi enough?
-        best, best_metrics = None, None
+        lo, hi = 0, len(order)  # k = lo fails (checked above); does k = hi hold?
         ok_all, m_all = check(self.build(cand, order))
         if not ok_all:
             raise PassConfigError(
