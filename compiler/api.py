@@ -28,7 +28,7 @@ from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
 from slimc.errors import PassFailedError, SlimcError, VerificationError
 from slimc.model import LoadedModel
-from slimc.onnx_io import check_output_path, save_onnx
+from slimc.onnx_io import check_output_path, copy_model, save_onnx
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
 from slimc.receipt import Receipt, within_noise
@@ -128,16 +128,12 @@ def compile(  # noqa: A001 - the public verb of a compiler
     return result
 
 
-def _copy_ir(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def _copy_if_ir(model: Any) -> Any:
     # The caller's objects must not change: passes work in place on our own copy.
     if isinstance(model, ir.Model):
-        return _copy_ir(model)
+        return copy_model(model)
     if isinstance(model, LoadedModel):
-        return dataclasses.replace(model, model=_copy_ir(model.model), inputs=[dataclasses.replace(s) for s in model.inputs])
+        return dataclasses.replace(model, model=copy_model(model.model), inputs=[dataclasses.replace(s) for s in model.inputs])
     return model
 
 

@@ -26,6 +26,11 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent copy of an IR model (through its proto; ``copy.deepcopy`` recurses too deep)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
 def load_onnx(path: str | os.PathLike) -> ir.Model:
     """Load an `.onnx` file into the IR, with typed, actionable errors."""
     path = Path(path)

@@ -1,4 +1,5 @@
-"""Small ONNX models built with onnx.helper, for fast tests that need no PyTorch export."""
+"""Small ONNX models built with onnx.helper, for fast tests that need no PyTorch export, and the
+helpers tests share to run IR models and compare their outputs."""
 
 from __future__ import annotations
 
@@ -91,3 +92,21 @@ def tiny_token_model(vocab: int = 50, hidden: int = 8, seed: int = 0) -> onnx.Mo
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="slimc-tests")
+
+
+def run_checked(model, feed, tmp_path, name: str = "model") -> list[np.ndarray]:
+    """Save an IR model, pass it through the full ONNX checker, and run ``feed`` in ORT."""
+    import onnx_ir as ir
+
+    from slimc.backends.onnxruntime import create_session, run
+
+    path = tmp_path / f"{name}.onnx"
+    ir.save(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    return run(create_session(path), feed)
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """10 log10(sum ref^2 / sum (ref - got)^2), in float64."""
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    return float(10 * np.log10((ref ** 2).sum() / max(((ref - got) ** 2).sum(), 1e-30)))

@@ -17,6 +17,7 @@ from zoo import TOKEN_MODELS, ZOO, shifted_inputs
 
 import slimc
 from slimc.errors import PassConfigError
+from slimc.onnx_io import copy_model
 from slimc.pass_spec import parse_pipeline
 from slimc.passes.quant.common import LatencyGuardError
 from slimc.passes.quant.fp16 import Fp16
@@ -24,9 +25,6 @@ from slimc.pipeline import PassContext
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _session(model) -> ort.InferenceSession:
@@ -138,7 +136,7 @@ def test_options_are_validated_and_parse():
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_converts_close_and_halves_weights(zoo_model, name):
     z = zoo_model(name)
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     feeds = [_numpy(z.example)] + ([_numpy(shifted_inputs(z.example))] if name in TOKEN_MODELS else [])
     refs = [_run(model, feed) for feed in feeds]
 
@@ -171,7 +169,7 @@ def test_zoo_converts_close_and_halves_weights(zoo_model, name):
 @pytest.mark.parametrize("name", ["bert", "resnet"])
 def test_keep_io_types_false_makes_the_interface_float16(zoo_model, name):
     z = zoo_model(name)
-    model, feed = _copy(z.loaded.model), _numpy(z.example)
+    model, feed = copy_model(z.loaded.model), _numpy(z.example)
     ref = _run(model, feed)
     report = Fp16(keep_io_types=False).apply(model, PassContext())
     _full_check(model)
@@ -184,7 +182,7 @@ def test_keep_io_types_false_makes_the_interface_float16(zoo_model, name):
 
 
 def test_block_op_types_and_globs_stay_float32(zoo_model):
-    model = _copy(zoo_model("bert").loaded.model)
+    model = copy_model(zoo_model("bert").loaded.model)
     report = Fp16(block=["Softmax", "*layer.1.*", "NoSuchOp"]).apply(model, PassContext())
     _full_check(model)
     assert all(n.outputs[0].dtype == F32 for n in model.graph if n.op_type == "Softmax")
@@ -312,7 +310,7 @@ def test_refuses_a_quantized_model():
 
 
 def test_an_fp16_model_is_left_unchanged(zoo_model):
-    model = _copy(zoo_model("resnet").loaded.model)
+    model = copy_model(zoo_model("resnet").loaded.model)
     assert Fp16().apply(model, PassContext()).modified
     before = ir.serde.serialize_model(model).SerializeToString()
     report = Fp16(keep_io_types=False).apply(model, PassContext())
@@ -325,7 +323,7 @@ def test_an_fp16_model_is_left_unchanged(zoo_model):
 
 def test_latency_guard_refusal_leaves_the_model_unchanged(zoo_model):
     z = zoo_model("resnet")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     before = ir.serde.serialize_model(model).SerializeToString()
     with pytest.raises(LatencyGuardError, match="fp16"):
         Fp16(min_speedup=50.0).apply(model, PassContext(loaded=z.loaded))
@@ -340,7 +338,7 @@ def test_external_data_weights_are_converted(zoo_model, tmp_path):
 
     z = zoo_model("resnet")
     path = tmp_path / "resnet.onnx"
-    ir.save(_copy(z.loaded.model), path, external_data="resnet.onnx.data", size_threshold_bytes=100)
+    ir.save(copy_model(z.loaded.model), path, external_data="resnet.onnx.data", size_threshold_bytes=100)
     model = load_onnx(path)
     assert any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     feed = _numpy(z.example)

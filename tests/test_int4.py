@@ -9,20 +9,19 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx_models import sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 import slimc
 from slimc import data, frontends
 from slimc.errors import DataError, PassConfigError
+from slimc.onnx_io import copy_model
 from slimc.pass_spec import parse_pipeline
 from slimc.passes.quant import gptq
 from slimc.passes.quant.common import LatencyGuardError
 from slimc.passes.quant.int4 import Int4
 from slimc.pipeline import PassContext
 
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _session(model) -> ort.InferenceSession:
@@ -45,8 +44,6 @@ def _nbits_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type == "MatMulNBits"]
 
 
-def _sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - out).astype(np.float64) ** 2)))
 
 
 # ---------------------------------------------------------------- packing
@@ -142,7 +139,7 @@ def test_chained_matmuls_with_gptq():
     )
     loaded = frontends.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     calib = data.Dataset([{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(4)], "random")
-    model = _copy(loaded.model)
+    model = copy_model(loaded.model)
     report = Int4(method="gptq", accuracy_level=0, force=True).apply(model, PassContext(loaded=loaded, calibration=calib))
     assert [n.op_type for n in model.graph] == ["MatMulNBits", "MatMulNBits"]
     assert [v.name for v in model.graph.outputs] == ["y"] and set(model.graph.initializers) == {"w0_Q4", "w0_scales", "w1_Q4", "w1_scales"}
@@ -150,7 +147,7 @@ def test_chained_matmuls_with_gptq():
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
     x = calib[0]["x"]
     ref = _session(loaded.model).run(None, {"x": x})[0]
-    assert _sqnr_db(ref, _session(model).run(None, {"x": x})[0]) > 15
+    assert sqnr_db(ref, _session(model).run(None, {"x": x})[0]) > 15
 
 
 def test_float16_weights_get_float16_scales():
@@ -302,7 +299,7 @@ def test_left_alone_with_reasons_and_transpose_into_trans_b():
     np.testing.assert_allclose(out, x @ deq, rtol=1e-4, atol=1e-4)
 
 
-def test_tied_and_shared_weights_keep_their_float_copy():
+def test_tied_and_shared_weights_keep_their_floatcopy_model():
     """lm_head tied to the embedding through a Transpose, and a weight another op also reads."""
     rng = np.random.default_rng(5)
     vocab, d = 48, 64
@@ -323,7 +320,7 @@ def test_tied_and_shared_weights_keep_their_float_copy():
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     loaded = frontends.load(proto)
-    model = _copy(loaded.model)
+    model = copy_model(loaded.model)
     calib = data.synthetic(loaded.inputs, n_batches=2, seed=0)
     report = Int4(method="gptq", force=True).apply(model, PassContext(loaded=loaded, calibration=calib))
     assert report.details["quantized_nodes"] == 2
@@ -334,7 +331,7 @@ def test_tied_and_shared_weights_keep_their_float_copy():
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
     feed = calib[1]
     ref = _session(loaded.model).run(None, feed)[0]
-    assert _sqnr_db(ref, _session(model).run(None, feed)[0]) > 15
+    assert sqnr_db(ref, _session(model).run(None, feed)[0]) > 15
 
 
 # ---------------------------------------------------------------- zoo llama
@@ -348,7 +345,7 @@ def llama(zoo_model):
 
 def test_llama_structure_exclusions_and_fidelity(llama):
     loaded, calib = llama
-    model = _copy(loaded.model)
+    model = copy_model(loaded.model)
     weighted = [n.name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
     report = Int4(exclude=["*linear_14*"], force=True).apply(model, PassContext(loaded=loaded, calibration=calib))
     nbits = _nbits_nodes(model)
@@ -370,12 +367,12 @@ def test_llama_structure_exclusions_and_fidelity(llama):
     onnx.checker.check_model(proto, full_check=True)
     feed = calib[1]
     ref = _session(loaded.model).run(None, feed)[0]
-    assert _sqnr_db(ref, _session(proto).run(None, feed)[0]) > 15
+    assert sqnr_db(ref, _session(proto).run(None, feed)[0]) > 15
 
 
 def test_llama_gptq_reports_errors_below_rtn(llama):
     loaded, calib = llama
-    model = _copy(loaded.model)
+    model = copy_model(loaded.model)
     report = Int4(method="gptq", symmetric=False, force=True).apply(model, PassContext(loaded=loaded, calibration=calib))
     layers = report.details["layers"]
     assert len(layers) == report.details["quantized_weights"] == len(_nbits_nodes(model))
@@ -383,12 +380,12 @@ def test_llama_gptq_reports_errors_below_rtn(llama):
     assert np.mean([x["output_error"] for x in layers]) < np.mean([x["rtn_output_error"] for x in layers])
     feed = calib[1]
     ref = _session(loaded.model).run(None, feed)[0]
-    assert _sqnr_db(ref, _session(model).run(None, feed)[0]) > 15
+    assert sqnr_db(ref, _session(model).run(None, feed)[0]) > 15
 
 
 def test_latency_guard_refusal_leaves_the_model_untouched(llama):
     loaded, calib = llama
-    model = _copy(loaded.model)
+    model = copy_model(loaded.model)
     before = ir.serde.serialize_model(model).SerializeToString()
     with pytest.raises(LatencyGuardError, match="force=true"):
         Int4(min_speedup=1000).apply(model, PassContext(loaded=loaded, calibration=calib))

@@ -8,38 +8,27 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
-from onnx_models import tiny_cnn
+from onnx_models import run_checked, sqnr_db, tiny_cnn
 
 import slimc
 from slimc import data
 from slimc.backends.onnxruntime import create_session, run
 from slimc.errors import DataError, PassConfigError
+from slimc.onnx_io import copy_model
 from slimc.passes.quant.common import LatencyGuardError, weighted_ops
 from slimc.passes.quant.int8 import Int8, _loss
 from slimc.pipeline import PassContext
 
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
 
 def _ops(model: ir.Model) -> Counter:
     return Counter(n.op_type for n in model.graph)
 
 
-def _checked_run(model: ir.Model, feed, tmp_path) -> list[np.ndarray]:
-    path = tmp_path / "q.onnx"
-    ir.save(model, path)
-    onnx.checker.check_model(str(path), full_check=True)
-    return run(create_session(path), feed)
 
 
-def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    return float(10 * np.log10((ref ** 2).sum() / max(((ref - got) ** 2).sum(), 1e-30)))
 
 
 def _ctx(z, n_batches: int = 4, seed: int = 0) -> PassContext:
@@ -63,7 +52,7 @@ FIDELITY = {
 @pytest.mark.parametrize("name,mode", sorted(FIDELITY))
 def test_structure_and_fidelity_on_the_zoo(zoo_model, name, mode, tmp_path):
     z = zoo_model(name)
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     weighted = {w.node.name for w in weighted_ops(model)}
     report = Int8(mode=mode, force=True).apply(model, _ctx(z))
     ops = _ops(model)
@@ -81,8 +70,8 @@ def test_structure_and_fidelity_on_the_zoo(zoo_model, name, mode, tmp_path):
     assert "guard" in report.details and report.details["guard"]["speedup"] > 0
     feed = _eval_feed(z)
     want = run(create_session(_save(z.loaded.model, tmp_path / "f.onnx")), feed)
-    got = _checked_run(model, feed, tmp_path)
-    assert _sqnr(want[0], got[0]) > FIDELITY[(name, mode)]
+    got = run_checked(model, feed, tmp_path, "q")
+    assert sqnr_db(want[0], got[0]) > FIDELITY[(name, mode)]
 
 
 def _save(model: ir.Model, path):
@@ -92,7 +81,7 @@ def _save(model: ir.Model, path):
 
 def test_attention_matmuls_and_excluded_nodes_stay_float(zoo_model):
     z = zoo_model("bert")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     report = Int8(mode="static", force=True, exclude=["*intermediate*", "*pooler*"]).apply(model, _ctx(z))
     excluded = [what for what, why in report.left_alone if "excluded" in why]
     assert excluded and all("intermediate" in w or "pooler" in w for w in excluded)
@@ -109,7 +98,7 @@ def test_attention_matmuls_and_excluded_nodes_stay_float(zoo_model):
 
 def test_auto_keeps_the_fastest_accurate_enough_candidate(zoo_model):
     z = zoo_model("vit")  # Conv patch embedding + MatMuls (the tiny config's conv is a large share)
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     report = Int8(force=True).apply(model, _ctx(z))
     cands = {c["name"]: c for c in report.details["candidates"]}
     assert {"static", "dynamic"} <= set(cands)
@@ -134,7 +123,7 @@ def test_auto_candidates_follow_where_the_weights_are():
 
 def test_auto_without_calibration_tries_dynamic_only(zoo_model):
     z = zoo_model("bert")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     report = Int8(force=True).apply(model, PassContext(loaded=z.loaded))
     assert [c["name"] for c in report.details["candidates"]] == ["dynamic"]
     assert any("calibration" in n for n in report.details["notes"])
@@ -142,13 +131,13 @@ def test_auto_without_calibration_tries_dynamic_only(zoo_model):
 
 def test_accuracy_budget_keeps_the_most_sensitive_nodes_float(zoo_model, tmp_path):
     z = zoo_model("bert")
-    full = _copy(z.loaded.model)
+    full = copy_model(z.loaded.model)
     ctx = _ctx(z, n_batches=6)
     base = Int8(mode="static", force=True, max_loss={"sqnr": 0.0}).apply(full, ctx)
     full_sqnr = base.details["budget"]["full"]["sqnr_db"]
     assert base.details["budget"]["kept_float"] == 0
     target = full_sqnr + 6.0  # a quarter of the noise power
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     report = Int8(mode="static", force=True, max_loss={"sqnr": target}).apply(model, ctx)
     budget = report.details["budget"]
     assert 0 < budget["kept_float"] < budget["of"]
@@ -167,7 +156,7 @@ def test_impossible_budget_is_a_clear_error(tmp_path):
 
 def test_latency_guard_refuses_and_leaves_the_model_alone(zoo_model):
     z = zoo_model("bert")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     before = ir.serde.serialize_model(model).SerializeToString()
     with pytest.raises(LatencyGuardError, match="slower|Refused"):
         Int8(mode="dynamic", min_speedup=100.0).apply(model, _ctx(z))
@@ -194,7 +183,7 @@ def test_bad_input_is_a_clear_error(zoo_model):
         slimc.compile(z.loaded, "int8(mode=fast)")
     # static ranges need data; an empty set is refused
     with pytest.raises(DataError, match="calibration"):
-        Int8(mode="static").apply(_copy(z.loaded.model), PassContext(loaded=z.loaded))
+        Int8(mode="static").apply(copy_model(z.loaded.model), PassContext(loaded=z.loaded))
     with pytest.raises(DataError):
         slimc.compile(z.loaded, "int8(mode=static)", calibration=[])
     # wrong shape / dtype
@@ -210,7 +199,7 @@ def test_bad_input_is_a_clear_error(zoo_model):
 
 def test_an_already_quantized_model_is_refused(zoo_model):
     z = zoo_model("bert")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     Int8(mode="dynamic", force=True).apply(model, _ctx(z))
     with pytest.raises(PassConfigError, match="already quantized"):
         Int8(force=True).apply(model, _ctx(z))

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx_models import run_checked
 from zoo import ZOO, shifted_inputs
 
 import slimc
@@ -20,6 +21,7 @@ from slimc.analysis import count_params
 from slimc.backends.onnxruntime import create_session, run
 from slimc.calibrate import collect
 from slimc.errors import DataError, PassConfigError
+from slimc.onnx_io import copy_model
 from slimc.passes.prune import DependencyGraph
 from slimc.passes.prune.apply import apply_plan, zero_consumers
 from slimc.passes.prune.compensate import compensate
@@ -27,19 +29,11 @@ from slimc.passes.prune.importance import stat_requests
 from slimc.passes.prune.prune_pass import Prune
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
 
 def _feed(example) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in shifted_inputs(example).items()}
 
 
-def _run(model: ir.Model, feed, tmp_path, name: str) -> list[np.ndarray]:
-    path = tmp_path / f"{name}.onnx"
-    ir.save(model, path)
-    onnx.checker.check_model(str(path), full_check=True)
-    return run(create_session(path), feed)
 
 
 def _assert_close(got, want) -> None:
@@ -59,13 +53,13 @@ def _random_mask(size: int, rng: np.random.Generator) -> np.ndarray:
 def test_oracle_on_every_prunable_group(zoo_model, name, tmp_path):
     z = zoo_model(name)
     feed = _feed(z.example)
-    groups = DependencyGraph(_copy(z.loaded.model)).groups()
+    groups = DependencyGraph(copy_model(z.loaded.model)).groups()
     prunable = [grp for grp in groups if not grp.is_blocked()]
     assert prunable, f"{name}: no prunable group"
     rng = np.random.default_rng(0)
     for grp in prunable:
         mask = _random_mask(grp.size, rng)
-        pruned, ref = _copy(z.loaded.model), _copy(z.loaded.model)
+        pruned, ref = copy_model(z.loaded.model), copy_model(z.loaded.model)
         g = DependencyGraph(pruned)
         assert g.groups()[grp.id].atom == grp.atom
         apply_plan(g, {grp.atom: mask})
@@ -77,11 +71,11 @@ def test_oracle_on_every_prunable_group(zoo_model, name, tmp_path):
             if pruned_value is not None:
                 before, after = value.shape[axis], pruned_value.shape[axis]
                 assert (before - after) % int((~mask).sum()) == 0 and after < before
-        _assert_close(_run(pruned, feed, tmp_path, "pruned"), _run(ref, feed, tmp_path, "ref"))
+        _assert_close(run_checked(pruned, feed, tmp_path, "pruned"), run_checked(ref, feed, tmp_path, "ref"))
 
 
 def test_llama_groups_have_the_gqa_structure(zoo_model):
-    groups = DependencyGraph(_copy(zoo_model("llama").loaded.model)).groups()
+    groups = DependencyGraph(copy_model(zoo_model("llama").loaded.model)).groups()
     kinds = {}
     for grp in groups:
         if grp.name.startswith("model.layers.0."):
@@ -101,12 +95,12 @@ def test_bias_compensation_oracle(zoo_model, tmp_path):
     z = zoo_model("llama")
     feed = _feed(z.example)
     calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=3, sizes={"batch": 2, "seq": 9})
-    base = _copy(z.loaded.model)
-    groups = [grp for grp in DependencyGraph(_copy(base)).groups() if grp.kind == "ffn" and not grp.is_blocked()]
+    base = copy_model(z.loaded.model)
+    groups = [grp for grp in DependencyGraph(copy_model(base)).groups() if grp.kind == "ffn" and not grp.is_blocked()]
     stats = collect(base, sorted(stat_requests(groups, gram=False), key=lambda r: r.value), calib)
     rng = np.random.default_rng(1)
     plan = {grp.atom: _random_mask(grp.size, rng) for grp in groups}
-    pruned, ref = _copy(base), _copy(base)
+    pruned, ref = copy_model(base), copy_model(base)
     g = DependencyGraph(pruned)
     count, left = compensate(g, plan, stats, "bias")
     assert count == len(groups) and not left
@@ -114,7 +108,7 @@ def test_bias_compensation_oracle(zoo_model, tmp_path):
     gr = DependencyGraph(ref)
     compensate(gr, plan, stats, "bias")
     zero_consumers(gr, plan)
-    _assert_close(_run(pruned, feed, tmp_path, "pruned"), _run(ref, feed, tmp_path, "ref"))
+    _assert_close(run_checked(pruned, feed, tmp_path, "pruned"), run_checked(ref, feed, tmp_path, "ref"))
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -138,29 +132,29 @@ def test_compile_prune_half_on_zoo(zoo_model, name, tmp_path):
 
 def test_kv_heads_target_removes_a_kv_group_and_its_query_heads(zoo_model, tmp_path):
     z = zoo_model("llama")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     report = Prune(ratio=0.5, target="kv_heads").apply(model, slimc.pipeline.PassContext())
     assert [p["kind"] for p in report.details["groups_pruned"]] == ["kv_heads", "kv_heads"]
     shapes = sorted(tuple(v.shape) for v in model.graph.initializers.values() if v.shape is not None and len(v.shape) == 2)
     # per layer: q_proj [32, 32] -> [32, 16] (the 2 query heads of the removed KV group),
     # k_proj and v_proj [32, 16] -> [32, 8] (1 of 2 KV heads), o_proj [32, 32] -> [16, 32]
     assert (shapes.count((32, 16)), shapes.count((32, 8)), shapes.count((16, 32))) == (2, 4, 2)
-    _run(model, _feed(z.example), tmp_path, "kv")
+    run_checked(model, _feed(z.example), tmp_path, "kv")
 
 
 def test_round_to_and_global_scope(zoo_model):
-    model = _copy(zoo_model("bert").loaded.model)
+    model = copy_model(zoo_model("bert").loaded.model)
     report = Prune(ratio=0.3, target="ffn", round_to=8).apply(model, slimc.pipeline.PassContext())
     assert all(p["after"] % 8 == 0 for p in report.details["groups_pruned"])  # 64 * 0.7 = 44.8 -> 48
     assert {p["after"] for p in report.details["groups_pruned"]} == {48}
-    model = _copy(zoo_model("bert").loaded.model)
+    model = copy_model(zoo_model("bert").loaded.model)
     report = Prune(ratio=0.5, target="ffn", scope="global").apply(model, slimc.pipeline.PassContext())
     kept = [p["after"] for p in report.details["groups_pruned"]]
     assert sum(kept) == 64 * 2 - 64 and all(k >= 1 for k in kept)
 
 
 def test_ignore_and_ratios_by_kind(zoo_model):
-    model = _copy(zoo_model("bert").loaded.model)
+    model = copy_model(zoo_model("bert").loaded.model)
     report = Prune(ratio=0.5, ratios_by_kind={"attention": 0.25}, ignore=["encoder.layer.1.*"]).apply(model, slimc.pipeline.PassContext())
     pruned = {(p["kind"], p["group"]): (p["before"], p["after"]) for p in report.details["groups_pruned"]}
     assert all("layer.1" not in name for _, name in pruned)
@@ -220,19 +214,19 @@ def test_least_squares_minimises_the_layer_error_on_calibration_statistics(tmp_p
     mix = rng.standard_normal((k, k)).astype(np.float32)
     xs = [(rng.standard_normal((64, k)) @ mix).astype(np.float32) for _ in range(4)]
     calib = data.Dataset([{"x": x} for x in xs], "test")
-    (grp,) = [g for g in DependencyGraph(_copy(base)).groups() if not g.is_blocked()]
+    (grp,) = [g for g in DependencyGraph(copy_model(base)).groups() if not g.is_blocked()]
     plan = {grp.atom: _random_mask(grp.size, np.random.default_rng(2))}
     x = np.concatenate(xs)
     y = np.maximum(x @ w1, 0) @ w2
     errors = {}
     for method in ("none", "bias", "least_squares"):
-        model = _copy(base)
+        model = copy_model(base)
         g = DependencyGraph(model)
         if method != "none":
             stats = collect(model, sorted(stat_requests(g.groups(), gram=True), key=lambda r: r.value), calib)
             compensate(g, plan, stats, method)
         apply_plan(g, plan)
-        (pruned,) = _run(model, {"x": x}, tmp_path, method)
+        (pruned,) = run_checked(model, {"x": x}, tmp_path, method)
         errors[method] = float(np.mean((pruned - y) ** 2))
     assert errors["least_squares"] < errors["bias"] < errors["none"], errors
 
@@ -258,12 +252,12 @@ def test_merged_biases_do_not_couple_but_tied_weights_do(tmp_path):
     inits.append(helper.make_tensor("zero", TensorProto.FLOAT, (32,), zero))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])], outputs, inits)
     base = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])))
-    groups = [g for g in DependencyGraph(_copy(base)).groups() if not g.is_blocked()]
+    groups = [g for g in DependencyGraph(copy_model(base)).groups() if not g.is_blocked()]
     assert sorted(len(g.contractions) for g in groups) == [1, 1, 2]  # a, b apart; the tied pair together
-    model = _copy(base)
+    model = copy_model(base)
     params = count_params(model)[0]
     report = Prune(ratio=0.5).apply(model, slimc.pipeline.PassContext())
     assert len(report.details["groups_pruned"]) == 3
     assert count_params(model)[0] == params - (16 * 16 * 2 + 16 * 16 * 2 + 16 * 16 * 3 + 16)  # halves everywhere; the zero bias stays one (re-shared), the tie stays one
     x = rng.standard_normal((3, 16)).astype(np.float32)
-    _run(model, {"x": x}, tmp_path, "tied")
+    run_checked(model, {"x": x}, tmp_path, "tied")

@@ -13,29 +13,22 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_models import run_checked
 from zoo import shifted_inputs
 
 import slimc
 from slimc import data
-from slimc.backends.onnxruntime import create_session, run
 from slimc.calibrate import StatRequest, collect
 from slimc.data import Dataset
 from slimc.errors import DataError, PassConfigError
+from slimc.onnx_io import copy_model
 from slimc.passes.quant.smoothquant import SmoothQuant
 from slimc.pipeline import PassContext
 
 RNG = np.random.default_rng(0)
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
-
-def _run(model: ir.Model, feed, tmp_path, name: str) -> list[np.ndarray]:
-    path = tmp_path / f"{name}.onnx"
-    ir.save(model, path)
-    onnx.checker.check_model(str(path), full_check=True)
-    return run(create_session(path), feed)
 
 
 def _assert_close(got, want) -> None:
@@ -72,7 +65,7 @@ def smoothed(zoo_model):
         if name not in cache:
             z = zoo_model(name)
             calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=1)
-            model = _copy(z.loaded.model)
+            model = copy_model(z.loaded.model)
             cache[name] = (z, model, _smooth(model, calib), calib)
         return cache[name]
 
@@ -83,7 +76,7 @@ def smoothed(zoo_model):
 def test_exact_on_the_zoo(smoothed, name, tmp_path):
     z, model, report, _ = smoothed(name)
     feed = {k: v.numpy() for k, v in shifted_inputs(z.example).items()}
-    _assert_close(_run(model, feed, tmp_path, "smoothed"), _run(z.loaded.model, feed, tmp_path, "original"))
+    _assert_close(run_checked(model, feed, tmp_path, "smoothed"), run_checked(z.loaded.model, feed, tmp_path, "original"))
     changed = [k for k, w in _weights(model).items()
                if k not in z.loaded.model.graph.initializers or not np.array_equal(w, z.loaded.model.graph.initializers[k].const_value.numpy())]
     assert report.modified == bool(report.details["groups_smoothed"]) == bool(changed)
@@ -137,12 +130,12 @@ def test_bert_post_layernorm_is_left_alone_with_reasons(smoothed):
 def test_smoothing_flattens_activation_outliers(zoo_model, tmp_path):
     """Give llama's RMSNorm weight outlier channels; after smoothing the measured maxima are flatter."""
     z = zoo_model("llama")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     norm = model.graph.initializers["model.layers.0.input_layernorm.weight"]  # shared by every norm
     w = norm.const_value.numpy().copy()
     w[[3, 17]], w[9] = 40.0, 0.02
     norm.const_value = ir.tensor(w, name=norm.name)
-    reference = _copy(model)
+    reference = copy_model(model)
     calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=2)
     report = _smooth(model, calib)
     groups = [g for g in report.details["groups_smoothed"] if g["producer"] == "Mul by a constant"]
@@ -155,12 +148,12 @@ def test_smoothing_flattens_activation_outliers(zoo_model, tmp_path):
         np.testing.assert_allclose(b.max(), g["act_absmax_after"], rtol=1e-4)  # the report says what happened
         np.testing.assert_allclose(a.max(), g["act_absmax_before"], rtol=1e-6)
     feed = {k: v.numpy() for k, v in shifted_inputs(z.example).items()}
-    _assert_close(_run(model, feed, tmp_path, "smoothed"), _run(reference, feed, tmp_path, "reference"))
+    _assert_close(run_checked(model, feed, tmp_path, "smoothed"), run_checked(reference, feed, tmp_path, "reference"))
 
 
 def test_alpha_one_makes_every_channel_max_one(zoo_model):
     z = zoo_model("gpt2")
-    model = _copy(z.loaded.model)
+    model = copy_model(z.loaded.model)
     calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=3)
     report = _smooth(model, calib, alpha=1.0)
     requests = [StatRequest(g["input"], -1, absmax=True) for g in report.details["groups_smoothed"]]
@@ -221,7 +214,7 @@ def ln_matmul(extra_reader: bool = False, dtype=np.float32) -> tuple[ir.Model, d
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 1.0])
 def test_scale_formula_on_layernorm_matmul(alpha, tmp_path):
     model, inits = ln_matmul()
-    original = _copy(model)
+    original = copy_model(model)
     calib = _calib("x", (4, 6))
     report = _smooth(model, calib, alpha=alpha)
     x = np.concatenate([b["x"] for b in calib])
@@ -238,7 +231,7 @@ def test_scale_formula_on_layernorm_matmul(alpha, tmp_path):
     np.testing.assert_allclose(group["act_absmax_before"], act.max(), rtol=1e-4)
     np.testing.assert_allclose(group["act_absmax_after"], (act / s).max(), rtol=1e-4)
     feed = {"x": _f32(7, 6)}
-    _assert_close(_run(model, feed, tmp_path, "s"), _run(original, feed, tmp_path, "o"))
+    _assert_close(run_checked(model, feed, tmp_path, "s"), run_checked(original, feed, tmp_path, "o"))
 
 
 def test_scales_zero_channels_and_clipping():
@@ -272,12 +265,12 @@ def test_constant_node_is_replaced_by_the_smoothed_initializer(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], {"W": _f32(4, 3)},
     )
-    original = _copy(model)
+    original = copy_model(model)
     report = _smooth(model, _calib("x", (5, 4)))
     assert report.details["groups_smoothed"][0]["producer"] == "Mul by a constant"
     assert [n.op_type for n in model.graph] == ["Mul", "MatMul"]  # the dead Constant went with it
     feed = {"x": _f32(6, 4)}
-    _assert_close(_run(model, feed, tmp_path, "s"), _run(original, feed, tmp_path, "o"))
+    _assert_close(run_checked(model, feed, tmp_path, "s"), run_checked(original, feed, tmp_path, "o"))
 
 
 def chain() -> tuple[ir.Model, dict]:
@@ -310,7 +303,7 @@ def chain() -> tuple[ir.Model, dict]:
 
 def test_every_fold_on_a_chain(tmp_path):
     model, inits = chain()
-    original = _copy(model)
+    original = copy_model(model)
     report = _smooth(model, _calib("x", (2, 5, 8), n=2))
     groups = {g["input"]: g for g in report.details["groups_smoothed"]}
     assert set(groups) == {"r", "a", "y4"} and not report.left_alone
@@ -327,7 +320,7 @@ def test_every_fold_on_a_chain(tmp_path):
     for name in ("W1", "W2", "c1", "c2", "b3", "W3"):
         assert not np.array_equal(model.graph.initializers[name].const_value.numpy(), inits[name]), name
     feed = {"x": _f32(2, 5, 8, scale=3.0)}
-    _assert_close(_run(model, feed, tmp_path, "s"), _run(original, feed, tmp_path, "o"))
+    _assert_close(run_checked(model, feed, tmp_path, "s"), run_checked(original, feed, tmp_path, "o"))
 
 
 def test_exclude_leaves_every_group_touching_the_node_alone():

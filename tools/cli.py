@@ -163,11 +163,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _groups(model) -> list[dict]:
-    import onnx_ir as ir
-
+    from slimc.onnx_io import copy_model
     from slimc.passes.prune import DependencyGraph
 
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # the analysis unshares constants
+    copy = copy_model(model)  # the analysis unshares constants
     return [grp.describe() for grp in DependencyGraph(copy).groups()]
 
 

@@ -62,6 +62,7 @@ import onnx_ir.passes.common as ir_common
 
 from slimc.analysis import count_params
 from slimc.errors import PassConfigError
+from slimc.onnx_io import copy_model
 from slimc.passes.quant import common
 from slimc.pipeline import Pass, PassContext, PassReport
 
@@ -132,7 +133,7 @@ class Fp16(Pass):
         float_bytes0 = _float_weight_bytes(model)
         casts0 = _count_op(model, "Cast")
 
-        work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        work = copy_model(model)
         ir.external_data.load_to_model(work)  # the converter rewrites raw bytes; external data has none
         ir_common.NameFixPass()(work)  # unique node names: the converter blocks nodes by name
         if not _typed(work):  # finding what stays float32 needs every value's type

@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from slimc import progress
 from slimc.errors import DataError, PassConfigError
+from slimc.onnx_io import copy_model
 from slimc.passes.quant import common, gptq
 from slimc.pipeline import Pass, PassContext, PassReport
 
@@ -267,7 +268,7 @@ class Int4(Pass):
                 "int4: method=gptq needs calibration data (the input statistics of every layer). Pass "
                 "calibration= to slimc.compile() or --calib on the command line, or use int4(method=rtn)."
             )
-        work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        work = copy_model(model)
         targets, left = self._targets(work)
         if not targets:
             return PassReport(name=self.name, modified=False, summary="nothing to quantize: no MatMul/Gemm with a constant float weight qualifies",
