@@ -207,23 +207,20 @@ class _Builder:
 
     def reduce_sum(self, x: str, axes: list[int], hint: str) -> str:
         """ReduceSum over ``axes`` with keepdims=0: axes as an input from opset 13, an attribute before."""
-        if not axes:  # a rank-1 value: every element is its own channel already
-            return self.node("Identity", [x], hint)
-        if self.opset < 13:
-            return self.node("ReduceSum", [x], hint, axes=axes, keepdims=0)
-        axes_name = self.name(f"{hint}.axes")
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
-        return self.node("ReduceSum", [x, axes_name], hint, keepdims=0)
+        return self._reduce("ReduceSum", 13, x, axes, hint)
 
     def reduce_max(self, x: str, axes: list[int], hint: str) -> str:
         """ReduceMax over ``axes`` with keepdims=0: axes as an input from opset 18, an attribute before."""
-        if not axes:
+        return self._reduce("ReduceMax", 18, x, axes, hint)
+
+    def _reduce(self, op: str, axes_input_since: int, x: str, axes: list[int], hint: str) -> str:
+        if not axes:  # a rank-1 value: every element is its own channel already
             return self.node("Identity", [x], hint)
-        if self.opset < 18:
-            return self.node("ReduceMax", [x], hint, axes=axes, keepdims=0)
+        if self.opset < axes_input_since:
+            return self.node(op, [x], hint, axes=axes, keepdims=0)
         axes_name = self.name(f"{hint}.axes")
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), axes_name))
-        return self.node("ReduceMax", [x, axes_name], hint, keepdims=0)
+        return self.node(op, [x, axes_name], hint, keepdims=0)
 
 
 def _instrument(

@@ -22,6 +22,7 @@ import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
 from slimc.errors import DataError, LatencyGuardError, PassConfigError  # noqa: F401 - re-exported
 from slimc.passes.prune.graph import module_path  # noqa: F401 - the PyTorch module a node came from
+from slimc.passes.prune.rules import attr  # noqa: F401 - a node attribute's value, or a default
 
 # Ops that only exist in a model that has been quantized already (by slimc, ORT, NNCF, ...).
 QUANTIZED_OPS = frozenset({
@@ -59,10 +60,6 @@ class WeightedOp:
         return self.weight.const_value.numpy()
 
 
-def _attr(node: ir.Node, name: str, default: Any) -> Any:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
 
 def weighted_ops(model: ir.Model, op_types: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> list[WeightedOp]:
     """Every node of ``op_types`` in the main graph whose weight is a float constant initializer.
@@ -83,7 +80,7 @@ def weighted_ops(model: ir.Model, op_types: Sequence[str] = ("MatMul", "Gemm", "
         if node.op_type == "MatMul" and len(shape) == 2:
             found.append(WeightedOp(node, 1, w, 0, 1))
         elif node.op_type == "Gemm" and len(shape) == 2:
-            trans = bool(_attr(node, "transB", 0))
+            trans = bool(attr(node, "transB", 0))
             found.append(WeightedOp(node, 1, w, 1 if trans else 0, 0 if trans else 1))
         elif node.op_type == "Conv" and len(shape) >= 3:
             found.append(WeightedOp(node, 1, w, 1, 0))

@@ -36,6 +36,7 @@ from slimc import progress
 from slimc.errors import DataError, PassConfigError
 from slimc.onnx_io import copy_model
 from slimc.passes.quant import common, gptq
+from slimc.passes.quant.common import attr
 from slimc.pipeline import Pass, PassContext, PassReport
 
 BLOCK_SIZES = (32, 64, 128)
@@ -70,10 +71,6 @@ class _Target:
     def label(self) -> str:
         return f"{self.node.name or self.node.op_type} ({self.node.op_type})"
 
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def _label(node: ir.Node) -> str:
@@ -157,7 +154,7 @@ class Int4(Pass):
             if (producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx")
                     and producer.inputs[0] is not None and producer.inputs[0].const_value is not None
                     and len(producer.inputs[0].const_value.shape) == 2
-                    and list(_attr(producer, "perm", [1, 0])) == [1, 0]):
+                    and list(attr(producer, "perm", [1, 0])) == [1, 0]):
                 source, transposed, via = producer.inputs[0], True, producer
             else:
                 return "its second input is computed in the graph (activation x activation, e.g. attention), not a constant weight"
@@ -169,10 +166,10 @@ class Int4(Pass):
         if source.dtype not in _SCALE_DTYPES:
             return f"weight is {source.dtype.name if source.dtype else 'untyped'}; MatMulNBits takes float32 or float16"
         if node.op_type == "Gemm":
-            if _attr(node, "transA", 0):
+            if attr(node, "transA", 0):
                 return "Gemm with transA=1"
-            transposed = transposed != bool(_attr(node, "transB", 0))  # a Transpose before a transB=1 undoes it
-            alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+            transposed = transposed != bool(attr(node, "transB", 0))  # a Transpose before a transB=1 undoes it
+            alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 bias = node.inputs[2]
                 if beta != 1.0 and bias.const_value is None:

@@ -57,7 +57,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc.errors import DataError, PassConfigError
-from slimc.passes.quant.common import WeightedOp, module_path, node_matches, refuse_quantized, weighted_ops
+from slimc.passes.quant.common import WeightedOp, attr, module_path, node_matches, refuse_quantized, weighted_ops
 from slimc.pipeline import Pass, PassContext, PassReport
 
 MIN_SCALE, MAX_SCALE = 1e-5, 1e5
@@ -112,15 +112,11 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
         return value.const_value.numpy()
     node = value.producer()
     if node is not None and node.op_type == "Constant" and node.domain in _STANDARD:
-        attr = node.attributes.get("value")
-        if attr is not None and attr.value is not None:
-            return attr.value.numpy()
+        tensor = attr(node, "value", None)
+        if tensor is not None:
+            return tensor.numpy()
     return None
 
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 class _Shapes:
@@ -235,7 +231,7 @@ class _Tracer:
                         "per channel cannot be folded through it")
             return src
         if op == "Transpose":
-            perm = _attr(node, "perm", None)
+            perm = attr(node, "perm", None)
             if perm is None or list(perm)[-1] != len(perm) - 1:
                 return f"{_label(node)} moves the channel axis"
             return src
@@ -287,7 +283,7 @@ class _Tracer:
         weight = _const(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.ndim != 2:
             return f"'{value.name}' is produced by {_label(node)} without a constant 2-D weight"
-        n_axis = 0 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 1
+        n_axis = 0 if node.op_type == "Gemm" and attr(node, "transB", 0) else 1
         if weight.shape[n_axis] != channels:
             return f"{_label(node)} has {weight.shape[n_axis]} output channels, not {channels}"
         edits = [_Edit(node, 1, n_axis)]
@@ -372,7 +368,7 @@ class SmoothQuant(Pass):
             return f"the weights disagree on the input channels ({sorted(channels)})"
         (c,) = channels
         for op in linears:
-            if op.node.op_type == "Gemm" and _attr(op.node, "transA", 0):
+            if op.node.op_type == "Gemm" and attr(op.node, "transA", 0):
                 return f"{_label(op.node)} has transA=1 (its input channels are not the last axis)"
         if x.is_graph_output():
             return f"'{x.name}' is also a graph output (it would change)"
