@@ -131,16 +131,22 @@ def _stats(values: list[float]) -> Latency:
     return Latency(median_ms=statistics.median(ordered), p10_ms=pick(0.1), p90_ms=pick(0.9), runs=len(ordered))
 
 
-def machine_description(threads: int | None = None) -> str:
-    """CPU model, core count, threads used and ORT version: printed next to every timing."""
-    cpu = platform.processor() or platform.machine()
+def cpu_info() -> dict[str, str]:
+    """The first ``model name`` and ``flags`` lines of /proc/cpuinfo ({} where there is none)."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "flags"):
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def machine_description(threads: int | None = None) -> str:
+    """CPU model, core count, threads used and ORT version: printed next to every timing."""
+    cpu = cpu_info().get("model name") or platform.processor() or platform.machine()
     return (
         f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPUExecutionProvider, "
         f"{threads or default_threads()} intra-op threads"

@@ -370,13 +370,9 @@ class _Work:
         return model
 
     def measure(self, built: dict[str, onnx.ModelProto], feed) -> dict[str, float]:
-        from slimc.backends import onnxruntime as ort_backend
-
-        sessions = {"float": ort_backend.create_session(self.float_path)}
-        for name, proto in built.items():
-            sessions[name] = ort_backend.create_session(self._save(proto, name))
-        stats = ort_backend.measure_latency(sessions, dict(feed), warmup=2, repeats=15, rounds=3, budget_s=30.0)
-        return {name: s.median_ms for name, s in stats.items()}
+        """The float model and each built proto, timed together (`common.measure_files`)."""
+        paths = {"float": self.float_path, **{name: self._save(proto, name) for name, proto in built.items()}}
+        return common.measure_files(paths, feed)
 
     # -------------------------------------------------------------- accuracy budget
 
@@ -479,11 +475,12 @@ def needs_reduced_range() -> bool:
     """
     import platform
 
+    from slimc.backends.onnxruntime import cpu_info
+
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
+    flags = cpu_info().get("flags")
+    if flags is None:
         return True  # unknown x86: the safe choice
     return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()))
 
