@@ -37,7 +37,7 @@ class Receipt:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["passes"] = [p.to_json() for p in self.passes]
-        return _json_safe(data)
+        return json_safe(data)
 
     def save(self, path: str | Path) -> None:
         from slimc.onnx_io import write_text_atomic
@@ -48,16 +48,16 @@ class Receipt:
         return render(self)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """inf/nan are not JSON: write them as strings ("inf") so every reader can parse the file."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 

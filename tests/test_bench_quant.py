@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime.quantization")
 
+from slimc.receipt import json_safe  # noqa: E402
 from slimc.tools import bench_prune, bench_quant  # noqa: E402
 
 TOOLS = ["ort-dynamic", "ort-static", "slimc"]
@@ -74,7 +75,7 @@ def test_bench_tiny_models(tmp_path, monkeypatch):
         assert [p["name"] for p in slimc_cell["passes"]] == ["cleanup"] and slimc_cell["pass_seconds"] >= 0
         assert slimc_cell["passes"][0]["details"]
 
-    json.dumps(bench_quant._json_safe(report), allow_nan=False)  # the --out file is plain JSON
+    json.dumps(json_safe(report), allow_nan=False)  # the --out file is plain JSON
     table = bench_quant.markdown(report)
     assert "| model | feed | tool | latency ms | speedup vs fp32 | fidelity metric | size MB | notes |" in table
     assert table.count("| tiny-bert |") == 4 and table.count("| tiny-resnet |") == 4

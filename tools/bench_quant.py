@@ -683,23 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(report)
     print(table)
     if args.out:
-        args.out.write_text(json.dumps(_json_safe(report), indent=2) + "\n")
+        from slimc.receipt import json_safe
+
+        args.out.write_text(json.dumps(json_safe(report), indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(table)
     return 0
 
-
-def _json_safe(value: Any) -> Any:
-    """inf/nan as strings and numpy scalars as Python numbers, so any JSON reader takes the file."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 if __name__ == "__main__":
