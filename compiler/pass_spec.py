@@ -100,6 +100,9 @@ class _Parser:
                     self.take(",")
             self.take("}")
             return mapping
+        if tok.isdigit() and self.peek() == ":" and self.i + 1 < len(self.tokens) and self.tokens[self.i + 1].isdigit():
+            self.take(":")  # an N:M ratio such as pattern=2:4 stays the string "2:4"
+            return f"{tok}:{self.take()}"
         return _scalar(tok)
 
 

@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "smoothquant": "slimc.passes.quant.smoothquant:SmoothQuant",
     "int4": "slimc.passes.quant.int4:Int4",
     "fp16": "slimc.passes.quant.fp16:Fp16",
+    "sparsify": "slimc.passes.sparse.sparsify:Sparsify",
 }
 
 
