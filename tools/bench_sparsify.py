@@ -65,7 +65,7 @@ def run(specs: list[str], folder: Path, calib_batches: int, eval_batches: int) -
             outputs = iter(reference)
             metrics = evaluate.evaluate(lambda b: next(outputs), lambda b: ort_run(session, b), batches, "causal-lm",
                                         output_names=[o.name for o in session.get_outputs()], inputs=loaded.inputs)
-            del session
+            session = None  # release the ORT session before the next spec
             d = reports[-1].details
             rows.append({
                 "spec": spec, "seconds": round(seconds, 1),
