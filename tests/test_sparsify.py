@@ -300,3 +300,13 @@ def test_already_quantized_is_refused(zoo_model):
     quantized = slimc.compile(z.loaded, "int4(force=true)", measure_latency=False).model
     with pytest.raises(PassConfigError, match="already quantized"):
         Sparsify().apply(quantized, PassContext())
+
+
+def test_bench_markdown_table():
+    from slimc.tools import bench_sparsify
+
+    row = {"spec": "sparsify(pattern=2:4, method=wanda)", "sparsity": 0.5, "nm_valid": True, "perplexity": 30.5,
+           "perplexity_dense": 22.6, "perplexity_ratio": 1.35, "zip_bytes_before": 5e8, "zip_bytes_after": 4e8, "seconds": 12.0}
+    text = bench_sparsify.markdown({"evaluation": "e", "calibration": "c", "machine": "m", "rows": [row, {**row, "nm_valid": None}]})
+    assert "| `sparsify(pattern=2:4, method=wanda)` | 50.0% | yes | 30.50 (22.60) | 1.35 | 500 -> 400 | 12 |" in text
+    assert text.count("\n| `sparsify") == 2 and "|  |" in text

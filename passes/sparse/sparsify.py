@@ -428,8 +428,12 @@ class Sparsify(Pass):
         return text + "; dense file, same ORT CPU latency"
 
 
-def _zip_size(model: ir.Model, level: int = 6) -> int | None:
-    """Deflate size of the serialized model (None above protobuf's 2 GB limit)."""
+def _zip_size(model: ir.Model, level: int = 1) -> int | None:
+    """Deflate size of the serialized model (None above protobuf's 2 GB limit).
+
+    Level 1, not zip's default 6: on float weights 6 is 4x slower (about 4 MB/s on a busy 2-core
+    machine, minutes for a 540 MB model) for a file only ~5% smaller.
+    """
     proto = ir.serde.serialize_model(model)
     if proto.ByteSize() >= 2**31 - 1:
         return None
