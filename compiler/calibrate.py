@@ -290,3 +290,155 @@ def _stream(
             else:
                 totals[name] += out
     return totals
+
+
+# ---------------------------------------------------------------- cosine similarity of value pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineRequest:
+    """Cosine of graph values ``a`` and ``b`` (same shape) along ``axis``, at every other position.
+
+    ``weights`` names an optional graph input (an attention mask ``[batch, seq]``) that weights the
+    positions; it must have the rank of the per-position cosine (the values' rank minus one).
+    """
+
+    a: str
+    b: str
+    axis: int = -1
+    weights: str | None = None
+
+
+@dataclasses.dataclass
+class CosineStats:
+    """Weighted sums over every calibration position; ``weight`` is the number of positions (or the
+    sum of their weights)."""
+
+    weight: float
+    sum: float  # Σ w·cos
+    sumsq: float  # Σ w·cos²
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.weight if self.weight else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(max(self.sumsq / self.weight - self.mean**2, 0.0))) if self.weight else float("nan")
+
+
+def cosine(
+    model: ir.Model,
+    requests: Sequence[CosineRequest],
+    dataset: Sequence[Mapping[str, np.ndarray]] | None,
+    *,
+    threads: int | None = None,
+    desc: str = "cosine statistics",
+) -> dict[CosineRequest, CosineStats]:
+    """Per-position cosine similarity of each requested pair of values, summed over ``dataset``.
+
+    For a pair ``(a, b)`` and channel axis ``k``, at every position ``p`` (an index of all axes but
+    ``k``: a token of a ``[batch, seq, hidden]`` hidden state, a pixel of an NCHW feature map)::
+
+        cos_p = <a_p, b_p> / (‖a_p‖ ‖b_p‖)        clipped to [-1, 1]
+        cos_p = 1 where a_p = b_p exactly (two zero vectors included); 0 where just one is zero
+
+    and the graph outputs ``Σ_p w_p cos_p``, ``Σ_p w_p cos_p²`` and ``Σ_p w_p`` (``w_p`` = 1, or the
+    request's weights input). As in `collect`, a copy of the model is instrumented with these
+    reductions as its only outputs and batches stream through one ORT session, so memory holds
+    three numbers per pair, never the activations. ``model`` is not modified. Raises `DataError`
+    without data and `ValueError` for a request naming no float value, an axis out of range, or
+    weights of the wrong rank.
+    """
+    if dataset is None or len(dataset) == 0:
+        raise DataError(
+            f"{desc} needs calibration data, and none was given. Pass it with calibration=... in "
+            "slimc.compile(...), or --calib PATH on the command line."
+        )
+    requests = list(dict.fromkeys(requests))
+    names = {n for r in requests for n in (r.a, r.b)}
+    values = _activations(model, [StatRequest(n, 0) for n in sorted(names)])
+    graph_inputs = {v.name for v in model.graph.inputs}
+    for r in requests:
+        if r.weights is not None and r.weights not in graph_inputs:
+            raise ValueError(f"calibration: weights {r.weights!r} is not a graph input.")
+    with tempfile.TemporaryDirectory(prefix="slimc-calib-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_onnx(model, path)
+        proto = onnx.load(str(path), load_external_data=False)
+        types = _types(proto, values, names)
+        plan = _instrument_cosine(proto, types, requests)
+        onnx.save(proto, str(path))
+        totals = _stream(create_session(path, threads), dataset, desc)
+    return {r: CosineStats(weight=float(totals[plan[r][2]]), sum=float(totals[plan[r][0]]), sumsq=float(totals[plan[r][1]]))
+            for r in requests}
+
+
+def _instrument_cosine(
+    proto: onnx.ModelProto, types: dict[str, tuple[int, int]], requests: Sequence[CosineRequest]
+) -> dict[CosineRequest, tuple[str, str, str]]:
+    """Add the per-position cosine reductions of each request; {request: (Σ w·cos, Σ w·cos², Σ w) output names}."""
+    build = _Builder(proto)
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in proto.graph.input if i.type.tensor_type.HasField("shape")}
+    del proto.graph.output[:]
+
+    def output(name: str, elem: int) -> str:
+        proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+        return name
+
+    def const(value: float, hint: str) -> str:
+        name = build.name(hint)
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    floats: dict[str, str] = {}
+    squares: dict[tuple[str, int], str] = {}
+    weights: dict[str, tuple[str, str]] = {}
+    zero, one, tiny = const(0.0, "zero"), const(1.0, "one"), const(1e-30, "tiny")
+
+    def as_float(value: str) -> str:
+        if value not in floats:
+            elem = types[value][0]
+            floats[value] = value if elem == TensorProto.FLOAT else build.node("Cast", [value], "float", to=TensorProto.FLOAT)
+        return floats[value]
+
+    def norm2(value: str, axis: int) -> str:  # Σ_k x_k² along the channel axis
+        if (value, axis) not in squares:
+            xf = as_float(value)
+            squares[(value, axis)] = build.reduce_sum(build.node("Mul", [xf, xf], "square"), [axis], "norm2")
+        return squares[(value, axis)]
+
+    plan = {}
+    for r in requests:
+        rank = types[r.a][1]
+        if types[r.b][1] != rank:
+            raise ValueError(f"calibration: {r.a!r} and {r.b!r} have different ranks ({rank} and {types[r.b][1]}).")
+        if not -rank <= r.axis < rank:
+            raise ValueError(f"calibration: axis {r.axis} is out of range for {r.a!r} of rank {rank}.")
+        axis = r.axis % rank
+        a, b = as_float(r.a), as_float(r.b)
+        dot = build.reduce_sum(build.node("Mul", [a, b], "dot"), [axis], "dot")
+        den = build.node("Sqrt", [build.node("Mul", [norm2(r.a, axis), norm2(r.b, axis)], "den2")], "den")
+        cos = build.node("Div", [dot, build.node("Max", [den, tiny], "den_safe")], "cos")
+        cos = build.node("Clip", [cos, const(-1.0, "lo"), one], "cos_clipped")
+        diff = build.node("Sub", [a, b], "diff")
+        same = build.node("Equal", [build.reduce_sum(build.node("Mul", [diff, diff], "diff2"), [axis], "dist2"), zero], "same")
+        cos = build.node("Where", [same, one, cos], "cos_exact")
+        positions = list(range(rank - 1))
+        if r.weights is None:
+            weighted, total = cos, output(build.node("Size", [cos], "positions"), TensorProto.INT64)
+        else:
+            if ranks.get(r.weights) != rank - 1:
+                raise ValueError(
+                    f"calibration: weights {r.weights!r} must have rank {rank - 1} (one weight per position of "
+                    f"{r.a!r}); it has rank {ranks.get(r.weights)}."
+                )
+            if r.weights not in weights:  # (the weights as float, their total): made once per input
+                w = build.node("Cast", [r.weights], "weights", to=TensorProto.FLOAT)
+                weights[r.weights] = (w, output(build.reduce_sum(w, positions, "weight_sum"), TensorProto.FLOAT))
+            w, total = weights[r.weights]
+            weighted = build.node("Mul", [cos, w], "weighted")
+        sq = build.node("Mul", [weighted, cos], "cos2")
+        plan[r] = (output(build.reduce_sum(weighted, positions, "cos_sum"), TensorProto.FLOAT),
+                   output(build.reduce_sum(sq, positions, "cos2_sum"), TensorProto.FLOAT), total)
+    return plan

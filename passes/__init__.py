@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "int4": "slimc.passes.quant.int4:Int4",
     "fp16": "slimc.passes.quant.fp16:Fp16",
     "sparsify": "slimc.passes.sparse.sparsify:Sparsify",
+    "layerskip": "slimc.passes.skip.layerskip:LayerSkip",
 }
 
 
