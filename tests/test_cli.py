@@ -121,3 +121,29 @@ def test_int8_from_the_command_line_and_its_latency_guard(cnn_file, tmp_path, ca
                  "-o", str(out), "--no-latency", "-q"]) == 0
     onnx.checker.check_model(str(out), full_check=True)
     assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(out)).graph.node)
+
+
+def test_sparsify_and_layerskip_from_the_command_line(zoo_model, tmp_path, capsys):
+    import numpy as np
+    import onnx_ir as ir
+
+    z = zoo_model("gpt2")
+    model = tmp_path / "gpt2.onnx"
+    ir.save(z.loaded.model, model)
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    ids = rng.integers(3, 100, size=(8, 16))
+    np.savez(calib, input_ids=ids, attention_mask=np.ones_like(ids))
+    out, receipt = tmp_path / "out.onnx", tmp_path / "r.json"
+    spec = "layerskip(count=1, unit=mlp, protect_last=0),sparsify(pattern=2:4, method=wanda)"
+    assert main([str(model), "--passes", spec, "--calib", str(calib), "-o", str(out), "--receipt", str(receipt),
+                 "--no-latency", "-q"]) == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    skip, sparse = json.loads(receipt.read_text())["passes"]
+    assert skip["name"] == "layerskip" and len(skip["details"]["removed"]) == 1
+    assert sparse["details"]["nm_valid"] and sparse["details"]["sparsity"] == pytest.approx(0.5)
+    # data-driven without data: exit 2, a message that says what to pass, nothing written
+    bad = tmp_path / "bad.onnx"
+    assert main([str(model), "--passes", "layerskip(count=1)", "-o", str(bad), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--calib" in err and "Traceback" not in err and not bad.exists()

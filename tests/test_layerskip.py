@@ -78,6 +78,22 @@ def test_finds_blocks_and_sublayers(zoo_model, name, n_blocks, n_attention, n_ml
         assert any("not the identity" in why and "Conv" in why for _, why in analysis.left_alone)
 
 
+@pytest.mark.parametrize("name, n_blocks", [("resnet_bottleneck", 1), ("mobilenet_v2", 10), ("convnext", 2)])
+def test_other_cnns_skip_through_compile(zoo_model, name, n_blocks):
+    """The remaining zoo CNNs: ResNet-50's bottleneck blocks, MobileNetV2's linear inverted
+    residuals (no activation tail), ConvNeXt's layer-scaled blocks; compile() runs the checker and ORT."""
+    z = zoo_model(name)
+    units = blocks.analyse(z.loaded.model).units("block")
+    assert len(units) == n_blocks and all(u.describe() == "conv" and u.channel_axis == 1 for u in units)
+    calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=0)
+    result = slimc.compile(z.loaded, "layerskip(count=1, protect_first=0, protect_last=0)", calibration=calib,
+                           measure_latency=False)
+    details = result.receipt.passes[0].details
+    assert len(details["removed"]) == 1 and details["params_after"] < details["params_before"]
+    (unit,) = [u for u in units if u.label == details["removed"][0]["label"]]
+    assert not {n.name for n in unit.nodes} & {n.name for n in result.model.graph}
+
+
 def _graph(extra_output: bool = False, long_skip: bool = False) -> ir.Model:
     """x -> two residual MLP blocks (x + W2 relu(W1 x)) -> y; optionally a branch value as an
     extra graph output, or an Add from x around both blocks."""
