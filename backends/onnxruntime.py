@@ -8,17 +8,14 @@ hits both alike. The reported figure is the median over all timed runs; p10/p90 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from slimc import progress
+from slimc.backends.timing import Latency, interleaved
 from slimc.errors import BackendError, DataError, first_line
 
 _ORT_TO_NUMPY = {
@@ -75,19 +72,6 @@ def run(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> list[np.
         raise BackendError(f"ONNX Runtime failed to run the model: {first_line(exc, 1000)}") from None
 
 
-@dataclasses.dataclass
-class Latency:
-    """Milliseconds per run of one model on one feed."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    runs: int
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def measure_latency(
     sessions: dict[str, ort.InferenceSession],
     batch: dict[str, np.ndarray],
@@ -97,38 +81,12 @@ def measure_latency(
     rounds: int = 5,
     budget_s: float = 60.0,
 ) -> dict[str, Latency]:
-    """Median latency of each session on ``batch``, interleaved in rounds after warm-up.
-
-    ``repeats`` timed runs per model are split over ``rounds`` alternating rounds. If one
-    run is slow, the repeat count is cut so the whole measurement stays near ``budget_s``
-    (never below 3 runs per model).
-    """
+    """Median latency of each session on ``batch``, interleaved in rounds after warm-up
+    (`slimc.backends.timing.interleaved`: ``repeats`` runs per model over ``rounds`` rounds,
+    cut to stay near ``budget_s``)."""
     feeds = {name: prepare_feed(s, batch) for name, s in sessions.items()}
-    warm_times = {}
-    for name, session in progress.bar(sessions.items(), "latency warm-up", total=len(sessions)):
-        start = time.perf_counter()
-        for _ in range(max(1, warmup)):
-            session.run(None, feeds[name])
-        warm_times[name] = (time.perf_counter() - start) / max(1, warmup)
-    per_round_cost = sum(warm_times.values())
-    affordable = int(budget_s / max(per_round_cost, 1e-6))
-    repeats = max(3, min(repeats, affordable))
-    rounds = max(1, min(rounds, repeats))
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
-    for count in progress.bar(per_round, "measuring latency", total=rounds, unit="round"):
-        for name, session in sessions.items():
-            for _ in range(count):
-                start = time.perf_counter()
-                session.run(None, feeds[name])
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: _stats(values) for name, values in times.items()}
-
-
-def _stats(values: list[float]) -> Latency:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
-    return Latency(median_ms=statistics.median(ordered), p10_ms=pick(0.1), p90_ms=pick(0.9), runs=len(ordered))
+    calls = {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()}
+    return interleaved(calls, warmup=warmup, repeats=repeats, rounds=rounds, budget_s=budget_s)
 
 
 def cpu_info() -> dict[str, str]:

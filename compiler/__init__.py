@@ -17,11 +17,13 @@ from slimc.errors import (
     DataError,
     ExportError,
     LatencyGuardError,
+    MissingExtraError,
     ModelLoadError,
     OutputPathError,
     PassConfigError,
     PassFailedError,
     SlimcError,
+    TargetError,
     UnsafeModelError,
     VerificationError,
 )
@@ -40,8 +42,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "BackendError", "DataError", "ExportError", "LatencyGuardError", "ModelLoadError", "OutputPathError", "PassConfigError",
-    "PassFailedError", "SlimcError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
+    "BackendError", "DataError", "ExportError", "LatencyGuardError", "MissingExtraError", "ModelLoadError",
+    "OutputPathError", "PassConfigError", "PassFailedError", "SlimcError", "TargetError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
 ]
 
 

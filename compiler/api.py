@@ -7,6 +7,8 @@ Read top to bottom, this is the whole compiler::
     baseline = stage(input model)                    # saved, checked, loaded in ORT
     for each pass: apply -> stage -> verify          # checker, ORT, exactness if declared
     receipt  = stats + latency + fidelity            # measured in this run
+    target   = export(prepared, target)              # optional: opset, static shapes, an edge
+                                                     # runtime's artifact, run in that runtime
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class Stage:
     session: Any
     outputs: list[list[np.ndarray]]
     full_check: bool = True  # False when only the basic checker passed (inputs only)
+    batch_size: int | None = None  # a batch axis pinned by --static-shapes: batches are split to fit
+
+    def run(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from slimc.backends.targets import chunked
+
+        return chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
 
     @property
     def bytes_on_disk(self) -> int:
@@ -60,12 +68,22 @@ class CompileResult:
     model: ir.Model
     receipt: Receipt
     loaded: LoadedModel
+    exported: Any = None  # slimc.export.Exported, when a target other than plain ONNX was asked for
     _workdir: Any = dataclasses.field(repr=False, default=None)
 
     def save(self, path: str | os.PathLike) -> list[Path]:
-        """Write the model atomically (external data above ~1.8 GB); refuses to overwrite the input."""
-        check_output_path(Path(path), self.loaded.source_paths)
-        return save_onnx(self.model, path)
+        """Write the model (or the target's artifact, with its companion files) atomically; refuses
+        to overwrite the input. ONNX weights go to external data above ~1.8 GB."""
+        from slimc.backends import targets
+
+        if self.exported is None or self.exported.target == "onnx":
+            check_output_path(Path(path), self.loaded.source_paths)
+            return save_onnx(self.model, path)
+        target = targets.get(self.exported.target)
+        check_output_path(Path(path), self.loaded.source_paths, suffix=target.suffix)
+        from slimc.export import save_artifact
+
+        return save_artifact(self.exported.files, Path(path), target.suffix)
 
 
 def compile(  # noqa: A001 - the public verb of a compiler
@@ -82,6 +100,9 @@ def compile(  # noqa: A001 - the public verb of a compiler
     threads: int | None = None,
     seq_len: int = 128,
     seed: int = 0,
+    target: str | None = None,
+    opset: int | None = None,
+    static_shapes: dict[str, Any] | str | None = None,
 ) -> CompileResult:
     """Compress ``model`` with ``passes`` and return the result with its receipt.
 
@@ -90,11 +111,23 @@ def compile(  # noqa: A001 - the public verb of a compiler
     ``calibration`` / ``evaluation``: a text file, image folder, ``.npz``, or in-memory
     tensors (see `slimc.data.load`). Without ``evaluation`` fidelity is measured on synthetic
     inputs and the receipt says so.
+
+    ``target`` (``onnx``, ``ort-mobile``, ``openvino``, ``ncnn``, ``tflite``, ``executorch``): also
+    convert the result for that runtime, run it there on the evaluation data and time it
+    (`slimc.export`); ``result.save`` then writes the artifact. ``opset`` converts the ONNX
+    opset; ``static_shapes`` (``{"input_ids": (1, 128)}`` or ``"input_ids=1x128"``) pins inputs.
     """
     from slimc import data, frontends
+    from slimc.export import ExportOptions
 
     pipeline = parse_pipeline(passes)  # fail fast on a bad spec, before any slow export
+    wants_export = target is not None or opset is not None or static_shapes is not None
+    options = ExportOptions(target or "onnx", opset, _shapes(static_shapes)) if wants_export else None
     loaded = frontends.load(_copy_if_ir(model), example_inputs, input_names=input_names, dynamic=dynamic)
+    if options is not None and options.static_shapes:
+        from slimc.export import check_shapes
+
+        check_shapes(loaded.model, options.static_shapes)  # before any (slow) pass
     calib = data.load(calibration, loaded, seq_len=seq_len, role="calibration") if calibration is not None else None
     evalset = _evaluation_set(evaluation, loaded, seq_len, seed)
     verify_batches = [batch for _, batch in zip(range(VERIFY_BATCHES), evalset)]
@@ -116,16 +149,68 @@ def compile(  # noqa: A001 - the public verb of a compiler
         current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check, verify, reports)
         verification.append({"pass": pass_.name, "result": result})
 
+    if options is not None and options.changes_onnx:
+        current = _prepared_stage(loaded, options, work / f"{len(pipeline) + 1:02d}-export.onnx", verify_batches,
+                                  evalset, threads, full_check and verify)
+        verification.append({"pass": "export (" + _describe(options) + ")", "result": "full ONNX checker, loads in ORT"})
+
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
     latency = _latency(baseline, current, verify_batches[0], threads) if measure_latency else None
     fidelity = _fidelity(baseline, current, evalset, loaded)
+    exported = None
+    if options is not None and options.target != "onnx":
+        exported = _export(options, baseline, current, work, evalset, loaded, threads, measure_latency)
     receipt = Receipt(
         source=loaded.source, task=loaded.task, passes=reports, before=before, after=after, fidelity=fidelity,
         verification=verification, latency=latency, notes=_notes(loaded, calib, evalset), version=__version__,
+        target=exported.report if exported is not None else None,
     )
-    result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, _workdir=workdir)
+    result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, _workdir=workdir)
     weakref.finalize(result, workdir.cleanup)
     return result
+
+
+def _shapes(static_shapes: Any) -> dict[str, tuple[int, ...]] | None:
+    from slimc.export import parse_static_shapes
+
+    if static_shapes is None or isinstance(static_shapes, dict):
+        return {k: tuple(int(d) for d in v) for k, v in static_shapes.items()} if static_shapes else None
+    return parse_static_shapes(str(static_shapes))
+
+
+def _describe(options) -> str:
+    parts = [f"opset {options.opset}"] if options.opset is not None else []
+    parts += [f"{k}={'x'.join(map(str, v))}" for k, v in (options.static_shapes or {}).items()]
+    return ", ".join(parts)
+
+
+def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, evalset, threads, full_check) -> Stage:
+    """The result with the export options applied (opset, static shapes), saved, checked and run."""
+    from slimc.export import check_batch_fits, check_shapes, prepare
+
+    check_shapes(loaded.model, options.static_shapes or {})
+    for batch in [*verify_batches, *[b for _, b in zip(range(1), evalset)]]:
+        check_batch_fits(batch, options.static_shapes)
+    with progress.step("preparing the export (" + _describe(options) + ")"):
+        loaded.model = prepare(loaded.model, options)
+    stage = _stage("export", loaded.model, path, [], threads, full_check=full_check)
+    stage.batch_size = options.batch_size
+    stage.outputs = [stage.run(b) for b in verify_batches]
+    return stage
+
+
+def _export(options, baseline: Stage, current: Stage, work: Path, evalset, loaded: LoadedModel, threads, measure_latency):
+    from slimc.export import export, prepare
+    from slimc.onnx_io import load_onnx
+
+    baseline_path = baseline.path
+    if options.changes_onnx and measure_latency:  # the input model, prepared the same way, for the ratio
+        baseline_path = work / "00-input-prepared.onnx"
+        save_onnx(prepare(load_onnx(baseline.path), options), baseline_path)
+    names = [o.name for o in current.session.get_outputs()]
+    return export(current.path, baseline_path if measure_latency else None, options, work, evalset=evalset,
+                  task=loaded.task, inputs=loaded.inputs, reference_runs=(current.run, baseline.run),
+                  output_names=names, threads=threads, measure_latency=measure_latency)
 
 
 def _copy_if_ir(model: Any) -> Any:
@@ -201,7 +286,7 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
 
 
 def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], threads) -> dict[str, Any]:
-    single = {k: v[:1] for k, v in batch.items()}  # deployment latency: one sample
+    single = {k: v[: current.batch_size or 1] for k, v in batch.items()}  # deployment latency: one sample
     shape = next(iter(single.values())).shape if single else ()
     try:
         stats = ort_backend.measure_latency({"before": baseline.session, "after": current.session}, single)
@@ -222,8 +307,8 @@ def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel) -> 
 
     names = [o.name for o in current.session.get_outputs()]
     metrics = evaluate.evaluate(
-        lambda b: ort_backend.run(baseline.session, b),
-        lambda b: ort_backend.run(current.session, b),
+        baseline.run,
+        current.run,
         evalset,
         loaded.task,
         output_names=names,

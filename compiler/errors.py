@@ -51,6 +51,14 @@ class BackendError(SlimcError):
     """The backend could not build or run the model."""
 
 
+class TargetError(SlimcError):
+    """The model cannot be exported to the ``--target`` (an op it cannot represent, a failed conversion)."""
+
+
+class MissingExtraError(TargetError):
+    """The target's converter or runtime is not installed; the message says which command installs it."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-blank line of an exception's message (its type name if none), cut at ``limit``.
 

@@ -29,6 +29,7 @@ class Receipt:
     latency: dict[str, Any] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     version: str = ""
+    target: dict[str, Any] | None = None  # slimc.export: the artifact, verified in its runtime
 
     @property
     def speedup(self) -> float | None:
@@ -103,6 +104,7 @@ def render(r: Receipt) -> str:
         if len(p.left_alone) > 20:
             lines.append(f"      ... and {len(p.left_alone) - 20} more (see the JSON receipt)")
     lines += ["", "  verification:"] + [f"    {v['pass']}: {v['result']}" for v in r.verification]
+    lines += _target_lines(r.target)
     if r.notes:
         lines += ["", "  notes:"] + [f"    - {n}" for n in r.notes]
     return "\n".join(lines)
@@ -122,6 +124,30 @@ def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
         _row(f"latency median ({lat['feed']})", f"{before:.2f} ms", f"{after:.2f} ms", change),
         f"    measured on {lat['machine']}; {lat['after']['runs']} runs each, alternating, after warm-up",
     ]
+
+
+def _target_lines(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    files = ", ".join(f"{f['name']} ({_si(f['bytes'], 'B')})" for f in t["files"])
+    lines = ["", f"  target {t['target']}: {files}; run in {t['runtime']} on this machine"]
+    for key, label in (("fidelity_vs_onnx", "vs the compressed ONNX in ORT (conversion)"),
+                       ("fidelity_vs_input", "vs the input model in ORT (whole compile)")):
+        m = t.get(key) or {}
+        shown = {k: m[k] for k in ("max_abs_error", "cosine", "sqnr_db", "top1_agreement", "perplexity_ratio",
+                                    "embedding_cosine") if k in m}
+        lines.append(f"    fidelity {label}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()) or "-"))
+    lat = t.get("latency")
+    if lat and "error" in lat:
+        lines.append(f"    latency in {t['runtime']}: not measured: {lat['error']}")
+    elif lat:
+        after = lat["after"]["median_ms"]
+        if "before" in lat:
+            lines.append(f"    latency in {t['runtime']} ({lat['feed']}): input model {lat['before']['median_ms']:.2f} ms, "
+                         f"result {after:.2f} ms ({lat['speedup']:.2f}x); {lat['machine']}")
+        else:
+            lines.append(f"    latency in {t['runtime']} ({lat['feed']}): {after:.2f} ms; {lat['machine']}")
+    return lines
 
 
 def within_noise(lat: dict[str, Any]) -> bool:

@@ -1,6 +1,7 @@
 """The `slimc` command line.
 
     slimc MODEL --passes "cleanup" -o out.onnx [--calib DATA] [--eval DATA] [--receipt r.json]
+    slimc MODEL --passes "prune,int8" --target openvino -o out.xml     export, run in OpenVINO, verify
     slimc passes                      list every pass with its options and defaults
     slimc inspect MODEL               inputs, outputs, params, MACs, op histogram
     slimc inspect MODEL --groups      ... and every pruning group: kind, size, prunable or blocked and why
@@ -46,6 +47,12 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ORT intra-op threads for latency (default: all cores)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes")
+    p.add_argument("--target", help="also export for a runtime and run it there: onnx (default), ort-mobile, openvino, "
+                   "ncnn, tflite, executorch; -o then names the artifact (.onnx, .ort, .xml, .param, .tflite, .pte)")
+    p.add_argument("--opset", type=int, help="convert the output to this ONNX opset (ONNX's version converter)")
+    p.add_argument("--static-shapes", help="pin input shapes, e.g. pixel_values=1x3x224x224 or input_ids=1x128,attention_mask=1x128")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and compute with float32 inputs/outputs "
+                   "(appends the fp16 pass: fp16(keep_io_types=true))")
     _common(p)
     return p
 
@@ -91,15 +98,22 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from slimc.onnx_io import check_output_path
     from slimc.pass_spec import parse_pipeline
 
-    parse_pipeline(args.passes)  # a bad spec fails before the (slow) load
+    passes = args.passes + (",fp16(keep_io_types=true)" if args.fp16 else "")
+    parse_pipeline(passes)  # a bad spec fails before the (slow) load
     source = Path(args.model)
+    suffix = ".onnx"
+    if args.target is not None:
+        from slimc.backends import targets
+
+        suffix = targets.get(args.target).suffix
     if args.output is not None:
-        check_output_path(args.output, (source,))
+        check_output_path(args.output, (source,), suffix=suffix)
     if args.receipt is not None:
         check_output_path(args.receipt, (source,), suffix=".json")
     result = slimc.compile(
-        source, args.passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
+        source, passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
         measure_latency=not args.no_latency, threads=args.threads, seq_len=args.seq_len,
+        target=args.target, opset=args.opset, static_shapes=args.static_shapes,
     )
     if not args.quiet:
         print(result.receipt)

@@ -1,0 +1,132 @@
+"""Export targets: turn the compressed ONNX model into an artifact for one runtime, then run it.
+
+A target (`Target`) knows four things: which optional extra provides its converter and runtime
+(`require` raises `MissingExtraError` with the ``pip install`` command), which ONNX ops it
+cannot represent (`unsupported`, checked before anything is converted), how to convert an
+ONNX file into its files (`convert`, into a work folder), and how to load those files in its
+runtime and run a batch (`load` -> `Runner`). `slimc.export` drives them: prepare the ONNX
+(opset, static shapes), convert, load, compare with the source on held-out inputs, time.
+
+The registry maps the ``--target`` name to ``module:class``, imported on first use, so a target
+whose runtime is not installed costs nothing until it is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from slimc.errors import MissingExtraError, TargetError
+
+TARGETS: dict[str, str] = {
+    "onnx": "slimc.backends.targets.onnx_targets:OnnxTarget",
+    "ort-mobile": "slimc.backends.targets.onnx_targets:OrtMobileTarget",
+    "openvino": "slimc.backends.targets.openvino_target:OpenVinoTarget",
+    "ncnn": "slimc.backends.targets.ncnn_target:NcnnTarget",
+    "tflite": "slimc.backends.targets.tflite_target:TfliteTarget",
+    "executorch": "slimc.backends.targets.executorch_target:ExecuTorchTarget",
+}
+
+Batch = Mapping[str, np.ndarray]
+__all__ = ["TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "get", "names", "op_types"]
+
+
+def names() -> list[str]:
+    return list(TARGETS)
+
+
+def get(name: str) -> Target:
+    """The target called ``name`` (an instance), or a `TargetError` listing the valid names."""
+    key = str(name).strip().lower()
+    if key not in TARGETS:
+        raise TargetError(f"unknown target {name!r}. Available targets: {', '.join(TARGETS)}.")
+    module, _, cls = TARGETS[key].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+@dataclasses.dataclass
+class Runner:
+    """A loaded artifact: ``run(batch)`` returns the outputs in the source model's output order.
+
+    ``bind(batch)`` returns a no-argument callable that runs that batch with the inputs already
+    converted (what latency is measured on). ``batch_size``: the fixed batch the artifact takes
+    (None = any); `run` splits bigger batches itself.
+    """
+
+    run: Callable[[Batch], list[np.ndarray]]
+    bind: Callable[[Batch], Callable[[], Any]]
+    runtime: str  # "openvino 2025.1.0", ...
+
+
+class Target:
+    """Base class; see the module docstring. ``files`` in `convert`'s result: the main file first."""
+
+    name: str = ""
+    suffix: str = ""  # the main file's suffix, which ``-o`` must end in
+    extra: str = ""  # pip extra: pip install "slimc[extra]"
+    modules: tuple[str, ...] = ()  # import names the extra provides
+    companions: tuple[str, ...] = ()  # suffixes of files written beside the main one, for the docs
+
+    def require(self) -> None:
+        missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingExtraError(
+                f"target {self.name!r} needs {', '.join(missing)}, which is not installed. Install it with: "
+                f"pip install \"slimc[{self.extra}]\" (or scripts/install.sh {self.extra})."
+            )
+
+    def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
+        """{op_type: why} for the ops of ``proto`` this target cannot represent (checked before converting)."""
+        return {}
+
+    def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
+        raise NotImplementedError
+
+    def load(self, files: Sequence[Path], threads: int | None) -> Runner:
+        raise NotImplementedError
+
+
+def op_types(proto: onnx.ModelProto) -> dict[str, str]:
+    """{op_type: domain} of every node, subgraphs included."""
+    found: dict[str, str] = {}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            found.setdefault(node.op_type, node.domain or "ai.onnx")
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub)
+
+    walk(proto.graph)
+    return found
+
+
+def split_batch(batch: Batch, size: int) -> list[dict[str, np.ndarray]]:
+    """``batch`` cut along axis 0 into pieces of ``size`` samples (the last may be smaller)."""
+    n = min(int(np.shape(v)[0]) for v in batch.values()) if batch else 0
+    return [{k: np.asarray(v)[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def chunked(run_one: Callable[[Batch], list[np.ndarray]], size: int | None) -> Callable[[Batch], list[np.ndarray]]:
+    """A `run` for an artifact with a fixed batch ``size``: split, run, concatenate along axis 0."""
+    if size is None:
+        return run_one
+
+    def run(batch: Batch) -> list[np.ndarray]:
+        pieces = [run_one(piece) for piece in split_batch(batch, size)]
+        return [np.concatenate(parts, axis=0) for parts in zip(*pieces)]
+
+    return run
+
+
+def describe_unsupported(target: str, ops: dict[str, str]) -> str:
+    listed = "; ".join(f"{op}: {why}" for op, why in sorted(ops.items()))
+    return (f"target {target!r} cannot represent {len(ops)} op type(s) of this model: {listed}. Nothing was written. "
+            "Exclude the pass that introduced them, or choose another target (--target onnx always works).")

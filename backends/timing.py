@@ -1,0 +1,66 @@
+"""Fair latency for any runtime: warm-up, then the models alternate in rounds; median and spread.
+
+Each model is a no-argument callable that runs one inference on a prepared input. Alternating
+rounds make drift on a busy machine (thermal, other processes) hit every model alike; the
+reported figure is the median of all timed runs, with p10/p90 for the spread. When one run is
+slow the repeat count is cut so the whole measurement stays near ``budget_s`` (never below 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from slimc import progress
+
+
+@dataclasses.dataclass
+class Latency:
+    """Milliseconds per run of one model on one feed."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def interleaved(
+    calls: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 5,
+    budget_s: float = 60.0,
+    desc: str = "measuring latency",
+) -> dict[str, Latency]:
+    """Median latency of each callable, interleaved in ``rounds`` after ``warmup`` runs each."""
+    warm_times = {}
+    for name, call in progress.bar(calls.items(), "latency warm-up", total=len(calls)):
+        start = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            call()
+        warm_times[name] = (time.perf_counter() - start) / max(1, warmup)
+    affordable = int(budget_s / max(sum(warm_times.values()), 1e-6))
+    repeats = max(3, min(repeats, affordable))
+    rounds = max(1, min(rounds, repeats))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    for count in progress.bar(per_round, desc, total=rounds, unit="round"):
+        for name, call in calls.items():
+            for _ in range(count):
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: stats(values) for name, values in times.items()}
+
+
+def stats(values: list[float]) -> Latency:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return Latency(median_ms=statistics.median(ordered), p10_ms=pick(0.1), p90_ms=pick(0.9), runs=len(ordered))
