@@ -219,7 +219,7 @@ def export(
     with progress.step(f"converting for {target.name}"):
         files = target.convert(prepared_path, out_dir, stem)
     with progress.step(f"loading in the {target.name} runtime"):
-        runner = target.load(files, threads)
+        runner = target.load(files, threads, proto)
     run_artifact = registry.chunked(runner.run, options.batch_size)
     conversion, end_to_end = Fidelity(task, output_names, inputs), Fidelity(task, output_names, inputs)
     run_prepared, run_input = reference_runs
@@ -255,7 +255,8 @@ def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: Exp
         base_dir = out_dir / "baseline"
         base_dir.mkdir()
         try:
-            base = target.load(target.convert(baseline_path, base_dir, "baseline"), threads)
+            base = target.load(target.convert(baseline_path, base_dir, "baseline"), threads,
+                               onnx.load(str(baseline_path), load_external_data=False))
             calls = {"before": base.bind(single), **calls}
         except TargetError as exc:
             return {"error": f"the input model does not convert for {target.name}: {exc}"}

@@ -89,7 +89,8 @@ class Target:
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         raise NotImplementedError
 
-    def load(self, files: Sequence[Path], threads: int | None) -> Runner:
+    def load(self, files: Sequence[Path], threads: int | None, source: onnx.ModelProto) -> Runner:
+        """``source``: the ONNX model the files were converted from (weights not loaded), for its I/O."""
         raise NotImplementedError
 
 
@@ -127,6 +128,9 @@ def chunked(run_one: Callable[[Batch], list[np.ndarray]], size: int | None) -> C
 
 
 def describe_unsupported(target: str, ops: dict[str, str]) -> str:
-    listed = "; ".join(f"{op}: {why}" for op, why in sorted(ops.items()))
+    by_reason: dict[str, list[str]] = {}
+    for op, why in sorted(ops.items()):
+        by_reason.setdefault(why, []).append(op)
+    listed = "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
     return (f"target {target!r} cannot represent {len(ops)} op type(s) of this model: {listed}. Nothing was written. "
             "Exclude the pass that introduced them, or choose another target (--target onnx always works).")

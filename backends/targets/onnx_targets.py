@@ -50,7 +50,7 @@ class OnnxTarget(Target):
             return [out, out_dir / (out.name + ".data")]
         return [out]
 
-    def load(self, files: Sequence[Path], threads: int | None) -> Runner:
+    def load(self, files: Sequence[Path], threads: int | None, source) -> Runner:
         return _ort_runner(files[0], threads)
 
 
@@ -87,5 +87,5 @@ class OrtMobileTarget(Target):
         shutil.rmtree(src, ignore_errors=True)
         return [ort_file, config]
 
-    def load(self, files: Sequence[Path], threads: int | None) -> Runner:
+    def load(self, files: Sequence[Path], threads: int | None, source) -> Runner:
         return _ort_runner(files[0], threads)
