@@ -80,7 +80,7 @@ def run(specs: list[str], folder: Path, calib_batches: int, eval_batches: int, o
                 "perplexity_ratio": metrics.get("perplexity_ratio"), "kl_divergence": metrics.get("kl_divergence"),
                 "next_token_top1_agreement": metrics.get("next_token_top1_agreement"),
                 "sparsity": d.get("sparsity"), "layers": d.get("layers_sparsified"), "stages": d.get("stages"),
-                "nm_valid": d.get("nm_valid"), "owl": {k: v for k, v in (d.get("owl") or {}).items() if k != "outlier_ratio"} or None,
+                "nm_valid": d.get("nm_valid"), "owl": {k: v for k, v in (d.get("owl") or {}).items() if k not in ("outlier_ratio", "group_ratio")} or None,
                 "zip_bytes_before": d.get("zip_bytes_before"), "zip_bytes_after": d.get("zip_bytes_after"),
                 "mean_output_error": d.get("mean_output_error"),
             })

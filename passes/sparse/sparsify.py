@@ -17,8 +17,12 @@
    each stage's statistics are measured on the model with every earlier stage already sparse,
    so later layers see, and correct for, the errors of earlier ones. ``stages=1`` measures
    everything once on the dense model (fastest).
-4. Layer ratios: ``uniform`` (every layer at ``ratio``) or ``owl`` (OWL: from each layer's
-   outlier ratio on the dense model, weighted mean kept at ``ratio``; `masks.owl_ratios`).
+4. Layer ratios: ``uniform`` (every layer at ``ratio``) or ``owl`` (OWL: from the outlier ratio
+   on the dense model, weighted mean kept at ``ratio``; `masks.owl_ratios`). As in the paper,
+   the outlier ratio and the sparsity are per *residual block* (``owl_granularity=block``: the
+   Wanda scores of all the block's weights pooled; the blocks come from the dataflow analysis
+   of `slimc.passes.skip.blocks`, weights outside any block form their own group); ``layer``
+   gives every weight matrix its own ratio, which measured worse on SmolLM2 (README).
 5. Masks and updates per layer (`slimc.passes.sparse.masks`), written back in the stored layout.
 
 The result is a dense ONNX model with zeros: ONNX Runtime has no sparse kernels on CPU, so it
@@ -129,6 +133,7 @@ class Sparsify(Pass):
     layerwise: Literal["uniform", "owl"] = "uniform"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    owl_granularity: Literal["block", "layer"] = "block"
     exclude: Optional[list[str]] = None
     stages: Optional[int] = None
     damp: float = 0.01
@@ -161,6 +166,9 @@ class Sparsify(Pass):
             raise PassConfigError(f"sparsify: layerwise={self.layerwise!r} is unknown; use uniform or owl.")
         if not 0.0 <= self.owl_lambda < 0.5:
             raise PassConfigError(f"sparsify: owl_lambda={self.owl_lambda} is out of range; use e.g. 0.08 (ratios vary by ±lambda).")
+        if self.owl_granularity not in ("block", "layer"):
+            raise PassConfigError(f"sparsify: owl_granularity={self.owl_granularity!r} is unknown; use block (one ratio per "
+                                  "residual block, as the OWL paper) or layer (one per weight matrix).")
         if self.owl_m <= 0:
             raise PassConfigError(f"sparsify: owl_m={self.owl_m} must be > 0 (outliers are scores above owl_m times the layer mean).")
         if self.stages is not None and (isinstance(self.stages, bool) or self.stages < 1):
@@ -337,7 +345,7 @@ class Sparsify(Pass):
         owl_info = None
         if self.layerwise == "owl":
             dense_stats = self._statistics(work, layers, ctx, gram=False, desc="sparsify: OWL outlier statistics")
-            ratios, owl_info = self._owl(layers, dense_stats)
+            ratios, owl_info = self._owl(work, layers, dense_stats)
         stages = self._stages(work, layers)
         results = []
         bar = progress.bar(range(len(layers)), f"sparsify {self.method} {self.pattern}", total=len(layers), unit="layer")
@@ -363,13 +371,37 @@ class Sparsify(Pass):
         return PassReport(name=self.name, modified=True, summary=self._summary(details), details=details,
                           left_alone=left + [("latency", DENSE_NOTE)], seconds=time.perf_counter() - start)
 
-    def _owl(self, layers: Sequence[_Layer], stats: dict[int, dict]) -> tuple[dict[int, float], dict]:
-        outliers = np.array([masks.outlier_ratio(masks.wanda_score(layer.canonical(), layer.row_norms(stats[id(layer)]["norm"])), self.owl_m)
-                             for layer in layers])
-        sizes = np.array([layer.weight.const_value.size for layer in layers], np.float64)
+    def _owl(self, model: ir.Model, layers: Sequence[_Layer], stats: dict[int, dict]) -> tuple[dict[int, float], dict]:
+        """OWL ratios per group: a residual block's weights (the paper's granularity) or each weight."""
+        groups = self._owl_groups(model, layers) if self.owl_granularity == "block" else {
+            layer.weight.name: [layer] for layer in layers}
+        scores = {label: np.concatenate([masks.wanda_score(layer.canonical(), layer.row_norms(stats[id(layer)]["norm"])).ravel()
+                                         for layer in members]) for label, members in groups.items()}
+        outliers = np.array([masks.outlier_ratio(scores[label], self.owl_m) for label in groups])
+        sizes = np.array([sum(layer.weight.const_value.size for layer in members) for members in groups.values()], np.float64)
         r = masks.owl_ratios(outliers, sizes, self.target, self.owl_lambda)
-        info = {"m": self.owl_m, "lambda": self.owl_lambda, "outlier_ratio": {layer.weight.name: round(float(o), 6) for layer, o in zip(layers, outliers)}}
-        return {id(layer): float(x) for layer, x in zip(layers, r)}, info
+        ratios = {id(layer): float(x) for x, members in zip(r, groups.values()) for layer in members}
+        info = {"m": self.owl_m, "lambda": self.owl_lambda, "granularity": self.owl_granularity, "groups": len(groups),
+                "outlier_ratio": {label: round(float(o), 6) for label, o in zip(groups, outliers)},
+                "group_ratio": {label: round(float(x), 6) for label, x in zip(groups, r)}}
+        return ratios, info
+
+    @staticmethod
+    def _owl_groups(model: ir.Model, layers: Sequence[_Layer]) -> dict[str, list[_Layer]]:
+        """Weights grouped by the residual block (`slimc.passes.skip.blocks`) their first node is in;
+        a weight in no block (a classifier, an LM head) is a group of its own."""
+        import onnx_ir.passes.common as ir_common
+
+        from slimc.passes.skip import blocks
+
+        ir_common.TopologicalSortPass()(model)
+        units = blocks.analyse(model).units("block")
+        owner = {id(node): unit.label or f"block {k}" for k, unit in enumerate(units) for node in unit.nodes}
+        groups: dict[str, list[_Layer]] = {}
+        for layer in layers:
+            label = owner.get(id(layer.ops[0].node), layer.weight.name)
+            groups.setdefault(label, []).append(layer)
+        return groups
 
     def _layer_report(self, layer: _Layer, ratio: float, new: np.ndarray, stored: np.ndarray, info: dict, stage: int) -> dict:
         entry = {

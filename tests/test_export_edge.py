@@ -1,0 +1,146 @@
+"""Edge targets run in their real runtimes: OpenVINO, ncnn (pnnx), LiteRT (onnx2tf).
+
+Each test skips, with the command that installs it, when its target's extra is missing: the
+`dev` extra installs OpenVINO and ncnn; LiteRT needs ``scripts/install.sh tflite`` (TensorFlow,
+about 2 GB), which CI runs in a step of its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import slimc
+from slimc import data
+from slimc.backends import targets
+from slimc.errors import MissingExtraError, TargetError
+from slimc.tools.cli import main
+
+IMAGE = {"resnet": "pixel_values=1x3x64x64", "vit": "pixel_values=1x3x32x32"}
+TOKENS = "input_ids=1x16,attention_mask=1x16,token_type_ids=1x16"
+
+
+def _needs(name: str) -> None:
+    try:
+        targets.get(name).require()
+    except MissingExtraError as exc:
+        pytest.skip(str(exc))
+
+
+def _compile(zoo_model, model: str, spec: str, target: str, shapes: str | None, **kw):
+    z = zoo_model(model)
+    calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=0, sizes={"seq": 16})
+    evaluation = data.synthetic(z.loaded.inputs, n_batches=2, seed=4, sizes={"seq": 16})
+    return slimc.compile(z.loaded, spec, calibration=calib, evaluation=evaluation, target=target,
+                         static_shapes=shapes, **kw)
+
+
+# ---------------------------------------------------------------- OpenVINO
+
+
+@pytest.mark.parametrize("model, shapes", [("resnet", None), ("bert", None), ("convnext", "pixel_values=1x3x32x32")])
+@pytest.mark.parametrize("spec", ["cleanup", "prune(ratio=0.25),int8(force=true)"])
+def test_openvino_runs_dense_and_pruned_int8(zoo_model, tmp_path, model, shapes, spec):
+    _needs("openvino")
+    result = _compile(zoo_model, model, spec, "openvino", shapes, measure_latency=False)
+    t = result.receipt.target
+    assert t["runtime"].startswith("openvino") and [f["name"] for f in t["files"]] == ["model.xml", "model.bin"]
+    conversion = t["fidelity_vs_onnx"]
+    assert conversion["cosine"] > (0.99999 if spec == "cleanup" else 0.999), conversion
+    if "top1_agreement" in conversion:
+        assert conversion["top1_agreement"] == 1.0
+    written = result.save(tmp_path / "m.xml")
+    assert [p.name for p in written] == ["m.xml", "m.bin"]
+    xml = (tmp_path / "m.xml").read_text()
+    qdq = any(n.op_type == "QuantizeLinear" for n in result.model.graph)
+    assert qdq == ("int8" in spec and model == "resnet")  # int8 auto: static QDQ on ResNet, dynamic elsewhere
+    assert ("FakeQuantize" in xml) == qdq  # QDQ pairs become OpenVINO FakeQuantize
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(tmp_path / "m.xml"), "CPU")
+    assert len(compiled.outputs) == len(result.model.graph.outputs)
+
+
+# ---------------------------------------------------------------- ncnn
+
+
+@pytest.mark.parametrize("model", ["resnet", "vit"])
+def test_ncnn_runs_dense_and_pruned(zoo_model, tmp_path, model):
+    _needs("ncnn")
+    for spec in ("cleanup", "prune(ratio=0.25)"):
+        result = _compile(zoo_model, model, spec, "ncnn", IMAGE[model])
+        t = result.receipt.target
+        assert [f["name"] for f in t["files"]] == ["model.param", "model.bin"]
+        assert t["fidelity_vs_onnx"]["cosine"] > 0.99999 and t["fidelity_vs_onnx"]["top1_agreement"] == 1.0
+        assert t["latency"]["speedup"] > 0
+    written = result.save(tmp_path / "m.param")
+    assert [p.name for p in written] == ["m.param", "m.bin"] and "Input" in (tmp_path / "m.param").read_text()
+
+
+def test_ncnn_refuses_int8_and_dynamic_shapes_before_writing(zoo_model, tmp_path, capsys):
+    _needs("ncnn")
+    with pytest.raises(TargetError, match="DequantizeLinear, QuantizeLinear: int8 QDQ"):
+        _compile(zoo_model, "resnet", "int8(mode=static, force=true)", "ncnn", IMAGE["resnet"], measure_latency=False)
+    import onnx_ir as ir
+
+    path = tmp_path / "resnet.onnx"
+    ir.save(zoo_model("resnet").loaded.model, path)
+    out = tmp_path / "r.param"
+    assert main([str(path), "--target", "ncnn", "-o", str(out), "-q", "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert "dynamic shape" in err and "--static-shapes pixel_values=1x3x64x64" in err and not out.exists()
+
+
+def test_ncnn_names_what_pnnx_cannot_trace(zoo_model):
+    """Token models: pnnx traces with random token ids, which overflow the embedding tables."""
+    _needs("ncnn")
+    with pytest.raises(TargetError, match="pnnx failed.*Gather"):
+        _compile(zoo_model, "bert", "cleanup", "ncnn", TOKENS, measure_latency=False)
+
+
+# ---------------------------------------------------------------- LiteRT
+
+
+@pytest.mark.parametrize("model, shapes", [("resnet", IMAGE["resnet"]), ("bert", TOKENS)])
+def test_tflite_runs_in_litert(zoo_model, tmp_path, model, shapes):
+    _needs("tflite")
+    result = _compile(zoo_model, model, "prune(ratio=0.25)", "tflite", shapes, measure_latency=False)
+    t = result.receipt.target
+    assert t["runtime"].startswith("LiteRT") and [f["name"] for f in t["files"]] == ["model.tflite"]
+    assert t["fidelity_vs_onnx"]["cosine"] > 0.99999, t["fidelity_vs_onnx"]
+    result.save(tmp_path / "m.tflite")
+    assert (tmp_path / "m.tflite").read_bytes()[4:8] == b"TFL3"  # the flatbuffer's file identifier
+
+
+def test_tflite_refuses_qdq(zoo_model):
+    _needs("tflite")
+    with pytest.raises(TargetError, match="computes wrong numbers"):
+        _compile(zoo_model, "resnet", "int8(mode=static, force=true)", "tflite", IMAGE["resnet"], measure_latency=False)
+
+
+def test_tflite_names_the_node_onnx2tf_cannot_convert(zoo_model):
+    _needs("tflite")
+    with pytest.raises(TargetError, match="cannot convert node 'Attention_0' .*fused"):
+        _compile(zoo_model, "vit", "cleanup", "tflite", IMAGE["vit"], measure_latency=False)
+
+
+def test_missing_tflite_extra_message(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx2tf" else real(name, *a))
+    with pytest.raises(MissingExtraError, match="scripts/install.sh tflite"):
+        targets.get("tflite").require()
+
+
+def test_executorch_says_what_blocks_it():
+    with pytest.raises(TargetError, match="not available yet.*ONNX -> torch.fx"):
+        slimc.compile("model.onnx", target="executorch")
+
+
+def test_edge_artifact_matches_onnx_on_real_inputs_batch_split(zoo_model):
+    """A pinned batch of 1 with evaluation batches of 2: every sample is verified, one at a time."""
+    _needs("openvino")
+    result = _compile(zoo_model, "resnet", "cleanup", "openvino", IMAGE["resnet"], measure_latency=False)
+    assert result.receipt.target["fidelity_vs_input"]["samples"] == 4
+    assert np.isfinite(result.receipt.target["fidelity_vs_input"]["cosine"])
