@@ -18,6 +18,7 @@ user's path, atomically, after all of this succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import shutil
@@ -32,8 +33,8 @@ import onnx_ir as ir
 from slimc import progress
 from slimc.backends import targets as registry
 from slimc.backends.targets import TargetError
-from slimc.errors import DataError, first_line
-from slimc.onnx_io import copy_model, save_onnx
+from slimc.errors import DataError, OutputPathError, SlimcError, first_line
+from slimc.onnx_io import copy_model
 
 MIN_OPSET = 11  # below this ORT and most converters lack the ops of modern exports
 
@@ -49,7 +50,7 @@ class ExportOptions:
     def __post_init__(self) -> None:
         self.target = str(self.target).strip().lower()
         if self.target not in registry.TARGETS:
-            raise TargetError(f"unknown target {self.target!r}. Available targets: {', '.join(registry.TARGETS)}.")
+            registry.get(self.target)  # raises: not available yet (with the reason), or unknown
         if self.opset is not None:
             latest = onnx.defs.onnx_opset_version()
             if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= latest:
@@ -216,21 +217,22 @@ def export(
     out_dir = workdir / f"target-{target.name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    with progress.step(f"converting for {target.name}"):
-        files = target.convert(prepared_path, out_dir, stem)
-    with progress.step(f"loading in the {target.name} runtime"):
-        runner = target.load(files, threads, proto)
-    run_artifact = registry.chunked(runner.run, options.batch_size)
     conversion, end_to_end = Fidelity(task, output_names, inputs), Fidelity(task, output_names, inputs)
     run_prepared, run_input = reference_runs
-    for batch in progress.bar(evalset, f"verifying in {runner.runtime}", total=len(evalset), unit="batch"):
-        got = run_artifact(batch)
-        expected = run_prepared(batch)
-        if [np.shape(g) for g in got] != [np.shape(e) for e in expected]:
-            raise TargetError(f"target {target.name!r}: the artifact's outputs have shapes {[np.shape(g) for g in got]}, "
-                              f"the model's {[np.shape(e) for e in expected]}: the conversion changed the interface.")
-        conversion.update(expected, got, batch)
-        end_to_end.update(run_input(batch), got, batch)
+    with _runtime_errors(target.name):
+        with progress.step(f"converting for {target.name}"):
+            files = target.convert(prepared_path, out_dir, stem)
+        with progress.step(f"loading in the {target.name} runtime"):
+            runner = target.load(files, threads, proto)
+        run_artifact = registry.chunked(runner.run, options.batch_size)
+        for batch in progress.bar(evalset, f"verifying in {runner.runtime}", total=len(evalset), unit="batch"):
+            got = run_artifact(batch)
+            expected = run_prepared(batch)
+            if [np.shape(g) for g in got] != [np.shape(e) for e in expected]:
+                raise TargetError(f"target {target.name!r}: the artifact's outputs have shapes {[np.shape(g) for g in got]}, "
+                                  f"the model's {[np.shape(e) for e in expected]}: the conversion changed the interface.")
+            conversion.update(expected, got, batch)
+            end_to_end.update(run_input(batch), got, batch)
     report = {
         "target": target.name, "runtime": runner.runtime,
         "files": [{"name": f.name, "bytes": f.stat().st_size} for f in files],
@@ -240,8 +242,20 @@ def export(
         "opset": options.opset,
     }
     if measure_latency:
-        report["latency"] = _latency(target, runner, baseline_path, out_dir, evalset, options, threads)
+        with _runtime_errors(target.name):
+            report["latency"] = _latency(target, runner, baseline_path, out_dir, evalset, options, threads)
     return Exported(target.name, files, report)
+
+
+@contextlib.contextmanager
+def _runtime_errors(target: str):
+    """A converter's or runtime's own exception becomes a `TargetError` with its first line (no traceback)."""
+    try:
+        yield
+    except SlimcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every runtime raises its own types
+        raise TargetError(f"target {target!r}: {type(exc).__name__}: {first_line(exc, 600)}") from None
 
 
 def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: ExportOptions, threads) -> dict[str, Any]:
@@ -263,7 +277,10 @@ def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: Exp
     stats = interleaved(calls, desc=f"latency in {runner.runtime}")
     out = {name: s.to_json() for name, s in stats.items()}
     if "before" in stats:
+        from slimc.receipt import within_noise
+
         out["speedup"] = stats["before"].median_ms / stats["after"].median_ms
+        out["within_noise"] = within_noise(out)
     out["feed"] = "x".join(str(d) for d in next(iter(single.values())).shape) if single else "scalar"
     out["machine"] = machine_description(threads).split(", onnxruntime")[0] + f", {runner.runtime}"
     return out
@@ -281,7 +298,6 @@ def check_batch_fits(batch: dict[str, np.ndarray], shapes: dict[str, tuple[int, 
 
 def save_artifact(files: Sequence[Path], path: Path, suffix: str) -> list[Path]:
     """Copy the artifact's files beside ``path`` (renamed to its stem), then move them in place together."""
-    import contextlib
     import os
     import tempfile
 
@@ -298,6 +314,8 @@ def save_artifact(files: Sequence[Path], path: Path, suffix: str) -> list[Path]:
             os.replace(tmpdir / name, path.parent / name)
             written.append(path.parent / name)
         return written[-1:] + written[:-1]
+    except OSError as exc:
+        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmpdir)

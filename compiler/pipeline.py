@@ -51,6 +51,7 @@ class PassContext:
     loaded: LoadedModel | None = None
     calibration: Any = None
     seed: int = 0
+    target: str | None = None  # the --target the result is exported to (passes may adapt: int8 for ort-mobile)
 
 
 class Pass(ir.passes.InPlacePass):

@@ -143,8 +143,9 @@ def _target_lines(t: dict[str, Any] | None) -> list[str]:
     elif lat:
         after = lat["after"]["median_ms"]
         if "before" in lat:
+            noise = ", inside the p10-p90 spread: no measurable change" if lat.get("within_noise") else ""
             lines.append(f"    latency in {t['runtime']} ({lat['feed']}): input model {lat['before']['median_ms']:.2f} ms, "
-                         f"result {after:.2f} ms ({lat['speedup']:.2f}x); {lat['machine']}")
+                         f"result {after:.2f} ms ({lat['speedup']:.2f}x{noise}); {lat['machine']}")
         else:
             lines.append(f"    latency in {t['runtime']} ({lat['feed']}): {after:.2f} ms; {lat['machine']}")
     return lines

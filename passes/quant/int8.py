@@ -21,6 +21,12 @@ MatMulInteger); slimc decides *what* to quantize and refuses what does not pay o
 4. **Latency guard**: the result is measured against the pass's input; slower than
    ``min_speedup`` is refused (`LatencyGuardError`) unless ``force=true``.
 
+With ``--target ort-mobile`` the pass builds what ORT's mobile execution providers (NNAPI, QNN,
+XNNPACK) accept: static QDQ only (they run no dynamic int8), uint8 per-tensor activations and
+symmetric int8 weights (per channel unless ``per_channel=false``), full 8-bit weights
+(``reduce_range`` is an x86 workaround), and the latency guard, measured on this host and not
+on the phone, reports instead of refusing.
+
 Activation-by-activation MatMuls (attention scores and context) have no constant weight and
 stay float; shape inference is onnx's own on the cleaned graph (ORT's ``quant_pre_process``
 symbolic shape inference fails on dynamo exports and is not used).
@@ -110,7 +116,8 @@ class Int8(Pass):
 
     # ------------------------------------------------------------------ planning
 
-    def _candidates(self, kinds: set[str], mm_share: float, has_static_data: bool) -> tuple[list[Candidate], list[str]]:
+    def _candidates(self, kinds: set[str], mm_share: float, has_static_data: bool,
+                    target: str | None = None) -> tuple[list[Candidate], list[str]]:
         """The configurations to measure. ``mm_share``: MatMul/Gemm's share of the weights to quantize.
 
         ``auto`` tries dynamic only where MatMul/Gemm hold at least half the weights (dynamic
@@ -120,6 +127,13 @@ class Int8(Pass):
         conv = ("Conv",) if "Conv" in kinds else ()
         mm = tuple(k for k in ("MatMul", "Gemm") if k in kinds)
         notes = []
+        if target == "ort-mobile":
+            if self.mode == "dynamic":
+                raise PassConfigError("int8: --target ort-mobile runs on NNAPI / QNN / XNNPACK, which execute static "
+                                      "QDQ int8, not dynamic int8; use int8(mode=static) or mode=auto.")
+            if not has_static_data:
+                raise DataError("int8: --target ort-mobile needs static QDQ int8, and so calibration data: pass --calib.")
+            return [Candidate("static", static=conv + mm)], ["--target ort-mobile: static QDQ only (what mobile EPs run)"]
         if self.mode == "static":
             return [Candidate("static", static=conv + mm)], notes
         if self.mode == "dynamic":
@@ -210,7 +224,7 @@ class Int8(Pass):
         sizes = {kind: sum(w.weight.const_value.size for w in weighted if w.node.op_type == kind and w.node.name not in user_excluded)
                  for kind in kinds}
         mm_share = (sizes.get("MatMul", 0) + sizes.get("Gemm", 0)) / max(1, sum(sizes.values()))
-        candidates, notes = self._candidates(kinds, mm_share, has_data)
+        candidates, notes = self._candidates(kinds, mm_share, has_data, ctx.target)
         if not candidates:
             return PassReport(self.name, False, "nothing to quantize in dynamic mode: the graph has only Conv weights "
                               "(dynamic int8 Conv is slower than float on ORT CPU; use mode=static)",
@@ -226,7 +240,7 @@ class Int8(Pass):
         conv_heavy = sum(w.node.op_type == "Conv" for w in weighted) > len(weighted) / 2
 
         with tempfile.TemporaryDirectory(prefix="slimc-int8-") as tmp:
-            work = _Work(Path(tmp), model, self, conv_heavy, user_excluded)
+            work = _Work(Path(tmp), model, self, conv_heavy, user_excluded, mobile=ctx.target == "ort-mobile")
             if any(c.static for c in candidates):
                 work.calibrate(ranges_set, candidates)
             built = {c.name: work.build(c, ()) for c in progress.bar(candidates, "int8 candidates", total=len(candidates))}
@@ -268,10 +282,14 @@ class Int8(Pass):
             if final_ms is None:
                 times = work.measure({"final": final}, feed)
                 final_ms = times["final"]
-            guard = common.guard("int8", model, model, feed, min_speedup=self.min_speedup, force=self.force,
+            mobile = ctx.target == "ort-mobile"
+            guard = common.guard("int8", model, model, feed, min_speedup=self.min_speedup, force=self.force or mobile,
                                  before_ms=times["float"], after_ms=final_ms, context=_tried(details))
+            if mobile:
+                notes.append(f"--target ort-mobile: the latency guard measured {guard.speedup:.2f}x on this host, which "
+                             "does not decide for the device; measure on the phone")
             details["guard"] = guard.to_json()
-            if guard.speedup < self.min_speedup:
+            if guard.speedup < self.min_speedup and not mobile:
                 notes.append(f"kept with force=true although {guard.speedup:.2f}x is below min_speedup={self.min_speedup}")
             counts = _quantized_counts(final)
             common.replace_in_place(model, final)
@@ -288,12 +306,14 @@ class Int8(Pass):
 class _Work:
     """The pass's scratch state: the float proto, calibration ranges, built candidates on disk."""
 
-    def __init__(self, tmp: Path, model: ir.Model, opts: Int8, conv_heavy: bool, user_excluded: Sequence[str]):
+    def __init__(self, tmp: Path, model: ir.Model, opts: Int8, conv_heavy: bool, user_excluded: Sequence[str],
+                 mobile: bool = False):
         from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
 
         self.tmp, self.opts, self.conv_heavy = tmp, opts, conv_heavy
         self.user_excluded = list(user_excluded)
-        self.reduce_range = opts.reduce_range if opts.reduce_range is not None else needs_reduced_range()
+        default = False if mobile else needs_reduced_range()  # the 7-bit workaround is for x86 without VNNI
+        self.reduce_range = opts.reduce_range if opts.reduce_range is not None else default
         self._counter = 0
         with progress.step("int8: shape inference"):
             self.proto = save_and_reload_model_with_shape_infer(common.to_proto(model))
