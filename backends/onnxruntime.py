@@ -1,7 +1,7 @@
 """ONNX Runtime backend: build sessions, run batches, measure latency fairly.
 
 Fair latency: both models get the same `SessionOptions` (thread counts, optimisation level,
-sequential execution), the same input feed and the same warm-up; measurement alternates
+sequential execution, no thread spinning), the same input feed and the same warm-up; measurement alternates
 between the models in rounds so that drift on a busy machine (thermal, other processes)
 hits both alike. The reported figure is the median over all timed runs; p10/p90 show spread.
 """
@@ -37,6 +37,11 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
+    # No busy-waiting between runs: slimc keeps several sessions alive and times them interleaved,
+    # and a spinning idle session steals the cores of the running one. Measured on EfficientNet-Lite0
+    # (2 cores): two spinning sessions ran 6.5-7.5 ms each with ratios off by up to 14% for the same
+    # model; without spinning 3.3 ms each, ratio 1.00 (one session alone: 3.6 ms spinning, 4.3 not).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 

@@ -240,6 +240,7 @@ def export(
         "fidelity_vs_onnx": conversion.result(), "fidelity_vs_input": end_to_end.result(),
         "static_shapes": {k: list(v) for k, v in (options.static_shapes or {}).items()} or None,
         "opset": options.opset,
+        "notes": target.notes(proto),
     }
     if measure_latency:
         with _runtime_errors(target.name):

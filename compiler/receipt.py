@@ -137,6 +137,7 @@ def _target_lines(t: dict[str, Any] | None) -> list[str]:
         shown = {k: m[k] for k in ("max_abs_error", "cosine", "sqnr_db", "top1_agreement", "perplexity_ratio",
                                     "embedding_cosine") if k in m}
         lines.append(f"    fidelity {label}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()) or "-"))
+    lines += [f"    note: {n}" for n in t.get("notes") or []]
     lat = t.get("latency")
     if lat and "error" in lat:
         lines.append(f"    latency in {t['runtime']}: not measured: {lat['error']}")

@@ -97,6 +97,10 @@ class Target:
         """{op_type: why} for the ops of ``proto`` this target cannot represent (checked before converting)."""
         return {}
 
+    def notes(self, proto: onnx.ModelProto) -> list[str]:
+        """What the receipt should say about how this target runs ``proto`` (e.g. int8 it runs as float)."""
+        return []
+
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         raise NotImplementedError
 

@@ -66,6 +66,8 @@ class NcnnTarget(Target):
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         proto = onnx.load(str(onnx_path), load_external_data=False)
+        final = stem
+        stem = "pnnx_model"  # pnnx rewrites file names it does not like ('-' -> '_'); rename at the end
         model = out_dir / f"{stem}.onnx"
         shutil.copyfile(onnx_path, model)
         shapes = ",".join("[" + ",".join(map(str, dims)) + "]" + _pnnx_type(elem) for _, dims, elem in _static_shapes(proto))
@@ -81,14 +83,12 @@ class NcnnTarget(Target):
         if unknown:
             raise TargetError(f"target 'ncnn': pnnx left layers ncnn's runtime does not have: {', '.join(unknown)} "
                               "(ops pnnx could not map to ncnn). Nothing was written.")
-        keep = [out_dir / f"{stem}.param", out_dir / f"{stem}.bin"]
+        keep = [out_dir / f"{final}.param", out_dir / f"{final}.bin"]
         os.replace(param, keep[0])
         os.replace(binary, keep[1])
         for leftover in out_dir.glob(f"{stem}*"):
             if leftover not in keep:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        for extra in out_dir.glob(f"{stem}_*.py"):
-            extra.unlink()
         return keep
 
     def load(self, files: Sequence[Path], threads: int | None, source: onnx.ModelProto) -> Runner:

@@ -38,6 +38,16 @@ class OpenVinoTarget(Target):
         return {op: f"custom domain {domain!r}, which OpenVINO's ONNX front end does not read"
                 for op, domain in op_types(proto).items() if domain not in ("ai.onnx", "com.microsoft")}
 
+    def notes(self, proto: onnx.ModelProto) -> list[str]:
+        dynamic = sorted(set(op_types(proto)) & {"DynamicQuantizeLinear", "MatMulInteger", "MatMulIntegerToFloat",
+                                                   "DynamicQuantizeMatMul"})
+        if not dynamic:
+            return []
+        return [f"OpenVINO has no dynamic int8 MatMul: {', '.join(dynamic)} are folded to float at conversion, so "
+                "these layers run in float32 and the .bin stores their weights as float (measured on MiniLM: as large "
+                "as the float model, slower than it). For int8 in OpenVINO use int8(mode=static): QDQ becomes "
+                "FakeQuantize and runs as int8."]
+
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         import openvino as ov
 
