@@ -24,8 +24,11 @@ from typing import Any
 
 CONFIGS = {
     # EfficientNet-Lite0 barely survives channel pruning without fine-tuning (README, prune): 5% with FLAP
+    # round_to=8: widths that are not multiples of 8 lose x86's blocked (NCHWc) conv kernels and ncnn's packing
     "efficientnet": {"dense": "cleanup", "pruned": "prune(ratio=0.05, importance=flap)", "int8": "int8(force=true)",
-                     "pruned+int8": "prune(ratio=0.05, importance=flap),int8(force=true)"},
+                     "pruned+int8": "prune(ratio=0.05, importance=flap),int8(force=true)",
+                     "pruned round_to=8": "prune(ratio=0.05, importance=flap, round_to=8)",
+                     "pruned round_to=8+int8": "prune(ratio=0.05, importance=flap, round_to=8),int8(force=true)"},
     "minilm": {"dense": "cleanup", "pruned": "prune(ratio=0.2, target=ffn, importance=flap, compensate=bias)",
                "int8": "int8(force=true)",
                "pruned+int8": "prune(ratio=0.2, target=ffn, importance=flap, compensate=bias),int8(force=true)"},
@@ -47,7 +50,7 @@ def _metric(fidelity: dict[str, Any]) -> dict[str, Any]:
     return {k: fidelity.get(k) for k in keys if k in fidelity}
 
 
-def bench_model(name: str, targets: list[str], folder: Path, work: Path) -> list[dict[str, Any]]:
+def bench_model(name: str, targets: list[str], folder: Path, work: Path, only: list[str] | None = None) -> list[dict[str, Any]]:
     import slimc
     from slimc.backends.onnxruntime import create_session, run
     from slimc.backends.targets import chunked
@@ -56,11 +59,12 @@ def bench_model(name: str, targets: list[str], folder: Path, work: Path) -> list
     from slimc.onnx_io import save_onnx
 
     case = _case(name, folder)
+    configs = {c: s for c, s in CONFIGS[name].items() if only is None or c in only or c == "dense"}
     loaded = case.load()
     calib, evaluation = case.data(loaded)
     paths: dict[str, Path] = {}
     rows = []
-    for config, spec in CONFIGS[name].items():
+    for config, spec in configs.items():
         print(f"bench_targets: {name} {config}: {spec}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         result = slimc.compile(loaded, spec, calibration=calib, evaluation=evaluation, static_shapes=SHAPES[name],
@@ -143,14 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_targets", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--configs", nargs="+", help="only these configurations (dense always runs: the reference)")
+    parser.add_argument("--merge", action="store_true", help="add the rows to --out's existing results (replacing equal cells)")
     parser.add_argument("--data", type=Path, default=Path("slimc-data"), help="folder for the text files")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/targets/targets.json"))
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"machine": machine_description(None).split(", onnxruntime")[0], "rows": []}
+    if args.merge and args.out.exists():
+        result = json.loads(args.out.read_text())
     with tempfile.TemporaryDirectory(prefix="slimc-bench-targets-") as tmp:
         for name in args.models:
-            result["rows"] += bench_model(name, args.targets, args.data, Path(tmp))
+            rows = bench_model(name, args.targets, args.data, Path(tmp), args.configs)
+            if args.configs:  # the dense reference row is re-measured, but the table keeps the first one
+                rows = [r for r in rows if r["config"] in args.configs]
+            keys = {(r["model"], r["config"], r["target"]) for r in rows}
+            result["rows"] = [r for r in result["rows"] if (r["model"], r["config"], r["target"]) not in keys] + rows
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
     table = markdown(result)
