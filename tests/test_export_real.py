@@ -54,7 +54,7 @@ def _export(model, spec: str, target: str, shapes: str):
     return result, result.receipt.target
 
 
-@pytest.mark.parametrize("target", ["openvino", "ncnn", "ort-mobile"])
+@pytest.mark.parametrize("target", ["openvino", "ncnn", "ort-mobile", "tflite"])
 def test_efficientnet_dense_in_each_runtime(efficientnet, target, tmp_path):
     _needs(target)
     result, t = _export(efficientnet, "cleanup", target, EFFICIENTNET)

@@ -191,7 +191,7 @@ def test_nm_leaves_layers_whose_channels_do_not_divide_alone():
 # ---------------------------------------------------------------- the zoo
 
 
-@pytest.mark.parametrize("name", ["bert", "llama", "vit", "resnet", "convnext"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit", "resnet", "resnet_bottleneck", "mobilenet_v2", "convnext"])
 def test_zoo_wanda_2_4_is_valid_and_runs(zoo_model, name, tmp_path):
     z = zoo_model(name)
     model = copy_model(z.loaded.model)
