@@ -140,7 +140,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
     verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
                      "fails the full ONNX checker (strict shape inference); later passes are held to the basic checker"}]
 
-    ctx = PassContext(loaded=loaded, calibration=calib, seed=seed, target=options.target if options else None)
+    ctx = PassContext(loaded=loaded, calibration=calib, seed=seed, target=options.target if options else None,
+                      threads=threads)
     current, reports = baseline, []
     for index, pass_ in enumerate(pipeline, start=1):
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])

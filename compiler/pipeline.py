@@ -52,6 +52,7 @@ class PassContext:
     calibration: Any = None
     seed: int = 0
     target: str | None = None  # the --target the result is exported to (passes may adapt: int8 for ort-mobile)
+    threads: int | None = None  # ORT intra-op threads for the passes' own latency measurements (--threads)
 
 
 class Pass(ir.passes.InPlacePass):

@@ -203,3 +203,12 @@ def test_an_already_quantized_model_is_refused(zoo_model):
     Int8(mode="dynamic", force=True).apply(model, _ctx(z))
     with pytest.raises(PassConfigError, match="already quantized"):
         Int8(force=True).apply(model, _ctx(z))
+
+
+def test_threads_reach_the_latency_guard(zoo_model):
+    """compile(threads=N) / --threads N: the guard times with N intra-op threads, as the receipt does."""
+    z = zoo_model("resnet")
+    calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=0)
+    result = slimc.compile(z.loaded, "int8(mode=static, force=true)", calibration=calib, threads=1, measure_latency=False)
+    (report,) = result.receipt.passes
+    assert "1 intra-op threads" in report.details["guard"]["machine"]

@@ -154,7 +154,8 @@ class Fp16(Pass):
 
         guard = None
         if self.min_speedup is not None:
-            guard = common.guard(self.name, model, converted, common.latency_feed(ctx, model), min_speedup=self.min_speedup)
+            guard = common.guard(self.name, model, converted, common.latency_feed(ctx, model), min_speedup=self.min_speedup,
+                                 threads=ctx.threads)
         common.replace_in_place(model, converted)
 
         params1, bytes1 = count_params(model)

@@ -360,7 +360,7 @@ class Int4(Pass):
         tokens = any(v.ndim >= 2 and v.shape[1] > 1 and not np.issubdtype(v.dtype, np.floating) for v in feed.values())
         hint = ("4-bit weights pay off when few rows are multiplied at a time (decoding), less in a prefill: "
                 "int4(latency_seq=1) times one decode step.") if tokens and self.latency_seq is None else ""
-        return common.guard(self.name, before, after, feed, min_speedup=self.min_speedup, force=self.force, threads=None,
+        return common.guard(self.name, before, after, feed, min_speedup=self.min_speedup, force=self.force, threads=ctx.threads,
                             context=hint)
 
 

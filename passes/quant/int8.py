@@ -240,7 +240,8 @@ class Int8(Pass):
         conv_heavy = sum(w.node.op_type == "Conv" for w in weighted) > len(weighted) / 2
 
         with tempfile.TemporaryDirectory(prefix="slimc-int8-") as tmp:
-            work = _Work(Path(tmp), model, self, conv_heavy, user_excluded, mobile=ctx.target == "ort-mobile")
+            work = _Work(Path(tmp), model, self, conv_heavy, user_excluded, mobile=ctx.target == "ort-mobile",
+                         threads=ctx.threads)
             if any(c.static for c in candidates):
                 work.calibrate(ranges_set, candidates)
             built = {c.name: work.build(c, ()) for c in progress.bar(candidates, "int8 candidates", total=len(candidates))}
@@ -284,7 +285,7 @@ class Int8(Pass):
                 final_ms = times["final"]
             mobile = ctx.target == "ort-mobile"
             guard = common.guard("int8", model, model, feed, min_speedup=self.min_speedup, force=self.force or mobile,
-                                 before_ms=times["float"], after_ms=final_ms, context=_tried(details))
+                                 threads=ctx.threads, before_ms=times["float"], after_ms=final_ms, context=_tried(details))
             if mobile:
                 notes.append(f"--target ort-mobile: the latency guard measured {guard.speedup:.2f}x on this host, which "
                              "does not decide for the device; measure on the phone")
@@ -307,10 +308,10 @@ class _Work:
     """The pass's scratch state: the float proto, calibration ranges, built candidates on disk."""
 
     def __init__(self, tmp: Path, model: ir.Model, opts: Int8, conv_heavy: bool, user_excluded: Sequence[str],
-                 mobile: bool = False):
+                 mobile: bool = False, threads: int | None = None):
         from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
 
-        self.tmp, self.opts, self.conv_heavy = tmp, opts, conv_heavy
+        self.tmp, self.opts, self.conv_heavy, self.threads = tmp, opts, conv_heavy, threads
         self.user_excluded = list(user_excluded)
         default = False if mobile else needs_reduced_range()  # the 7-bit workaround is for x86 without VNNI
         self.reduce_range = opts.reduce_range if opts.reduce_range is not None else default
@@ -392,7 +393,7 @@ class _Work:
     def measure(self, built: dict[str, onnx.ModelProto], feed) -> dict[str, float]:
         """The float model and each built proto, timed together (`common.measure_files`)."""
         paths = {"float": self.float_path, **{name: self._save(proto, name) for name, proto in built.items()}}
-        return common.measure_files(paths, feed)
+        return common.measure_files(paths, feed, self.threads)
 
     # -------------------------------------------------------------- accuracy budget
 

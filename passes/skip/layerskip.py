@@ -196,10 +196,10 @@ class LayerSkip(Pass):
         from slimc.backends.onnxruntime import machine_description
 
         feed = common.latency_feed(ctx, before)
-        times = common.measure({"before": before, "after": after}, feed)
+        times = common.measure({"before": before, "after": after}, feed, ctx.threads)
         shape = "x".join(str(d) for d in next(iter(feed.values())).shape) if feed else "scalar"
         return {"before_ms": times["before"], "after_ms": times["after"], "speedup": times["before"] / times["after"],
-                "feed": shape, "machine": machine_description()}
+                "feed": shape, "machine": machine_description(ctx.threads)}
 
     def _details(self, units, chosen, protected, bi, greedy, n_batches) -> dict:
         def row(u: blocks.Unit) -> dict:
