@@ -243,15 +243,9 @@ def _ints(text: str, parser: argparse.ArgumentParser) -> list[int]:
     return values
 
 
-def _names(text: str, known: Sequence[str], what: str, parser: argparse.ArgumentParser) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        parser.error(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:
+    from slimc.tools import comma_names
+
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_layerskip", description=__doc__.split("\n")[0])
     parser.add_argument("--counts", default=",".join(map(str, COUNTS)), help="units to remove, comma-separated (default 2,4,6)")
     parser.add_argument("--units", default=",".join(DEFAULT_UNITS),
@@ -270,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-time the configurations of this earlier JSON report (no scoring) and rewrite its table")
     args = parser.parse_args(argv)
     counts = _ints(args.counts, parser)
-    units = _names(args.units, UNITS, "unit(s)", parser)
-    scores = _names(args.scores, SCORES, "score(s)", parser)
+    units = comma_names(args.units, UNITS, "unit(s)", parser)
+    scores = comma_names(args.scores, SCORES, "score(s)", parser)
     for path in (args.out, args.markdown):
         if path is not None and not path.parent.is_dir():
             parser.error(f"{path}: folder {path.parent} does not exist")
@@ -284,14 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = run(args.data, counts, units, scores, args.calib_batches, args.eval_batches, args.loss_batches,
                      args.repeats, args.threads)
-    table = markdown(report)
-    print(table)
-    if args.out:
-        from slimc.receipt import json_safe
+    from slimc.tools import write_results
 
-        args.out.write_text(json.dumps(json_safe(report), indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(table)
+    write_results(report, markdown(report), args.out, args.markdown)
     return 0
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -649,15 +648,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _names(text: str, known, what: str, parser: argparse.ArgumentParser) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        parser.error(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:
+    from slimc.tools import comma_names
+
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_quant", description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, from: {', '.join(TOOLS)}")
@@ -671,8 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
     args = parser.parse_args(argv)
-    models = _names(args.models, CASES, "model(s)", parser)
-    tools = _names(args.tools, TOOLS, "tool(s)", parser)
+    models = comma_names(args.models, CASES, "model(s)", parser)
+    tools = comma_names(args.tools, TOOLS, "tool(s)", parser)
     for path in (args.out, args.markdown):
         if path is not None and not path.parent.is_dir():
             parser.error(f"{path}: folder {path.parent} does not exist")
@@ -680,14 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calib-batches and --eval-batches must be at least 1")
     cases = [make_case(n, args.data, args.calib_batches, args.eval_batches) for n in models]
     report = run(cases, tools, args.slimc_spec or ["int8"], args.repeats, args.threads)
-    table = markdown(report)
-    print(table)
-    if args.out:
-        from slimc.receipt import json_safe
+    from slimc.tools import write_results
 
-        args.out.write_text(json.dumps(json_safe(report), indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(table)
+    write_results(report, markdown(report), args.out, args.markdown)
     return 0
 
 

@@ -116,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     result = run(args.spec or list(DEFAULT_SPECS), args.data, args.calib_batches, args.eval_batches, args.out)
-    table = markdown(result)
-    if args.markdown:
-        args.markdown.write_text(table)
-    print(table)
+    from slimc.tools import write_results
+
+    write_results(result, markdown(result), args.out, args.markdown)
     return 0
 
 

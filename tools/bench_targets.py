@@ -143,6 +143,7 @@ def _short(reason: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from slimc.backends.onnxruntime import machine_description
     from slimc.receipt import json_safe
+    from slimc.tools import write_results
 
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_targets", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -164,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             keys = {(r["model"], r["config"], r["target"]) for r in rows}
             result["rows"] = [r for r in result["rows"] if (r["model"], r["config"], r["target"]) not in keys] + rows
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
-    table = markdown(result)
-    if args.markdown:
-        args.markdown.write_text(table)
-    print(table)
+            args.out.write_text(json.dumps(json_safe(result), indent=2) + "\n")  # kept after every model
+    write_results(result, markdown(result), args.out, args.markdown)
     return 0
 
 
