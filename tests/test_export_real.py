@@ -61,7 +61,7 @@ def test_efficientnet_dense_in_each_runtime(efficientnet, target, tmp_path):
     assert t["fidelity_vs_onnx"]["cosine"] > FLOAT_COSINE and t["fidelity_vs_onnx"]["top1_agreement"] == 1.0
     assert t["fidelity_vs_input"]["top1_agreement"] == 1.0
     written = result.save(tmp_path / f"effnet{targets.get(target).suffix}")
-    assert all(Path(p).stat().st_size > 1_000_000 for p in written[:1])  # 4.7M float parameters
+    assert sum(Path(p).stat().st_size for p in written) > 15_000_000  # 4.7M float32 parameters, in whichever file
 
 
 @pytest.mark.parametrize("target", ["openvino", "ort-mobile"])

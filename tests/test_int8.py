@@ -212,3 +212,13 @@ def test_threads_reach_the_latency_guard(zoo_model):
     result = slimc.compile(z.loaded, "int8(mode=static, force=true)", calibration=calib, threads=1, measure_latency=False)
     (report,) = result.receipt.passes
     assert "1 intra-op threads" in report.details["guard"]["machine"]
+
+
+def test_gemm_is_never_left_to_dynamic_int8():
+    """ORT's dynamic quantizer has no integer Gemm: a Gemm planned as dynamic silently stayed float."""
+    kinds = {"Conv", "MatMul", "Gemm"}
+    mixed, = [c for c in Int8()._candidates(kinds, 0.3, True)[0] if c.dynamic and c.static]
+    assert mixed.static == ("Conv", "Gemm") and mixed.dynamic == ("MatMul",)
+    (dynamic,) = Int8(mode="dynamic")._candidates(kinds, 0.9, True)[0]
+    assert dynamic.dynamic == ("MatMul",)
+    assert Int8(mode="dynamic")._candidates({"Gemm"}, 1.0, True)[0] == []  # nothing dynamic int8 can quantize

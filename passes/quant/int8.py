@@ -126,6 +126,10 @@ class Int8(Pass):
         """
         conv = ("Conv",) if "Conv" in kinds else ()
         mm = tuple(k for k in ("MatMul", "Gemm") if k in kinds)
+        # ORT's dynamic quantizer (IntegerOps) has no integer Gemm: dynamic candidates take MatMul only,
+        # and where static runs too, Gemm goes static (EfficientNet's classifier had silently stayed float)
+        dyn = ("MatMul",) if "MatMul" in kinds else ()
+        gemm = ("Gemm",) if "Gemm" in kinds else ()
         notes = []
         if target == "ort-mobile":
             if self.mode == "dynamic":
@@ -137,14 +141,14 @@ class Int8(Pass):
         if self.mode == "static":
             return [Candidate("static", static=conv + mm)], notes
         if self.mode == "dynamic":
-            return ([Candidate("dynamic", dynamic=mm)] if mm else []), notes
+            return ([Candidate("dynamic", dynamic=dyn)] if dyn else []), notes
         found = []
         if has_static_data:
             found.append(Candidate("static", static=conv + mm))
-            if conv and mm and 0.1 <= mm_share <= 0.9:
-                found.append(Candidate("static Conv + dynamic MatMul", static=conv, dynamic=mm))
-        if mm and (mm_share >= 0.5 or not conv):
-            found.append(Candidate("dynamic", dynamic=mm))
+            if conv and dyn and 0.1 <= mm_share <= 0.9:
+                found.append(Candidate("static Conv + dynamic MatMul", static=conv + gemm, dynamic=dyn))
+        if dyn and (mm_share >= 0.5 or not conv):
+            found.append(Candidate("dynamic", dynamic=dyn))
         if not has_static_data:
             if not found:
                 raise DataError("int8: this model's weights are mostly in Conv layers, which need static int8 and so "
@@ -271,7 +275,10 @@ class Int8(Pass):
             }
             for kind in sorted(kinds - set(chosen.static + chosen.dynamic)):
                 count = sum(w.node.op_type == kind for w in weighted if w.node.name not in user_excluded)
-                left_alone.append((f"{count} {kind} node(s)", f"not quantized by the chosen configuration '{chosen.name}'"))
+                why = f"not quantized by the chosen configuration '{chosen.name}'"
+                if kind == "Gemm" and chosen.dynamic and not chosen.static:
+                    why += " (ORT's dynamic int8 has no integer Gemm; static QDQ, which needs calibration data, quantizes it)"
+                left_alone.append((f"{count} {kind} node(s)", why))
             final, final_ms, fallback = built[chosen.name], times[chosen.name], []
             if self.max_loss:
                 final, fallback, budget = work.fit_budget(chosen, final, fidelity[chosen.name])
