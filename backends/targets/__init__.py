@@ -16,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
+import re
+import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,11 +48,10 @@ NOT_YET = {
 }
 
 Batch = Mapping[str, np.ndarray]
-__all__ = ["TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "get", "names", "op_types"]
-
-
-def names() -> list[str]:
-    return list(TARGETS)
+__all__ = ["TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "get", "op_types"]
+# Integer and quantized ops: what the `int8` / `int4` passes leave in a graph (refused by float-only targets).
+INTEGER_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                         "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
 
 
 def get(name: str) -> Target:
@@ -67,8 +70,8 @@ class Runner:
     """A loaded artifact: ``run(batch)`` returns the outputs in the source model's output order.
 
     ``bind(batch)`` returns a no-argument callable that runs that batch with the inputs already
-    converted (what latency is measured on). ``batch_size``: the fixed batch the artifact takes
-    (None = any); `run` splits bigger batches itself.
+    converted (what latency is measured on). A batch axis pinned by ``--static-shapes`` is honoured
+    by the caller (`chunked`), not here.
     """
 
     run: Callable[[Batch], list[np.ndarray]]
@@ -83,15 +86,25 @@ class Target:
     suffix: str = ""  # the main file's suffix, which ``-o`` must end in
     extra: str = ""  # pip extra: pip install "slimc[extra]"
     modules: tuple[str, ...] = ()  # import names the extra provides
-    companions: tuple[str, ...] = ()  # suffixes of files written beside the main one, for the docs
+
+    @property
+    def install(self) -> str:
+        """The command that installs this target's converter and runtime (said by every missing-extra error)."""
+        return f'pip install "slimc[{self.extra}]" (or scripts/install.sh {self.extra})'
 
     def require(self) -> None:
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
         if missing:
             raise MissingExtraError(
-                f"target {self.name!r} needs {', '.join(missing)}, which is not installed. Install it with: "
-                f"pip install \"slimc[{self.extra}]\" (or scripts/install.sh {self.extra})."
+                f"target {self.name!r} needs {', '.join(missing)}, which is not installed. Install it with: {self.install}."
             )
+
+    def command(self, name: str) -> str:
+        """A converter's console script: on PATH, or beside this Python (a venv used without activating it)."""
+        found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        if found is None:
+            raise MissingExtraError(f"target {self.name!r}: the {name} command is not on PATH; install it with: {self.install}.")
+        return found
 
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         """{op_type: why} for the ops of ``proto`` this target cannot represent (checked before converting)."""
@@ -140,6 +153,19 @@ def chunked(run_one: Callable[[Batch], list[np.ndarray]], size: int | None) -> C
         return [np.concatenate(parts, axis=0) for parts in zip(*pieces)]
 
     return run
+
+
+def failure(log: str, noise: Callable[[str], bool] = lambda line: False) -> str:
+    """What a converter's log says failed: colours stripped, ``noise`` lines dropped, the last three
+    lines that mention a failure (or the last three lines), cut at 800 characters."""
+    lines = [ln for ln in log_lines(log) if not noise(ln)]
+    failed = [ln for ln in lines if re.search(r"fail|error|not support|unsupported", ln, re.I)]
+    return " | ".join((failed or lines[-3:])[-3:])[:800] or "no message"
+
+
+def log_lines(log: str) -> list[str]:
+    """A converter's output as non-blank lines without terminal colour codes."""
+    return [s for s in (re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in log.splitlines()) if s]
 
 
 def describe_unsupported(target: str, ops: dict[str, str]) -> str:

@@ -20,7 +20,6 @@ input order; ``out0``, ... in its output order) and reshapes each output to the 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -29,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from slimc.backends.targets import Runner, Target, TargetError, op_types
+from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, failure, op_types
 
-QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-             "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 TIMEOUT_S = 600
 
 
@@ -53,11 +50,10 @@ class NcnnTarget(Target):
     suffix = ".param"
     extra = "ncnn"
     modules = ("ncnn", "pnnx")
-    companions = (".bin",)
 
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         bad = {op: "int8 QDQ / integer ops have no ncnn layer; ncnn quantizes with its own ncnn2table/ncnn2int8 "
-                   "from the float model, so export ncnn without int8/int4" for op in op_types(proto) if op in QUANTIZED}
+                   "from the float model, so export ncnn without int8/int4" for op in op_types(proto) if op in INTEGER_OPS}
         for name, dims, _ in _static_shapes(proto):
             if any(d <= 0 for d in dims):
                 bad[f"input {name}"] = (f"dynamic shape {dims}: pnnx needs one shape; pin it, e.g. --static-shapes "
@@ -71,14 +67,16 @@ class NcnnTarget(Target):
         model = out_dir / f"{stem}.onnx"
         shutil.copyfile(onnx_path, model)
         shapes = ",".join("[" + ",".join(map(str, dims)) + "]" + _pnnx_type(elem) for _, dims, elem in _static_shapes(proto))
-        cmd = [_pnnx(), model.name, f"inputshape={shapes}", "fp16=0", "optlevel=2"]
+        cmd = [self.command("pnnx"), model.name, f"inputshape={shapes}", "fp16=0", "optlevel=2"]
         try:
             done = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise TargetError(f"target 'ncnn': pnnx did not finish in {TIMEOUT_S} s.") from None
         param, binary = out_dir / f"{stem}.ncnn.param", out_dir / f"{stem}.ncnn.bin"
         if done.returncode != 0 or not param.exists():
-            raise TargetError(f"target 'ncnn': pnnx failed (exit {done.returncode}): {_pnnx_error(done.stdout + done.stderr)}")
+            log = done.stdout + done.stderr  # pnnx prints progress with timings: not what failed
+            noise = lambda ln: ln.endswith("ms") or "Unknown CPU vendor" in ln  # noqa: E731
+            raise TargetError(f"target 'ncnn': pnnx failed (exit {done.returncode}): {failure(log, noise)}")
         unknown = _unknown_layers(param)
         if unknown:
             raise TargetError(f"target 'ncnn': pnnx left layers ncnn's runtime does not have: {', '.join(unknown)} "
@@ -135,21 +133,6 @@ class NcnnTarget(Target):
 
 def _pnnx_type(elem: int) -> str:
     return {onnx.TensorProto.INT64: "i64", onnx.TensorProto.INT32: "i32", onnx.TensorProto.FLOAT16: "f16"}.get(elem, "f32")
-
-
-def _pnnx_error(log: str) -> str:
-    """pnnx prints progress with timings and colours; keep the lines that say what failed."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in log.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.endswith("ms") and "Unknown CPU vendor" not in ln]
-    failed = [ln for ln in lines if re.search(r"fail|error|not support|unsupported", ln, re.I)]
-    return " | ".join((failed or lines[-3:])[-3:])[:800] or "no message"
-
-
-def _pnnx() -> str:
-    found = shutil.which("pnnx")
-    if found is None:
-        raise TargetError('target \'ncnn\': the pnnx command is not on PATH; install it with pip install "slimc[ncnn]".')
-    return found
 
 
 def _unknown_layers(param: Path) -> list[str]:

@@ -60,7 +60,6 @@ class OrtMobileTarget(Target):
     name = "ort-mobile"
     suffix = ".ort"
     extra = ""
-    companions = (".required_operators.config",)
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort

@@ -30,7 +30,6 @@ class OpenVinoTarget(Target):
     suffix = ".xml"
     extra = "openvino"
     modules = ("openvino",)
-    companions = (".bin",)
 
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         # Standard ops OpenVINO lacks are listed by its own front end at conversion (in the work folder,

@@ -20,17 +20,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from slimc.backends.targets import Runner, Target, TargetError, op_types
+from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, failure, log_lines, op_types
 
-QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv",
-       "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 TIMEOUT_S = 1200
 
 
@@ -39,19 +36,13 @@ class TfliteTarget(Target):
     suffix = ".tflite"
     extra = "tflite"
     modules = ("onnx2tf", "tensorflow", "ai_edge_litert")
-
-    def require(self) -> None:
-        try:
-            super().require()
-        except TargetError as exc:
-            raise type(exc)(str(exc).replace(f'pip install "slimc[{self.extra}]" (or scripts/install.sh {self.extra})',
-                                             "scripts/install.sh tflite (onnx2tf pins old numpy/onnx releases, so it "
-                                             "is installed with --no-deps beside TensorFlow and LiteRT)")) from None
+    install = ("scripts/install.sh tflite (onnx2tf pins old numpy/onnx releases, so it is installed with --no-deps "
+               "beside TensorFlow and LiteRT)")
 
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         return {op: "onnx2tf converts int8 QDQ / integer ops but the LiteRT model computes wrong numbers (measured: "
                     "max error > 1 on a toy conv net); export the float model, LiteRT's own int8 needs its converter's "
-                    "calibration" for op in op_types(proto) if op in QDQ}
+                    "calibration" for op in op_types(proto) if op in INTEGER_OPS}
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -59,7 +50,7 @@ class TfliteTarget(Target):
         shutil.copyfile(onnx_path, model)
         inits = {i.name for i in proto.graph.initializer}
         layouts = [v.name for v in proto.graph.input if v.name not in inits and 3 <= len(v.type.tensor_type.shape.dim) <= 5]
-        cmd = [*_onnx2tf(), "-i", model.name, "-o", "tf", "-coion", "-osd", "-n", *(["-k", *layouts] if layouts else [])]
+        cmd = [self.command("onnx2tf"), "-i", model.name, "-o", "tf", "-coion", "-osd", "-n", *(["-k", *layouts] if layouts else [])]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
         try:
             done = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
@@ -113,22 +104,14 @@ def _layout(array: np.ndarray, onnx_shape: list[int]) -> np.ndarray:
     return array
 
 
-def _onnx2tf() -> list[str]:
-    found = shutil.which("onnx2tf", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    if found is None:
-        raise TargetError("target 'tflite': the onnx2tf command is not on PATH; run scripts/install.sh tflite.")
-    return [found]
-
-
 def _error(log: str, ops: dict[str, str]) -> str:
     """onnx2tf's failure, as the ONNX node and op it stopped at plus the exception's last line."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in log.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith(("I0000", "W0000", "WARNING: All log"))]
+    noise = lambda ln: ln.startswith(("I0000", "W0000", "WARNING: All log"))  # noqa: E731  (TensorFlow's start-up)
+    lines = [ln for ln in log_lines(log) if not noise(ln)]
     exceptions = [ln for ln in lines if re.match(r"[A-Za-z_.]*(Error|Exception)\b", ln)]
     failed_at = next((m.group(1) for ln in lines if (m := re.match(r"ERROR: onnx_op_name: (\S+)", ln))), None)
     if failed_at is not None:
         where = (f"op {ops[failed_at]}" if failed_at in ops else
                  "a node of onnx2tf's own rewritten graph, e.g. an attention block it fused")
         return f"it cannot convert node {failed_at!r} ({where}): {(exceptions or ['no message'])[-1]}"[:800]
-    failed = [ln for ln in lines if re.search(r"error|fail|not support|unsupported", ln, re.I)]
-    return " | ".join((failed or lines[-3:])[-3:])[:800] or "no message"
+    return failure(log, noise)
