@@ -102,12 +102,7 @@ def collect(
     names no float activation of the main graph or an axis out of range, `BackendError` when ONNX
     Runtime cannot build or run the instrumented model.
     """
-    if dataset is None or len(dataset) == 0:
-        raise DataError(
-            f"{desc} needs calibration data, and none was given. Pass it with calibration=... in "
-            "slimc.compile(...), or --calib PATH on the command line (a text file, an image folder "
-            "or an .npz of arrays keyed by input name)."
-        )
+    _require_data(dataset, desc)
     requests = list(dict.fromkeys(requests))
     values = _activations(model, requests)
     with tempfile.TemporaryDirectory(prefix="slimc-calib-") as tmp:
@@ -133,6 +128,15 @@ def collect(
             gram=totals[names.gram] if r.gram else None, absmax=totals[names.absmax] if r.absmax else None,
         )
     return stats
+
+
+def _require_data(dataset: Sequence[Mapping[str, np.ndarray]] | None, desc: str) -> None:
+    if dataset is None or len(dataset) == 0:
+        raise DataError(
+            f"{desc} needs calibration data, and none was given. Pass it with calibration=... in "
+            "slimc.compile(...), or --calib PATH on the command line (a text file, an image folder "
+            "or an .npz of arrays keyed by input name)."
+        )
 
 
 def _activations(model: ir.Model, requests: Sequence[StatRequest]) -> dict[str, ir.Value]:
@@ -350,11 +354,7 @@ def cosine(
     without data and `ValueError` for a request naming no float value, an axis out of range, or
     weights of the wrong rank.
     """
-    if dataset is None or len(dataset) == 0:
-        raise DataError(
-            f"{desc} needs calibration data, and none was given. Pass it with calibration=... in "
-            "slimc.compile(...), or --calib PATH on the command line."
-        )
+    _require_data(dataset, desc)
     requests = list(dict.fromkeys(requests))
     names = {n for r in requests for n in (r.a, r.b)}
     values = _activations(model, [StatRequest(n, 0) for n in sorted(names)])

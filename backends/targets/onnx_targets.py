@@ -64,14 +64,13 @@ class OrtMobileTarget(Target):
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
+        if onnx_path.with_name(onnx_path.name + ".data").exists():
+            raise TargetError("target 'ort-mobile': the model keeps its weights in external data (> 1.8 GB); the ORT "
+                              "format holds at most 2 GB. Compress it further (int8 / int4) before exporting to mobile.")
         src = out_dir / "src"
         src.mkdir(parents=True, exist_ok=True)
         model = src / f"{stem}.onnx"
         shutil.copyfile(onnx_path, model)
-        data = onnx_path.with_name(onnx_path.name + ".data")
-        if data.exists():
-            raise TargetError("target 'ort-mobile': the model keeps its weights in external data (> 1.8 GB); the ORT "
-                              "format holds at most 2 GB. Compress it further (int8 / int4) before exporting to mobile.")
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log):

@@ -228,6 +228,7 @@ class Int8(Pass):
         sizes = {kind: sum(w.weight.const_value.size for w in weighted if w.node.op_type == kind and w.node.name not in user_excluded)
                  for kind in kinds}
         mm_share = (sizes.get("MatMul", 0) + sizes.get("Gemm", 0)) / max(1, sum(sizes.values()))
+        mobile = ctx.target == "ort-mobile"
         candidates, notes = self._candidates(kinds, mm_share, has_data, ctx.target)
         if not candidates:
             return PassReport(self.name, False, "nothing to quantize in dynamic mode: the graph has only Conv weights "
@@ -244,8 +245,7 @@ class Int8(Pass):
         conv_heavy = sum(w.node.op_type == "Conv" for w in weighted) > len(weighted) / 2
 
         with tempfile.TemporaryDirectory(prefix="slimc-int8-") as tmp:
-            work = _Work(Path(tmp), model, self, conv_heavy, user_excluded, mobile=ctx.target == "ort-mobile",
-                         threads=ctx.threads)
+            work = _Work(Path(tmp), model, self, conv_heavy, user_excluded, mobile=mobile, threads=ctx.threads)
             if any(c.static for c in candidates):
                 work.calibrate(ranges_set, candidates)
             built = {c.name: work.build(c, ()) for c in progress.bar(candidates, "int8 candidates", total=len(candidates))}
@@ -290,7 +290,6 @@ class Int8(Pass):
             if final_ms is None:
                 times = work.measure({"final": final}, feed)
                 final_ms = times["final"]
-            mobile = ctx.target == "ort-mobile"
             guard = common.guard("int8", model, model, feed, min_speedup=self.min_speedup, force=self.force or mobile,
                                  threads=ctx.threads, before_ms=times["float"], after_ms=final_ms, context=_tried(details))
             if mobile:
