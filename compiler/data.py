@@ -392,3 +392,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(data_images, name)
     raise AttributeError(f"module 'slimc.data' has no attribute '{name}'")
+
+
+def first_batches(data: Any, n: int) -> Any:
+    """The first ``n`` batches of a `Dataset` (``head``, keeping its source label) or of any sequence of batches."""
+    return data.head(n) if hasattr(data, "head") else list(data)[:n]

@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc import progress
+from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
 from slimc.onnx_io import copy_model
 from slimc.passes.quant import common, gptq
@@ -191,7 +192,7 @@ class Int4(Pass):
         names = sorted({t.act for t in targets})
         requests = [StatRequest(n, -1, gram=True) for n in names]
         calib = ctx.calibration
-        batches = calib.head(self.calibration_batches) if hasattr(calib, "head") else list(calib)[: self.calibration_batches]
+        batches = first_batches(calib, self.calibration_batches)
         stats = collect(model, requests, batches, desc="int4 gptq statistics")
         return {r.value: (stats[r].gram, stats[r].count) for r in requests}
 

@@ -56,6 +56,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
+from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
 from slimc.passes.quant.common import WeightedOp, attr, module_path, node_matches, refuse_quantized, weighted_ops
 from slimc.pipeline import Pass, PassContext, PassReport
@@ -415,7 +416,7 @@ class SmoothQuant(Pass):
             from slimc.calibrate import StatRequest, collect
 
             data = ctx.calibration
-            data = data.head(self.calibration_batches) if hasattr(data, "head") else list(data)[: self.calibration_batches]
+            data = first_batches(data, self.calibration_batches)
             requests = {g.x.name: StatRequest(g.x.name, -1, absmax=True) for g in groups}
             collected = collect(model, list(requests.values()), data, desc="smoothquant statistics")
             stats = {name: collected[r].absmax for name, r in requests.items()}

@@ -38,6 +38,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from slimc.analysis import count_params
+from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
 from slimc.model import infer_input_specs, infer_task
 from slimc.onnx_io import copy_model
@@ -144,7 +145,7 @@ class LayerSkip(Pass):
                               seconds=time.perf_counter() - start)
 
         calib = ctx.calibration
-        batches = calib.head(self.calibration_batches) if hasattr(calib, "head") else list(calib)[: self.calibration_batches]
+        batches = first_batches(calib, self.calibration_batches)
         specs = ctx.loaded.inputs if ctx.loaded is not None else infer_input_specs(work)
         mask = next((s.name for s in specs if s.kind == "attention_mask"), None)
         bi = score.influence(work, units, batches, mask=mask)
@@ -157,7 +158,7 @@ class LayerSkip(Pass):
             tokens = next((s.name for s in specs if s.kind == "tokens"), None) if task == "causal-lm" else None
             shortlist = ranked[: self.shortlist or 2 * n + 2]
             k = self.loss_batches or len(batches)
-            loss_set = batches.head(k) if hasattr(batches, "head") else list(batches)[:k]
+            loss_set = first_batches(batches, k)
             greedy = score.greedy(work, shortlist, n, loss_set, tokens=tokens, mask=mask)
             chosen = greedy.order
 

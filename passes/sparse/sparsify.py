@@ -43,6 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc import progress
+from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
 from slimc.onnx_io import copy_model
 from slimc.passes.quant import common
@@ -278,7 +279,7 @@ class Sparsify(Pass):
                 want[key] = want.get(key, False) or (gram and layer.hessian_ok)
         requests = {key: StatRequest(key[0], key[1], gram=g) for key, g in want.items()}
         calib = ctx.calibration
-        batches = calib.head(self.calibration_batches) if hasattr(calib, "head") else list(calib)[: self.calibration_batches]
+        batches = first_batches(calib, self.calibration_batches)
         stats = collect(model, list(requests.values()), batches, desc=desc)
         out = {}
         for layer in layers:
