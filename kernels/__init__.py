@@ -1,0 +1,59 @@
+"""Triton kernels for quantized and sparse matmuls, each with its PyTorch reference twin.
+
+Each kernel is a torch custom op (``torch.ops.slimc.*``), so `torch.compile` and `torch.export`
+see one node, and a saved ``.pt2`` needs ``import slimc.kernels`` before `torch.export.load`.
+The Triton version runs on CUDA tensors when ``triton`` imports; everywhere else the reference
+runs (``SLIMC_KERNELS=reference`` forces it, ``SLIMC_KERNELS=triton`` forces Triton, interpreted
+on the CPU, for tests).
+
+=========================  ============================================================
+`w8a8.w8a8_mm`             int8 x int8 -> int32, fused per-token/per-tensor activation scale,
+                           per-channel weight scale, bias and output dtype
+`w8a8.qdq_linear`          ONNX QDQ MatMul/Gemm (static int8), trainable (straight-through)
+`w8a8.dynamic_linear`      ONNX Runtime's dynamic int8 MatMul (DynamicQuantizeLinear+MatMulInteger)
+`wnbits.matmul_nbits`      W4A16 / W8A16, group-wise scales, ONNX ``MatMulNBits`` layout
+`sparse24.sparse24_mm`     2:4 sparse weight (values + 2-bit metadata) x dense activation
+=========================  ============================================================
+
+The functions below take activations of any rank (``[..., K]``) and flatten them for the ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimc.kernels import sparse24, w8a8, wnbits
+
+__all__ = ["dynamic_linear", "matmul_integer", "matmul_nbits", "qdq_linear", "sparse24_linear"]
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None):
+    rows, lead = _rows(x)
+    return w8a8.qdq_linear(rows, x_scale, x_zp, w, w_scale, bias).reshape(*lead, w.shape[1])
+
+
+def dynamic_linear(x, w, w_scale, bias=None):
+    rows, lead = _rows(x)
+    return w8a8.dynamic_linear(rows, w, w_scale, bias).reshape(*lead, w.shape[1])
+
+
+def matmul_integer(a, b, a_zp=None, b_zp=None):
+    """ONNX MatMulInteger with a constant symmetric int8 weight ``b`` [K, N]: exact int32."""
+    rows, lead = _rows(a)
+    q, zp = w8a8.as_int8(rows, a_zp)
+    out = w8a8.w8a8_mm(q, b, None, zp.reshape(1), None, None, torch.int32)
+    return out.reshape(*lead, b.shape[1])
+
+
+def matmul_nbits(a, b, scales, zero_points=None, bias=None, *, K, N, bits=4, block_size=32):  # noqa: N803
+    rows, lead = _rows(a)
+    return wnbits.matmul_nbits(rows, b, scales, zero_points, bias, K, bits, block_size).reshape(*lead, N)
+
+
+def sparse24_linear(x, values, meta, bias=None):
+    rows, lead = _rows(x)
+    return sparse24.sparse24_mm(rows, values, meta, bias).reshape(*lead, values.shape[1])
