@@ -24,7 +24,11 @@ import torch
 
 from slimc.kernels import sparse24, w8a8, wnbits
 
-__all__ = ["dynamic_linear", "matmul_integer", "matmul_nbits", "qdq_linear", "sparse24_linear"]
+__all__ = ["DECOMPOSE", "dynamic_linear", "matmul_integer", "matmul_nbits", "qdq_linear", "sparse24_linear"]
+
+# True inside `slimc.backends.triton.module.decomposed()`: the functions below compute with plain
+# PyTorch ops instead of calling the custom ops, for exporters that do not know torch.ops.slimc.
+DECOMPOSE = False
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -33,27 +37,48 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
 
 def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None):
     rows, lead = _rows(x)
-    return w8a8.qdq_linear(rows, x_scale, x_zp, w, w_scale, bias).reshape(*lead, w.shape[1])
+    if DECOMPOSE:
+        q = w8a8.quantize(rows, x_scale, x_zp).to(torch.float32)
+        zp = x_zp.to(torch.float32) - (128 if x_zp.dtype == torch.uint8 else 0)
+        out = _dequantized_mm((q - zp) * x_scale.float(), w, w_scale, bias).to(x.dtype)
+    else:
+        out = w8a8.qdq_linear(rows, x_scale, x_zp, w, w_scale, bias)
+    return out.reshape(*lead, w.shape[1])
+
+
+def _dequantized_mm(x, w, w_scale, bias):
+    out = x @ (w.to(torch.float32) * (w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.float()))
+    return out + bias.float() if bias is not None else out
 
 
 def dynamic_linear(x, w, w_scale, bias=None):
     rows, lead = _rows(x)
-    return w8a8.dynamic_linear(rows, w, w_scale, bias).reshape(*lead, w.shape[1])
+    if DECOMPOSE:
+        q, scale, zp = w8a8.dynamic_quantize(rows)
+        out = _dequantized_mm((q.to(torch.float32) - zp.to(torch.float32)) * scale, w, w_scale, bias).to(x.dtype)
+    else:
+        out = w8a8.dynamic_linear(rows, w, w_scale, bias)
+    return out.reshape(*lead, w.shape[1])
 
 
 def matmul_integer(a, b, a_zp=None, b_zp=None):
     """ONNX MatMulInteger with a constant symmetric int8 weight ``b`` [K, N]: exact int32."""
     rows, lead = _rows(a)
     q, zp = w8a8.as_int8(rows, a_zp)
-    out = w8a8.w8a8_mm(q, b, None, zp.reshape(1), None, None, torch.int32)
+    if DECOMPOSE:  # float64 is exact for 8-bit products summed over any practical K
+        out = torch.round((q.to(torch.float64) - zp.to(torch.float64)) @ b.to(torch.float64)).to(torch.int32)
+    else:
+        out = w8a8.w8a8_mm(q, b, None, zp.reshape(1), None, None, torch.int32)
     return out.reshape(*lead, b.shape[1])
 
 
 def matmul_nbits(a, b, scales, zero_points=None, bias=None, *, K, N, bits=4, block_size=32):  # noqa: N803
     rows, lead = _rows(a)
-    return wnbits.matmul_nbits(rows, b, scales, zero_points, bias, K, bits, block_size).reshape(*lead, N)
+    op = wnbits.reference if DECOMPOSE else wnbits.matmul_nbits
+    return op(rows, b, scales, zero_points, bias, K, bits, block_size).reshape(*lead, N)
 
 
 def sparse24_linear(x, values, meta, bias=None):
     rows, lead = _rows(x)
-    return sparse24.sparse24_mm(rows, values, meta, bias).reshape(*lead, values.shape[1])
+    op = sparse24.reference if DECOMPOSE else sparse24.sparse24_mm
+    return op(rows, values, meta, bias).reshape(*lead, values.shape[1])

@@ -55,8 +55,7 @@ def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     m = meta.to(torch.int64)
     pos = torch.stack([m & 3, (m >> 2) & 3], dim=1)  # [G, 2, N]
     dense = torch.zeros(g, 4, n, dtype=values.dtype, device=values.device)
-    dense.scatter_(1, pos, values.reshape(g, 2, n))
-    return dense.reshape(4 * g, n)
+    return dense.scatter(1, pos, values.reshape(g, 2, n)).reshape(4 * g, n)
 
 
 if _triton.available():

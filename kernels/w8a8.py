@@ -212,8 +212,8 @@ qdq_linear.register_autograd(_qdq_backward, setup_context=_qdq_setup)
 
 def dynamic_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX DynamicQuantizeLinear (uint8, per tensor, range including 0), as int8 codes + zero point."""
-    lo = torch.clamp(torch.amin(x), max=0.0).float()
-    hi = torch.clamp(torch.amax(x), min=0.0).float()
+    lo = torch.clamp(x.min(), max=0.0).float()
+    hi = torch.clamp(x.max(), min=0.0).float()
     scale = (hi - lo) / 255.0
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     zp = torch.clamp(torch.round(-lo / safe), 0, 255)

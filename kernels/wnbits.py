@@ -79,10 +79,9 @@ def unpack(b: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     """Codes [N, K] (int16) from the packed [N, blocks, blob] uint8 layout."""
     n = b.shape[0]
     flat = b.reshape(n, -1)
-    if bits == 4:
-        low = flat & 0xF
-        high = (flat >> 4) & 0xF
-        codes = torch.stack([low, high], dim=-1).reshape(n, -1)
+    if bits == 4:  # % and // rather than & and >>: exporters mistype shifts of uint8
+        wide = flat.to(torch.int16)
+        codes = torch.stack([wide % 16, wide // 16], dim=-1).reshape(n, -1)
     elif bits == 8:
         codes = flat
     else:

@@ -105,6 +105,7 @@ class _Lowerer:
         self.use_kernels = kernels
         self.fx = fx.Graph()
         self.root = torch.nn.Module()
+        self.weights = self.root.weights = torch.nn.Module()
         self.names: set[str] = set()
         self.env: dict[ir.Value, Any] = {}  # ONNX value -> fx.Node or Python literal
         self.attrs: dict[str, str] = {}  # root attribute -> ONNX name
@@ -142,12 +143,13 @@ class _Lowerer:
         if trainable is None:
             trainable = tensor.is_floating_point() and tensor.numel() > 1 and tensor.dim() >= 1
         name = _py_name(onnx_name, self.names)
+        # In a submodule: "weights.<name>" cannot collide with a value name exporters invent (val_3, zeros).
         if trainable:
-            self.root.register_parameter(name, torch.nn.Parameter(tensor.clone(), requires_grad=True))
+            self.weights.register_parameter(name, torch.nn.Parameter(tensor.clone(), requires_grad=True))
         else:
-            self.root.register_buffer(name, tensor.clone())
-        self.attrs[name] = onnx_name
-        return self.fx.get_attr(name)
+            self.weights.register_buffer(name, tensor.clone())
+        self.attrs["weights." + name] = onnx_name
+        return self.fx.get_attr("weights." + name)
 
     def arg(self, value: ir.Value | None) -> Any:
         if value is None or value.name == "":
@@ -391,9 +393,12 @@ class _Lowerer:
         self.fx.output(tuple(outs))
         self.fx.eliminate_dead_code()
         gm = fx.GraphModule(self.root, self.fx, class_name="SlimcModule")
-        gm.onnx_names = {k: v for k, v in self.attrs.items() if hasattr(gm, k)}
+        kept = {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
+        gm.onnx_names = {k: v for k, v in self.attrs.items() if k in kept}
         gm.input_names = [v.name for v in self.graph.inputs if v not in self.consts]
         gm.output_names = [v.name for v in self.graph.outputs]
+        gm.input_dtypes = {v.name: ops.DTYPES[int(v.dtype)] for v in self.graph.inputs
+                           if v not in self.consts and v.dtype is not None and int(v.dtype) in ops.DTYPES}
         self.report.parameters = sum(p.numel() for p in gm.parameters())
         self.report.buffers = sum(b.numel() for b in gm.buffers())
         return gm

@@ -755,8 +755,8 @@ def DequantizeLinear(x, scale, zero_point=None, *, axis=1, block_size=0, output_
 
 def DynamicQuantizeLinear(x):
     """uint8 asymmetric per-tensor quantization, exactly as ONNX defines it (range includes 0)."""
-    lo = torch.clamp(torch.amin(x), max=0.0)
-    hi = torch.clamp(torch.amax(x), min=0.0)
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
     scale = (hi - lo) / 255.0
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     zp = torch.clamp(torch.round(-lo / safe), 0, 255)

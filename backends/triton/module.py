@@ -1,0 +1,202 @@
+"""The torch backend's module: run, check against ONNX Runtime, time, save as ``.pt2``, export to ONNX.
+
+`to_torch` lowers a model (an IR, a `LoadedModel`, or a `CompileResult`) to a `torch.fx.GraphModule`:
+positional inputs in the ONNX graph's order (or keywords with the same names, non-identifier
+characters replaced by ``_``), a tuple of outputs; ``module.input_names`` / ``output_names`` hold
+the ONNX names and ``module.onnx_names`` maps each parameter/buffer to its initializer.
+
+It is an ordinary ``nn.Module``: float weights are parameters (fine-tune it), `torch.compile` it,
+`export_program` / `save` it for ``torch.export``, `to_onnx` it. Quantized and sparse matmuls are
+``torch.ops.slimc.*`` custom ops: a saved ``.pt2`` loads with `load` (which registers them first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from slimc.backends.triton.lower import LoweringReport, lower
+from slimc.errors import BackendError, OutputPathError, first_line
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits",
+                 "ConvInteger"}
+# Agreement with ONNX Runtime on the same IR. Exact graphs: the exactness criterion of the passes
+# (slimc.verify). Quantized graphs: relative L2 error, since one rounding step that flips by an ulp
+# moves an output by a quantization step; int4 is looser because ONNX Runtime's MatMulNBits
+# (accuracy_level=4) also quantizes the activations to int8, which slimc's kernel does not.
+QUANT_REL_TOL = 2e-2
+FP16_REL_TOL = 1e-2
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_torch(model: Any, *, device: str | None = None, kernels: bool = True) -> torch.fx.GraphModule:
+    """``model`` (an ``onnx_ir.Model``, `LoadedModel` or `CompileResult`) as a `torch.fx.GraphModule`."""
+    ir_model = getattr(model, "model", model)
+    if not isinstance(ir_model, ir.Model):
+        raise BackendError(f"to_torch takes slimc's IR, a LoadedModel or a CompileResult, not {type(model).__name__}")
+    gm, report = lower(ir_model, kernels=kernels)
+    gm.lowering = report
+    return gm.to(device or default_device())
+
+
+def _input_dtypes(gm) -> dict[str, torch.dtype]:
+    return getattr(gm, "input_dtypes", {})
+
+
+def feed(gm: torch.fx.GraphModule, batch: dict[str, Any], device: str | torch.device | None = None) -> list[torch.Tensor]:
+    """The batch's arrays as tensors in the module's input order, dtypes as the ONNX graph declares."""
+    device = device or next((t.device for t in list(gm.parameters()) + list(gm.buffers())), "cpu")
+    dtypes = _input_dtypes(gm)
+    args = []
+    for name in gm.input_names:
+        if name not in batch:
+            raise BackendError(f"the module needs input '{name}' but the data has only {', '.join(batch)}")
+        t = torch.as_tensor(np.asarray(batch[name])) if not isinstance(batch[name], torch.Tensor) else batch[name]
+        args.append(t.to(device=device, dtype=dtypes.get(name, t.dtype)))
+    return args
+
+
+def run(gm: torch.fx.GraphModule, batch: dict[str, Any]) -> list[np.ndarray]:
+    """One batch through the module (no gradients), outputs as numpy arrays in ONNX output order."""
+    with torch.no_grad():
+        try:
+            out = gm(*feed(gm, batch))
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"the torch module failed to run: {type(exc).__name__}: {first_line(exc, 500)}") from None
+    return [o.detach().float().cpu().numpy() if o.dtype in (torch.bfloat16,) else o.detach().cpu().numpy() for o in out]
+
+
+def tolerance_kind(model: ir.Model) -> str:
+    ops = {n.op_type for n in model.graph}
+    if ops & QUANTIZED_OPS:
+        return "quantized"
+    if any(v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values()):
+        return "fp16"
+    return "exact"
+
+
+def agreement(reference: list[list[np.ndarray]], got: list[list[np.ndarray]], names: list[str], kind: str) -> dict[str, Any]:
+    """How closely the module's outputs follow ONNX Runtime's on the same batches, and whether that passes."""
+    from slimc.verify import outputs_match
+
+    rel = 0.0
+    for ref_batch, got_batch in zip(reference, got, strict=True):
+        for ref, out in zip(ref_batch, got_batch, strict=True):
+            if ref.shape != out.shape:
+                raise BackendError(f"the torch module's output has shape {out.shape}, ONNX Runtime's {ref.shape}")
+            if np.issubdtype(ref.dtype, np.floating):
+                r, o = ref.astype(np.float64), out.astype(np.float64)
+                rel = max(rel, float(np.linalg.norm(r - o) / max(np.linalg.norm(r), 1e-30)))
+    diff = outputs_match(reference, got, names)
+    if kind == "exact":
+        ok, rule = diff.ok, "exact (slimc's exactness tolerance)"
+    else:
+        tol = QUANT_REL_TOL if kind == "quantized" else FP16_REL_TOL
+        ok, rule = rel <= tol and np.isfinite(diff.max_abs), f"{kind}: relative L2 error <= {tol:g}"
+    return {"max_abs_diff": diff.max_abs, "relative_l2": rel, "batches": len(reference), "criterion": rule, "ok": bool(ok),
+            "worst_output": diff.output}
+
+
+def dynamic_shapes(gm: torch.fx.GraphModule, model_inputs: list) -> dict[str, dict[int, Any]]:
+    """``torch.export`` dynamic dims: every symbolic ONNX dim (``Dim.DYNAMIC``: export infers the relations)."""
+    spec = {}
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    for name, value in zip(placeholders, model_inputs):
+        dims = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(value.shape or ()) if not isinstance(d, int)}
+        spec[name] = dims or None
+    return spec
+
+
+def export_program(gm: torch.fx.GraphModule, batch: dict[str, Any], model: ir.Model | None = None, *, dynamic: bool = True):
+    """A ``torch.export.ExportedProgram`` of the module, traced on ``batch``; symbolic ONNX dims stay dynamic."""
+    args = tuple(feed(gm, batch))
+    shapes = dynamic_shapes(gm, [v for v in model.graph.inputs if v.const_value is None]) if (dynamic and model) else None
+    try:
+        return torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        raise BackendError(f"torch.export failed on the lowered module: {type(exc).__name__}: {first_line(exc, 800)}") from None
+
+
+def save(program, path: str | os.PathLike) -> Path:
+    """``torch.export.save`` to ``path`` atomically (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".slimc-", suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return path
+
+
+def load(path: str | os.PathLike):
+    """A ``.pt2`` written by slimc: the kernels' custom ops are registered, then ``torch.export.load``."""
+    import slimc.kernels  # noqa: F401 - registers torch.ops.slimc.*
+
+    return torch.export.load(str(path))
+
+
+@contextlib.contextmanager
+def decomposed():
+    """Within this context the kernels run as plain PyTorch ops (their reference math) instead of
+    ``torch.ops.slimc.*``: what exporters that do not know slimc's ops (ONNX, ExecuTorch) trace."""
+    from slimc import kernels
+
+    previous = kernels.DECOMPOSE
+    kernels.DECOMPOSE = True
+    try:
+        yield
+    finally:
+        kernels.DECOMPOSE = previous
+
+
+def to_onnx(gm: torch.fx.GraphModule, batch: dict[str, Any], path: str | os.PathLike, model: ir.Model | None = None,
+            *, opset: int = 18) -> Path:
+    """Export the module (fine-tuned or not) back to ONNX with ``torch.onnx.export`` (dynamo).
+
+    Quantized and sparse matmuls are exported as their reference math on the stored integer or
+    compressed weights (the storage stays small; the ops are standard ONNX), not as the original
+    QDQ/MatMulNBits nodes.
+    """
+    from slimc.frontends.torch_module import quiet_exporter
+
+    path = Path(path)
+    args = tuple(feed(gm.cpu(), batch, "cpu"))
+    shapes = dynamic_shapes(gm, [v for v in model.graph.inputs if v.const_value is None]) if model else None
+    fd, tmp = tempfile.mkstemp(prefix=".slimc-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        with decomposed(), quiet_exporter():
+            program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                                        input_names=list(gm.input_names), output_names=list(gm.output_names),
+                                        external_data=False, optimize=False)
+            program.save(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        raise BackendError(f"exporting the torch module to ONNX failed: {type(exc).__name__}: {first_line(exc, 800)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return path
+
+
+__all__ = ["LoweringReport", "agreement", "decomposed", "export_program", "feed", "load", "lower", "run", "save",
+           "to_onnx", "to_torch"]
