@@ -69,13 +69,25 @@ class CompileResult:
     receipt: Receipt
     loaded: LoadedModel
     exported: Any = None  # slimc.export.Exported, when a target other than plain ONNX was asked for
+    module: Any = None  # backend="triton": the torch.fx.GraphModule (trainable; Triton kernels on CUDA)
     _workdir: Any = dataclasses.field(repr=False, default=None)
+    _example: Any = dataclasses.field(repr=False, default=None)  # a batch to trace the .pt2 with
+    _program: Any = dataclasses.field(repr=False, default=None)
 
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Write the model (or the target's artifact, with its companion files) atomically; refuses
-        to overwrite the input. ONNX weights go to external data above ~1.8 GB."""
+        to overwrite the input. ONNX weights go to external data above ~1.8 GB. With the triton
+        backend a ``.pt2`` path gets the torch module as a ``torch.export`` program (load it with
+        `slimc.backends.triton.module.load`); a ``.onnx`` path still gets the compressed ONNX."""
         from slimc.backends import targets
 
+        if self.module is not None and str(path).endswith(".pt2"):
+            from slimc.backends.triton import module as torch_backend
+
+            check_output_path(Path(path), self.loaded.source_paths, suffix=".pt2")
+            if self._program is None:
+                self._program = torch_backend.export_program(self.module, self._example, self.model)
+            return [torch_backend.save(self._program, path)]
         if self.exported is None or self.exported.target == "onnx":
             check_output_path(Path(path), self.loaded.source_paths)
             return save_onnx(self.model, path)
@@ -103,6 +115,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
     target: str | None = None,
     opset: int | None = None,
     static_shapes: dict[str, Any] | str | None = None,
+    backend: str = "onnxruntime",
+    device: str | None = None,
 ) -> CompileResult:
     """Compress ``model`` with ``passes`` and return the result with its receipt.
 
@@ -121,6 +135,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     from slimc.export import ExportOptions
 
     pipeline = parse_pipeline(passes)  # fail fast on a bad spec, before any slow export
+    _check_backend(backend, target)
     wants_export = target is not None or opset is not None or static_shapes is not None
     options = ExportOptions(target or "onnx", opset, _shapes(static_shapes)) if wants_export else None
     loaded = frontends.load(_copy_if_ir(model), example_inputs, input_names=input_names, dynamic=dynamic)
@@ -161,14 +176,43 @@ def compile(  # noqa: A001 - the public verb of a compiler
     exported = None
     if options is not None and options.target != "onnx":
         exported = _export(options, baseline, current, work, evalset, loaded, threads, measure_latency)
+    module = backend_report = None
+    if backend == "triton":
+        from slimc.backends.triton import module as torch_backend
+        from slimc.onnx_io import load_onnx
+
+        module, backend_report = torch_backend.build(
+            loaded.model, ort_run=current.run, baseline_run=baseline.run, baseline_model=load_onnx(baseline.path),
+            evalset=evalset, task=loaded.task, inputs=loaded.inputs, measure_latency=measure_latency, device=device)
     receipt = Receipt(
         source=loaded.source, task=loaded.task, passes=reports, before=before, after=after, fidelity=fidelity,
         verification=verification, latency=latency, notes=_notes(loaded, calib, evalset), version=__version__,
-        target=exported.report if exported is not None else None,
+        target=exported.report if exported is not None else None, backend=backend_report,
     )
-    result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, _workdir=workdir)
+    result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, module=module,
+                           _workdir=workdir, _example=verify_batches[0])
     weakref.finalize(result, workdir.cleanup)
     return result
+
+
+BACKENDS = ("onnxruntime", "triton")
+
+
+def _check_backend(backend: str, target: str | None) -> None:
+    from slimc.errors import MissingExtraError, TargetError
+
+    if backend not in BACKENDS:
+        raise TargetError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}.")
+    if backend != "triton":
+        return
+    if target not in (None, "onnx"):
+        raise TargetError(f"--target {target} converts the ONNX result for another runtime; with --backend triton the "
+                          "artifact is a torch.export .pt2. Run the two separately.")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("the triton backend needs PyTorch: scripts/install.sh (or pip install 'slimc[torch]'), "
+                                "plus 'pip install triton' for the GPU kernels.") from None
 
 
 def _shapes(static_shapes: Any) -> Any:

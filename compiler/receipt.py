@@ -30,6 +30,7 @@ class Receipt:
     notes: list[str] = dataclasses.field(default_factory=list)
     version: str = ""
     target: dict[str, Any] | None = None  # slimc.export: the artifact, verified in its runtime
+    backend: dict[str, Any] | None = None  # the torch/Triton backend: lowering, agreement with ORT, latency
 
     @property
     def speedup(self) -> float | None:
@@ -105,6 +106,7 @@ def render(r: Receipt) -> str:
             lines.append(f"      ... and {len(p.left_alone) - 20} more (see the JSON receipt)")
     lines += ["", "  verification:"] + [f"    {v['pass']}: {v['result']}" for v in r.verification]
     lines += _target_lines(r.target)
+    lines += _backend_lines(r.backend)
     if r.notes:
         lines += ["", "  notes:"] + [f"    - {n}" for n in r.notes]
     return "\n".join(lines)
@@ -149,6 +151,32 @@ def _target_lines(t: dict[str, Any] | None) -> list[str]:
                          f"result {after:.2f} ms ({lat['speedup']:.2f}x{noise}); {lat['machine']}")
         else:
             lines.append(f"    latency in {t['runtime']} ({lat['feed']}): {after:.2f} ms; {lat['machine']}")
+    return lines
+
+
+def _backend_lines(b: dict[str, Any] | None) -> list[str]:
+    if not b:
+        return []
+    low = b["lowering"]
+    kernels = ", ".join(f"{k} x{n}" for k, n in low["kernels"].items()) or "none (no quantized or 2:4 matmuls)"
+    agree = b["agreement_with_onnxruntime"]
+    lines = ["", f"  backend triton: torch.fx GraphModule, {low['nodes']} ONNX nodes lowered; kernels: {kernels}",
+             f"    kernels run as: {b['kernel_impl']}",
+             f"    trainable parameters: {_si(low['trainable_parameters'])}; buffers: {_si(low['buffers'])} elements",
+             f"    agreement with ONNX Runtime on the same model ({agree['batches']} batches): max abs diff "
+             f"{agree['max_abs_diff']:.3g}, relative L2 {agree['relative_l2']:.3g} ({agree['criterion']}: passed)"]
+    shown = {k: v for k, v in (b.get("fidelity") or {}).items() if k in ("max_abs_error", "cosine", "sqnr_db",
+                                                                          "top1_agreement", "perplexity_ratio")}
+    if shown:
+        lines.append("    fidelity vs the input model in ORT: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+    lines += [f"    left generic: {what}: {why}" for what, why in list(low["left_generic"].items())[:10]]
+    lat = b.get("latency")
+    if lat and "error" in lat:
+        lines.append(f"    latency in torch: not measured: {lat['error']}")
+    elif lat:
+        noise = ", inside the p10-p90 spread: no measurable change" if lat.get("within_noise") else ""
+        lines.append(f"    latency in torch ({lat['feed']}): input model {lat['before']['median_ms']:.2f} ms, result "
+                     f"{lat['after']['median_ms']:.2f} ms ({lat['speedup']:.2f}x{noise}); {lat['machine']}")
     return lines
 
 

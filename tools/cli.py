@@ -2,6 +2,7 @@
 
     slimc MODEL --passes "cleanup" -o out.onnx [--calib DATA] [--eval DATA] [--receipt r.json]
     slimc MODEL --passes "prune,int8" --target openvino -o out.xml     export, run in OpenVINO, verify
+    slimc MODEL --passes "int4" --backend triton -o out.pt2            torch.fx module, Triton kernels
     slimc passes                      list every pass with its options and defaults
     slimc inspect MODEL               inputs, outputs, params, MACs, op histogram
     slimc inspect MODEL --groups      ... and every pruning group: kind, size, prunable or blocked and why
@@ -52,6 +53,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                    ".tflite)")
     p.add_argument("--opset", type=int, help="convert the output to this ONNX opset (ONNX's version converter)")
     p.add_argument("--static-shapes", help="pin input shapes, e.g. pixel_values=1x3x224x224 or input_ids=1x128,attention_mask=1x128")
+    p.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
+                   help="triton: also lower the result to a trainable torch module whose quantized and 2:4 matmuls are "
+                   "Triton kernels, check it against ONNX Runtime and time it; -o out.pt2 writes it (torch.export)")
+    p.add_argument("--device", help="torch device for --backend triton (default: cuda when available, else cpu)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and compute with float32 inputs/outputs "
                    "(appends the fp16 pass: fp16(keep_io_types=true))")
     _common(p)
@@ -103,6 +108,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     parse_pipeline(passes)  # a bad spec fails before the (slow) load
     source = Path(args.model)
     suffix = ".onnx"
+    if args.backend == "triton" and args.output is not None and args.output.suffix != ".onnx":
+        suffix = ".pt2"
     if args.target is not None:
         from slimc.backends import targets
 
@@ -114,7 +121,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     result = slimc.compile(
         source, passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
         measure_latency=not args.no_latency, threads=args.threads, seq_len=args.seq_len,
-        target=args.target, opset=args.opset, static_shapes=args.static_shapes,
+        target=args.target, opset=args.opset, static_shapes=args.static_shapes, backend=args.backend,
+        device=args.device,
     )
     if not args.quiet:
         print(result.receipt)

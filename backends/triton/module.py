@@ -135,7 +135,11 @@ def save(program, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".slimc-", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        torch.export.save(program, tmp)
+        import warnings
+
+        with warnings.catch_warnings():  # torch.export.save warns about its own weight grouping
+            warnings.simplefilter("ignore", UserWarning)
+            torch.export.save(program, tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
@@ -196,6 +200,84 @@ def to_onnx(gm: torch.fx.GraphModule, batch: dict[str, Any], path: str | os.Path
         with contextlib.suppress(OSError):
             os.unlink(tmp)
     return path
+
+
+def describe_device(device: str) -> tuple[str, str]:
+    """(device description, how the kernels run there) for the receipt."""
+    from slimc.kernels import _triton
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        impl = "Triton kernels (compiled for CUDA)" if _triton.available() else \
+            "PyTorch references (triton is not installed: pip install triton)"
+        return f"{name}, torch {torch.__version__}", impl
+    import platform
+
+    from slimc.backends.onnxruntime import cpu_info
+
+    cpu = cpu_info().get("model name") or platform.processor() or platform.machine()
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} eager, {torch.get_num_threads()} threads",
+            "PyTorch references on the CPU (Triton kernels run on CUDA GPUs; they are tested here under the "
+            "Triton interpreter)")
+
+
+def build(model: ir.Model, *, ort_run, baseline_run, baseline_model: ir.Model, evalset, task: str, inputs,
+          measure_latency: bool, device: str | None = None) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+    """Lower ``model``, check it against ONNX Runtime on the evaluation batches, measure fidelity and latency.
+
+    ``ort_run``: ONNX Runtime running the same ``model``; ``baseline_run``: the input model in ORT.
+    A disagreement beyond the tolerance is a slimc bug and raises.
+    """
+    from slimc import evaluate, progress
+
+    device = device or default_device()
+    with progress.step("lowering to torch.fx (backend triton)"):
+        gm = to_torch(model, device=device)
+    names = list(gm.output_names)
+    batches = list(evalset)
+    with progress.step("checking the torch module against ONNX Runtime"):
+        got = [run(gm, b) for b in batches]
+        ref = [ort_run(b) for b in batches]
+        agree = agreement(ref, got, names, tolerance_kind(model))
+    if not agree["ok"]:
+        raise BackendError(
+            f"the lowered torch module disagrees with ONNX Runtime on output '{agree['worst_output']}' (max abs diff "
+            f"{agree['max_abs_diff']:.3g}, relative L2 {agree['relative_l2']:.3g}; criterion {agree['criterion']}). "
+            "This is a bug in slimc's torch lowering; please report it with the model.")
+    fidelity = evaluate.evaluate(baseline_run, lambda b: run(gm, b), batches, task, output_names=names, inputs=inputs)
+    machine, impl = describe_device(device)
+    report = {"backend": "triton", "device": machine, "kernel_impl": impl, "lowering": gm.lowering.to_json(),
+              "agreement_with_onnxruntime": agree, "fidelity": fidelity,
+              "latency": _latency(gm, baseline_model, batches[0], device, machine) if measure_latency else None}
+    return gm, report
+
+
+def _latency(gm, baseline_model: ir.Model, batch, device: str, machine: str) -> dict[str, Any]:
+    """Torch eager, one sample: the input model lowered the same way against the result, interleaved."""
+    from slimc.backends.timing import interleaved
+    from slimc.receipt import within_noise
+
+    single = {k: v[:1] for k, v in batch.items()}
+    try:
+        base = to_torch(baseline_model, device=device)
+        modules = {"before": base, "after": gm}
+        feeds = {k: feed(m, single) for k, m in modules.items()}
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+        def call(m, f):
+            with torch.no_grad():
+                m(*f)
+            sync()
+
+        stats = interleaved({k: (lambda m=m, f=feeds[k]: call(m, f)) for k, m in modules.items()},
+                            desc="measuring torch latency")
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {first_line(exc, 300)}"}
+    before, after = stats["before"].to_json(), stats["after"].to_json()
+    shape = next(iter(single.values())).shape
+    return {"before": before, "after": after, "speedup": before["median_ms"] / after["median_ms"],
+            "within_noise": within_noise({"before": before, "after": after}), "feed": "x".join(map(str, shape)),
+            "machine": machine}
 
 
 __all__ = ["LoweringReport", "agreement", "decomposed", "export_program", "feed", "load", "lower", "run", "save",

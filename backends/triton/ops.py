@@ -650,17 +650,24 @@ def MaxPool(x, *, kernel_shape, pads=None, strides=None, dilations=None, ceil_mo
 def AveragePool(x, *, kernel_shape, pads=None, strides=None, ceil_mode=0, count_include_pad=0, auto_pad="NOTSET",
                 dilations=None):
     n = len(kernel_shape)
+    if dilations and any(d != 1 for d in dilations):
+        raise NotImplementedError("AveragePool with dilations")
     strides = tuple(strides or (1,) * n)
-    explicit = _conv_padding(x, kernel_shape, strides, (1,) * n, pads, auto_pad)
+    kernel = tuple(kernel_shape)
+    explicit = _conv_padding(x, kernel, strides, (1,) * n, pads, auto_pad)
     begin, end = explicit[:n], explicit[n:]
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
-    if begin != end or any(2 * p > k for p, k in zip(begin, kernel_shape)):
-        x, _ = _pad_or_symmetric(x, explicit)
-        if not count_include_pad and any(explicit):
-            ones = _pad_or_symmetric(torch.ones_like(x[:1, :1]), [0] * (2 * n))[0]
-            raise NotImplementedError("AveragePool with asymmetric pads and count_include_pad=0") if ones is None else None
-        return pool(x, tuple(kernel_shape), strides, 0, bool(ceil_mode), True)
-    return pool(x, tuple(kernel_shape), strides, tuple(begin), bool(ceil_mode), bool(count_include_pad))
+    if begin == end and all(2 * p <= k for p, k in zip(begin, kernel)):
+        return pool(x, kernel, strides, tuple(begin), bool(ceil_mode), bool(count_include_pad))
+    torch_pads: list[int] = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        torch_pads += [b, e]
+    summed = pool(F.pad(x, torch_pads), kernel, strides, 0, bool(ceil_mode), True)
+    if count_include_pad:
+        return summed
+    # Average over the real elements only: the same pooling of a padded ones-tensor is their share.
+    share = pool(F.pad(torch.ones_like(x[:1, :1]), torch_pads), kernel, strides, 0, bool(ceil_mode), True)
+    return summed / share
 
 
 def GlobalAveragePool(x):
