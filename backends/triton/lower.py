@@ -118,6 +118,7 @@ class _Lowerer:
                     self.consumers[v].append(node)
         self.graph_outputs = set(self.graph.outputs)
         self.fused: dict[ir.Node, tuple] = {}  # anchor node -> (function, args) replacing its output
+        self.fake_quant: dict[ir.Node, ir.Node] = {}  # DequantizeLinear -> its QuantizeLinear (same parameters)
         self.skipped: set[ir.Node] = set()
 
     # ------------------------------------------------------------ constants
@@ -286,7 +287,38 @@ class _Lowerer:
                             ("m", base + "_meta", meta), bias)
         return True
 
+    def _match_fake_quant(self, q: ir.Node) -> None:
+        """Q -> DQ pairs with equal parameters are fake quantization: one op with a straight-through gradient."""
+        out = q.outputs[0]
+        users = self.consumers.get(out, [])
+        if not users or out in self.graph_outputs:
+            return
+
+        def params(node):
+            arrays = [self.const(v) for v in list(node.inputs[1:3])]
+            axis = node.attributes["axis"].value if "axis" in node.attributes else 1
+            block = node.attributes["block_size"].value if "block_size" in node.attributes else 0
+            return arrays, axis, block
+
+        q_arrays, q_axis, q_block = params(q)
+        if any(a is None for a in q_arrays) or len(q_arrays) < 2:
+            return
+        for dq in users:
+            if dq.op_type != "DequantizeLinear" or dq.inputs[0] is not out:
+                return
+            arrays, axis, block = params(dq)
+            if len(arrays) != len(q_arrays) or any(a is None or not np.array_equal(a, b) for a, b in zip(arrays, q_arrays)):
+                return
+            if (axis != q_axis and q_arrays[0].size > 1) or block != q_block:
+                return
+        for dq in users:
+            self.fake_quant[dq] = q
+        self.skipped.add(q)
+
     def find_patterns(self) -> None:
+        for node in self.graph:
+            if node.op_type == "QuantizeLinear":
+                self._match_fake_quant(node)
         for node in self.graph:
             if node.op_type == "MatMulInteger":
                 why = self._match_dynamic(node)
@@ -327,6 +359,12 @@ class _Lowerer:
         self.report.ops[node.op_type] += 1
         if node in self.fused:
             self.env[node.outputs[0]] = self._fused_call(self.fused[node])
+            return
+        if node in self.fake_quant:
+            q = self.fake_quant[node]
+            kwargs = {k: _attr_value(a) for k, a in q.attributes.items() if k in ("axis", "block_size")}
+            args = (self.arg(q.inputs[0]), self.arg(q.inputs[1]), self.arg(q.inputs[2]) if len(q.inputs) > 2 else None)
+            self.env[node.outputs[0]] = self.fx.call_function(ops.fake_quant, args, kwargs)
             return
         args = tuple(self.arg(v) for v in node.inputs)
         while args and args[-1] is None:

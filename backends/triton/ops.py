@@ -511,6 +511,8 @@ def Pad(x, pads, value=None, axes=None, *, mode="constant"):
     modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
     if mode == "constant":
         return F.pad(x, torch_pads, mode="constant", value=fill)
+    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:  # torch pads only trailing dims in these modes
+        torch_pads = torch_pads[:-2]
     return F.pad(x, torch_pads, mode=modes[mode])
 
 
@@ -758,6 +760,18 @@ def DequantizeLinear(x, scale, zero_point=None, *, axis=1, block_size=0, output_
     if zero_point is not None:
         xi = xi - _axis_shape(zero_point, x, axis, block_size).to(torch.int32)
     return (xi.to(torch.float32) * s.to(torch.float32)).to(scale.dtype)
+
+
+def fake_quant(x, scale, zero_point=None, *, axis=1, block_size=0):
+    """``DequantizeLinear(QuantizeLinear(x))`` with the same parameters: the exact same values, and a
+    straight-through gradient (1 inside the quantization range, 0 where x was clamped)."""
+    q = QuantizeLinear(x, scale, zero_point, axis=axis, block_size=block_size)
+    y = DequantizeLinear(q, scale, zero_point, axis=axis, block_size=block_size)
+    lo, hi = _QRANGE[q.dtype]
+    z = _axis_shape(zero_point, x, axis, block_size).to(torch.float32) if zero_point is not None else 0.0
+    pos = x.to(torch.float32) / _axis_shape(scale, x, axis, block_size).to(torch.float32) + z
+    inside = ((pos >= lo - 0.5) & (pos <= hi + 0.5)).to(y.dtype)
+    return y + (x - x.detach()).to(y.dtype) * inside
 
 
 def DynamicQuantizeLinear(x):
