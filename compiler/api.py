@@ -158,10 +158,13 @@ def compile(  # noqa: A001 - the public verb of a compiler
     ctx = PassContext(loaded=loaded, calibration=calib, seed=seed, target=options.target if options else None,
                       threads=threads)
     current, reports = baseline, []
+    before_quantizer = baseline  # the stage a quantizing pass started from: its error is measured against it
     for index, pass_ in enumerate(pipeline, start=1):
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
+        if pass_.name in QUANTIZERS:
+            before_quantizer = current
         current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check, verify, reports)
         verification.append({"pass": pass_.name, "result": result})
 
@@ -182,7 +185,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
         from slimc.onnx_io import load_onnx
 
         module, backend_report = torch_backend.build(
-            loaded.model, ort_run=current.run, baseline_run=baseline.run, baseline_model=load_onnx(baseline.path),
+            loaded.model, ort_run=current.run, baseline_run=baseline.run, unquantized_run=before_quantizer.run,
+            baseline_model=load_onnx(baseline.path),
             evalset=evalset, task=loaded.task, inputs=loaded.inputs, measure_latency=measure_latency, device=device)
     receipt = Receipt(
         source=loaded.source, task=loaded.task, passes=reports, before=before, after=after, fidelity=fidelity,
@@ -196,6 +200,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
 
 BACKENDS = ("onnxruntime", "triton")
+QUANTIZERS = ("int8", "int4", "fp16")
 
 
 def _check_backend(backend: str, target: str | None) -> None:

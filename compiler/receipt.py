@@ -163,8 +163,10 @@ def _backend_lines(b: dict[str, Any] | None) -> list[str]:
     lines = ["", f"  backend triton: torch.fx GraphModule, {low['nodes']} ONNX nodes lowered; kernels: {kernels}",
              f"    kernels run as: {b['kernel_impl']}",
              f"    trainable parameters: {_si(low['trainable_parameters'])}; buffers: {_si(low['buffers'])} elements",
-             f"    agreement with ONNX Runtime on the same model ({agree['batches']} batches): max abs diff "
+             f"    agreement with {agree.get('reference', 'ONNX Runtime')} ({agree['batches']} batches): max abs diff "
              f"{agree['max_abs_diff']:.3g}, relative L2 {agree['relative_l2']:.3g} ({agree['criterion']}: passed)"]
+    if "relative_l2_vs_deployed_ort" in agree:
+        lines.append(f"    relative L2 vs the deployed ORT model (accuracy_level=4): {agree['relative_l2_vs_deployed_ort']:.3g}")
     shown = {k: v for k, v in (b.get("fidelity") or {}).items() if k in ("max_abs_error", "cosine", "sqnr_db",
                                                                           "top1_agreement", "perplexity_ratio")}
     if shown:
