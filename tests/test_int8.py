@@ -106,7 +106,8 @@ def test_auto_keeps_the_fastest_accurate_enough_candidate(zoo_model):
     eligible = [n for n in cands if loss[n] <= max(2 * min(loss.values()), 1e-3)]
     chosen = report.details["chosen"]
     assert chosen in eligible
-    assert cands[chosen]["speedup"] >= 0.95 * max(cands[n]["speedup"] for n in eligible)
+    # The pass's own rule on its own measurements; the report rounds speed-ups to 3 decimals.
+    assert cands[chosen]["speedup"] >= 0.95 * max(cands[n]["speedup"] for n in eligible) - 2e-3
 
 
 def test_auto_candidates_follow_where_the_weights_are():
