@@ -64,7 +64,7 @@ if _triton.available():
     @_triton.kernel
     def _sparse24_kernel(a_ptr, v_ptr, meta_ptr, bias_ptr, out_ptr, M, N, K,
                          stride_am, stride_ak, stride_vk, stride_vn, stride_gk, stride_gn, stride_om, stride_on,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -89,7 +89,10 @@ if _triton.available():
             i0 = (meta & 3).to(tl.int32)
             i1 = ((meta >> 2) & 3).to(tl.int32)
             w = tl.where(i0 == where, v0, 0.0) + tl.where(i1 == where, v1, 0.0)
-            acc = tl.dot(a, w.to(a.dtype), acc)
+            if IEEE:  # fp32 activations: full precision, not TF32 (exact graphs must stay exact)
+                acc = tl.dot(a, w.to(a.dtype), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc)
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
@@ -116,7 +119,7 @@ def triton_sparse24(a, values, meta, bias):
         _sparse24_kernel[grid](
             a, values, meta, bias if bias is not None else dummy, out, m, n, k,
             a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
-            out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+            out.stride(0), out.stride(1), HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )
 

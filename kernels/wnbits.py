@@ -34,7 +34,7 @@ if _triton.available():
     @_triton.kernel
     def _nbits_kernel(a_ptr, b_ptr, scale_ptr, zp_ptr, bias_ptr, out_ptr,
                       M, N, K, blocks, row_bytes, zp_row, stride_am, stride_ak, stride_om, stride_on,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, ZP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, ZP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -68,7 +68,10 @@ if _triton.available():
             else:  # float zero points, one per scale
                 zp = tl.load(zp_ptr + rn[None, :] * blocks + group[:, None], mask=wmask, other=0.0).to(tl.float32)
             w = ((q - zp) * s).to(a.dtype)
-            acc = tl.dot(a, w, acc)
+            if IEEE:  # fp32 activations: full precision, not TF32
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
@@ -134,7 +137,7 @@ def triton_nbits(a, b, scales, zero_points, bias, k: int, bits: int, block_size:
             a, b2, scales2, zp, bias if bias is not None else dummy, out,
             m, n, k, blocks, b2.shape[1], zp.shape[1] if zero_points is not None else 0,
             a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-            BITS=bits, GROUP=block_size, ZP_MODE=zp_mode, HAS_BIAS=bias is not None,
+            BITS=bits, IEEE=a.dtype == torch.float32, GROUP=block_size, ZP_MODE=zp_mode, HAS_BIAS=bias is not None,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )
 

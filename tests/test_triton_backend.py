@@ -82,8 +82,19 @@ def test_quantized_tolerance_is_orts_int8_activations_not_the_kernel(zoo_model, 
     assert tm.agreement([ref], [got], result.module.output_names, "exact")["ok"]
 
 
+@pytest.mark.parametrize("name,spec", [("bert", "int8(force=true)"), ("llama", "int4(force=true)"),
+                                       ("vit", "int8(mode=static,force=true)"), ("mobilenet_v2", "sparsify(pattern=2:4)")])
+def test_module_runs_on_another_device(zoo_model, name, spec):
+    """On the meta device (no data): every tensor the graph makes lands on the inputs' device, as on a GPU."""
+    result = _compile(zoo_model, name, spec)
+    gm = tm.to_torch(result, device="meta")
+    with torch.no_grad():
+        out = gm(*tm.feed(gm, result._example, "meta"))
+    assert all(o.device.type == "meta" for o in out)
+
+
 def test_receipt_has_the_backend_section(zoo_model, tmp_path):
-    result = _compile(zoo_model, "bert", "int8(force=true)", )
+    result = _compile(zoo_model, "bert", "int8(force=true)")
     text = str(result.receipt)
     assert "backend triton" in text and "dynamic_linear x" in text and "agreement with ONNX Runtime" in text
     result.receipt.save(tmp_path / "r.json")

@@ -45,6 +45,8 @@ _MOVED_ATTRS = {
     **{f"Reduce{r}": {"axes": "axes_attr"} for r in ("Mean", "Sum", "Max", "Min", "Prod", "L1", "L2", "SumSquare",
                                                       "LogSumExp")},
 }
+# Ops that can make a tensor from Python values alone: they put it on the device of a graph input.
+_CREATES_TENSORS = ("Range", "ConstantOfShape")
 _IGNORED_ATTRS = {"LayerNormalization": {"stash_type"}, "MatMulNBits": {"accuracy_level"}}
 
 
@@ -344,7 +346,7 @@ class _Lowerer:
         for item in items:
             if isinstance(item, tuple):
                 tag, name, array = item
-                tensor = torch.as_tensor(array) if not isinstance(array, torch.Tensor) else array
+                tensor = torch.from_numpy(np.array(array)) if not isinstance(array, torch.Tensor) else array
                 args.append(self._tensor_attr(name, tensor.contiguous(), trainable=(tag == "p")))
             else:
                 args.append(self.arg(item))
@@ -376,6 +378,8 @@ class _Lowerer:
             if key not in ignored:
                 kwargs[moved.get(key, key)] = _attr_value(attr)
         fn = self._function(node)
+        if node.op_type in _CREATES_TENSORS and self.device_anchor is not None:
+            kwargs["like"] = self.device_anchor
         if node.op_type == "MatMulNBits":
             self.report.kernels["matmul_nbits"] += 1
         elif node.op_type == "MatMulInteger":
@@ -415,10 +419,12 @@ class _Lowerer:
         return fn
 
     def lower(self) -> fx.GraphModule:
+        self.device_anchor = None
         for value in self.graph.inputs:
             if value in self.consts:
                 continue
             self.env[value] = self.fx.placeholder(_py_name(value.name, self.names))
+            self.device_anchor = self.device_anchor or self.env[value]
         if self.use_kernels:
             self.find_patterns()
         for node in self.graph:
@@ -427,7 +433,9 @@ class _Lowerer:
         outs = []
         for value in self.graph.outputs:
             got = self.arg(value)
-            outs.append(self.fx.call_function(ops.T, (got,)) if not isinstance(got, fx.Node) else got)
+            if not isinstance(got, fx.Node) or got.op == "get_attr":  # a constant or shape value as an output
+                got = self.fx.call_function(ops.output_tensor, (got, self.device_anchor))
+            outs.append(got)
         self.fx.output(tuple(outs))
         self.fx.eliminate_dead_code()
         gm = fx.GraphModule(self.root, self.fx, class_name="SlimcModule")

@@ -36,7 +36,7 @@ def is_py(v: Any) -> bool:
     return isinstance(v, (int, list, bool, torch.SymInt, torch.SymBool)) and not isinstance(v, torch.Tensor)
 
 
-def T(v: Any, dtype: torch.dtype | None = None, like: torch.Tensor | None = None) -> torch.Tensor:
+def T(v: Any, dtype: torch.dtype | None = None, like: torch.Tensor | None = None) -> torch.Tensor:  # noqa: N802
     """A value as a tensor: shape values become int64 (or bool) tensors on ``like``'s device."""
     if isinstance(v, torch.Tensor):
         return v if dtype is None else v.to(dtype)
@@ -49,6 +49,11 @@ def T(v: Any, dtype: torch.dtype | None = None, like: torch.Tensor | None = None
     if like is not None:
         out = out.to(like.device)
     return out if dtype is None else out.to(dtype)
+
+
+def output_tensor(v: Any, like: Any = None) -> torch.Tensor:
+    """A graph output that is a shape value or constant, as a tensor on the inputs' device."""
+    return T(v, like=like if isinstance(like, torch.Tensor) else None)
 
 
 def _like(values) -> torch.Tensor | None:
@@ -408,8 +413,8 @@ def Gather(data, indices, *, axis=0):
     idx = T(indices, like=data)
     axis = _axis(axis, data.dim())
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
-    if idx.dim() == 0:
-        return data.select(axis, idx) if idx.numel() else data
+    if idx.dim() == 0:  # index_select, not select: no .item(), so nothing data-dependent under torch.export
+        return torch.index_select(data, axis, idx.reshape(1)).squeeze(axis)
     out = torch.index_select(data, axis, idx.reshape(-1))
     return out.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1:])
 
@@ -456,14 +461,20 @@ def Tile(x, repeats):
     return x.repeat(_ints(repeats))
 
 
-def ConstantOfShape(shape, *, value=None):
+def _device(like) -> torch.device | None:
+    return like.device if isinstance(like, torch.Tensor) else None
+
+
+def ConstantOfShape(shape, *, value=None, like=None):
+    """``like``: a graph input, whose device the new tensor goes to (the lowering passes it)."""
     fill = value if value is not None else torch.zeros(1, dtype=torch.float32)
-    return torch.full(_ints(shape), fill.reshape(-1)[0].item(), dtype=fill.dtype)
+    return torch.full(_ints(shape), fill.reshape(-1)[0].item(), dtype=fill.dtype, device=_device(like))
 
 
-def Range(start, limit, delta):
+def Range(start, limit, delta, *, like=None):
     dtype = next((v.dtype for v in (start, limit, delta) if isinstance(v, torch.Tensor)), torch.int64)
-    return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=dtype)
+    device = next((v.device for v in (start, limit, delta) if isinstance(v, torch.Tensor)), _device(like))
+    return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=dtype, device=device)
 
 
 def Trilu(x, k=None, *, upper=1):
