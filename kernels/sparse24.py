@@ -53,7 +53,7 @@ def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The dense [K, N] weight back from `compress`'s output."""
     g, n = meta.shape
     m = meta.to(torch.int64)
-    pos = torch.stack([m & 3, (m >> 2) & 3], dim=1)  # [G, 2, N]
+    pos = torch.stack([m % 4, (m // 4) % 4], dim=1)  # not & and >>: ExecuTorch has no shift op  # [G, 2, N]
     dense = torch.zeros(g, 4, n, dtype=values.dtype, device=values.device)
     return dense.scatter(1, pos, values.reshape(g, 2, n)).reshape(4 * g, n)
 
@@ -155,7 +155,7 @@ def _backward(ctx, grad):
     grad_dense = a.to(torch.float32).t() @ g  # [K, N]
     gk, n = meta.shape
     m = meta.to(torch.int64)
-    pos = torch.stack([m & 3, (m >> 2) & 3], dim=1)
+    pos = torch.stack([m % 4, (m // 4) % 4], dim=1)  # not & and >>: ExecuTorch has no shift op
     grad_values = torch.gather(grad_dense.reshape(gk, 4, n), 1, pos).reshape(2 * gk, n).to(values.dtype)
     return grad_a, grad_values, None, grad.sum(0) if ctx.has_bias else None
 

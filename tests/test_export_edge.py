@@ -134,9 +134,27 @@ def test_missing_tflite_extra_message(monkeypatch):
         targets.get("tflite").require()
 
 
-def test_executorch_says_what_blocks_it():
-    with pytest.raises(TargetError, match="not available yet.*ONNX -> torch.fx"):
-        slimc.compile("model.onnx", target="executorch")
+# ---------------------------------------------------------------- ExecuTorch
+
+
+@pytest.mark.parametrize("model, spec", [("resnet", "prune(ratio=0.25)"), ("llama", "int4(force=true)"),
+                                         ("bert", "sparsify(pattern=2:4)")])
+def test_executorch_runs_the_pte(zoo_model, tmp_path, model, spec):
+    _needs("executorch")
+    shapes = IMAGE.get(model) or ("input_ids=1x16,attention_mask=1x16" if model == "llama" else TOKENS)
+    result = _compile(zoo_model, model, spec, "executorch", shapes, measure_latency=False)
+    t = result.receipt.target
+    assert t["runtime"].startswith("executorch") and [f["name"] for f in t["files"]] == ["model.pte"]
+    # int4: ORT's MatMulNBits (accuracy_level=4) also quantizes activations to int8; the .pte does not.
+    assert t["fidelity_vs_onnx"]["cosine"] > (0.9999 if "int4" in spec else 0.99999), t["fidelity_vs_onnx"]
+    assert any("dequantize-then-float-matmul" in n for n in t["notes"]) == ("int4" in spec)
+    assert [p.name for p in result.save(tmp_path / "m.pte")] == ["m.pte"]
+
+
+def test_executorch_needs_static_shapes(zoo_model):
+    _needs("executorch")
+    with pytest.raises(TargetError, match="--static-shapes pixel_values=1x3x64x64"):
+        _compile(zoo_model, "resnet", "cleanup", "executorch", None, measure_latency=False)
 
 
 def test_edge_artifact_matches_onnx_on_real_inputs_batch_split(zoo_model):

@@ -49,8 +49,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes")
     p.add_argument("--target", help="also export for a runtime and run it there: onnx (default), ort-mobile, openvino, "
-                   "ncnn, tflite (executorch: not yet, the error says why); -o then names the artifact (.onnx, .ort, .xml, .param, "
-                   ".tflite)")
+                   "ncnn, tflite, executorch; -o then names the artifact (.onnx, .ort, .xml, .param, .tflite, .pte)")
     p.add_argument("--opset", type=int, help="convert the output to this ONNX opset (ONNX's version converter)")
     p.add_argument("--static-shapes", help="pin input shapes, e.g. pixel_values=1x3x224x224 or input_ids=1x128,attention_mask=1x128")
     p.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",

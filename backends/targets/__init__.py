@@ -35,17 +35,10 @@ TARGETS: dict[str, str] = {
     "openvino": "slimc.backends.targets.openvino_target:OpenVinoTarget",
     "ncnn": "slimc.backends.targets.ncnn_target:NcnnTarget",
     "tflite": "slimc.backends.targets.tflite_target:TfliteTarget",
+    "executorch": "slimc.backends.targets.executorch_target:ExecuTorchTarget",
 }
 # Asked for by users and planned, not available yet: the reason is the error.
-NOT_YET = {
-    "executorch": (
-        "target 'executorch' is not available yet: a .pte is lowered from a torch.export program, and slimc's "
-        "compressed models are ONNX graphs; the lowering ONNX -> torch.fx (the Triton/torch backend) is the next "
-        "milestone. ExecuTorch itself is not the obstacle: executorch 1.5.1 installs beside torch 2.13 and lowers "
-        "to XNNPACK on this machine. Until then, export the uncompressed nn.Module with ExecuTorch directly, or use "
-        "--target ort-mobile / tflite / ncnn for phones."
-    ),
-}
+NOT_YET: dict[str, str] = {}
 
 Batch = Mapping[str, np.ndarray]
 __all__ = ["TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "get", "op_types"]

@@ -1,0 +1,115 @@
+"""The ``executorch`` target: an ExecuTorch program (``.pte``) with XNNPACK delegation, run in
+ExecuTorch's runtime.
+
+The compressed ONNX model is lowered to torch by the triton backend's lowering
+(`slimc.backends.triton.lower`), exported with ``torch.export`` and lowered with
+``to_edge_transform_and_lower(XnnpackPartitioner())``: XNNPACK takes the float ops it supports,
+ExecuTorch's portable kernels run the rest. slimc's quantized and 2:4 matmuls are exported as
+their decomposed reference math on the stored integer (or compressed) weights: the ``.pte``
+keeps int8/int4 storage, but the matmul itself is a float matmul after dequantization, not
+one of XNNPACK's quantized kernels (the receipt says so).
+
+ExecuTorch plans memory ahead of time, so every input shape must be pinned (``--static-shapes``),
+as for ncnn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, op_types
+from slimc.errors import first_line
+
+
+def _inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int], int]]:
+    inits = {i.name for i in proto.graph.initializer}
+    out = []
+    for value in proto.graph.input:
+        if value.name in inits:
+            continue
+        t = value.type.tensor_type
+        out.append((value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim], t.elem_type))
+    return out
+
+
+class ExecuTorchTarget(Target):
+    name = "executorch"
+    suffix = ".pte"
+    extra = "executorch"
+    modules = ("executorch", "torch")
+
+    def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
+        from slimc.backends.triton.lower import supported_ops
+
+        known = set(supported_ops())
+        bad = {op: "no torch lowering in slimc (the ExecuTorch target goes through the torch backend)"
+               for op in op_types(proto) if op not in known}
+        for name, dims, _ in _inputs(proto):
+            if any(d <= 0 for d in dims):
+                bad[f"input {name}"] = (f"dynamic shape {dims}: ExecuTorch plans memory for one shape; pin it, e.g. "
+                                        f"--static-shapes {name}=" + "x".join(str(d if d > 0 else 1) for d in dims))
+        return bad
+
+    def notes(self, proto: onnx.ModelProto) -> list[str]:
+        quantized = sorted(set(op_types(proto)) & INTEGER_OPS)
+        if not quantized:
+            return []
+        return [f"{', '.join(quantized)}: exported as dequantize-then-float-matmul on the stored integer weights "
+                "(ExecuTorch portable ops); slimc does not emit XNNPACK's quantized kernels, so expect the size gain, "
+                "not an int8 speed-up, on this target."]
+
+    def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
+        import torch
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        from slimc import data
+        from slimc.backends.triton import module as torch_backend
+        from slimc.model import infer_input_specs
+        from slimc.onnx_io import load_onnx
+
+        model = load_onnx(onnx_path)
+        gm = torch_backend.to_torch(model, device="cpu")
+        example = next(iter(data.synthetic(infer_input_specs(model), n_batches=1, seed=0)))
+        args = tuple(torch_backend.feed(gm, example, "cpu"))
+        try:
+            with torch_backend.decomposed(), torch.no_grad():
+                program = torch.export.export(gm, args, strict=False)
+                lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        except Exception as exc:
+            raise TargetError(f"target 'executorch': lowering failed: {type(exc).__name__}: {first_line(exc, 600)}") from None
+        pte = out_dir / f"{stem}.pte"
+        pte.write_bytes(lowered.buffer)
+        return [pte]
+
+    def load(self, files: Sequence[Path], threads: int | None, source: onnx.ModelProto) -> Runner:
+        import executorch
+        import torch
+        from executorch.runtime import Runtime
+
+        from slimc.backends.triton.ops import DTYPES
+
+        try:
+            method = Runtime.get().load_program(str(files[0])).load_method("forward")
+        except Exception as exc:
+            raise TargetError(f"target 'executorch': the runtime cannot load the program: {first_line(exc, 600)}") from None
+        inputs = [(name, DTYPES.get(elem, torch.float32)) for name, _, elem in _inputs(source)]
+
+        def feed(batch):
+            missing = [name for name, _ in inputs if name not in batch]
+            if missing:
+                raise TargetError(f"target 'executorch': the program takes {', '.join(missing)}, which the data does not give.")
+            return [torch.as_tensor(np.ascontiguousarray(batch[name])).to(dtype) for name, dtype in inputs]
+
+        def run(batch):
+            return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in method.execute(feed(batch))]
+
+        def bind(batch):
+            ready = feed(batch)
+            return lambda: method.execute(ready)
+
+        return Runner(run=run, bind=bind, runtime=f"executorch {getattr(executorch, '__version__', '1.x')} (XNNPACK)")
