@@ -34,7 +34,7 @@ CONFIGS = {
                "pruned+int8": "prune(ratio=0.2, target=ffn, importance=flap, compensate=bias),int8(force=true)"},
 }
 SHAPES = {"efficientnet": "x=1x3x224x224", "minilm": "input_ids=1x128,attention_mask=1x128,token_type_ids=1x128"}
-TARGETS = ("onnx", "ort-mobile", "openvino", "ncnn", "tflite")
+TARGETS = ("onnx", "ort-mobile", "openvino", "ncnn", "tflite", "executorch")
 
 
 def _case(name: str, folder: Path):

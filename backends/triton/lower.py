@@ -202,6 +202,16 @@ class _Lowerer:
             return "blocked weight scales"
         return (w.T if transposed else w), scale.reshape(-1)
 
+    def _constant_bias(self, value: ir.Value) -> np.ndarray | None:
+        """A constant, or ``DequantizeLinear(constant int32)`` as ORT's quantizer stores a Gemm bias."""
+        if (b := self.const(value)) is not None:
+            return b
+        dq = self._producer(value, "DequantizeLinear")
+        if dq is None or (q := self.const(dq.inputs[0])) is None or (s := self.const(dq.inputs[1])) is None:
+            return None
+        zp = self.const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0
+        return ((q.astype(np.float64) - zp) * s.astype(np.float64)).astype(np.float32)
+
     def _match_qdq(self, node: ir.Node) -> str | None:
         transposed = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].value == 1
         if node.op_type == "Gemm":
@@ -223,10 +233,10 @@ class _Lowerer:
         w, w_scale = weight
         bias = None
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-            b = self.const(node.inputs[2])
+            b = self._constant_bias(node.inputs[2])
             if b is None or b.size != w.shape[1]:
                 return "the Gemm bias is not a constant vector"
-            bias = node.inputs[2]
+            bias = ("p", node.inputs[2].name, b.reshape(-1).astype(np.float32))
         base = node.inputs[1].name
         self.fused[node] = ("qdq_linear", q.inputs[0], q.inputs[1], q.inputs[2],
                             ("w", base + "_int8", w), ("s", base + "_scale", w_scale.astype(np.float32)), bias)

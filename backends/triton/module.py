@@ -120,7 +120,7 @@ def agreement(reference: list[list[np.ndarray]], got: list[list[np.ndarray]], na
         tol = max(QUANT_REL_TOL, quantization_error) if kind == "quantized" else FP16_REL_TOL
         # Or within the exact tolerance: outputs near zero (a degenerate random model) have no useful relative error.
         ok = diff.ok or (rel <= tol and np.isfinite(diff.max_abs))
-        rule = (f"{kind}: relative L2 error <= {tol:.3g}" + (f" (the quantization error itself, vs the model before quantization)"
+        rule = (f"{kind}: relative L2 error <= {tol:.3g}" + (" (the quantization error itself, vs the model before quantization)"
                 if kind == "quantized" and tol > QUANT_REL_TOL else "") + " or within the exact tolerance")
     return {"max_abs_diff": diff.max_abs, "relative_l2": rel, "batches": len(reference), "criterion": rule, "ok": bool(ok),
             "worst_output": diff.output}

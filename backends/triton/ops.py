@@ -532,7 +532,7 @@ def Einsum(*xs, equation):
 
 
 def Constant(**attrs):
-    (kind, value), = attrs.items()
+    ((_, value),) = attrs.items()
     return value
 
 
