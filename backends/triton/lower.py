@@ -390,9 +390,9 @@ class _Lowerer:
         fn = self._function(node)
         if node.op_type in _CREATES_TENSORS and self.device_anchor is not None:
             kwargs["like"] = self.device_anchor
-        if node.op_type == "MatMulNBits":
+        if fn is _matmul_nbits:
             self.report.kernels["matmul_nbits"] += 1
-        elif node.op_type == "MatMulInteger":
+        elif fn is _matmul_integer:
             self.report.kernels["matmul_integer"] += 1
         result = self.fx.call_function(fn, args, kwargs)
         outputs = [o for o in node.outputs]
@@ -408,10 +408,11 @@ class _Lowerer:
         return node.op_type in ("Split", "TopK", "Dropout", "LayerNormalization", "DynamicQuantizeLinear")
 
     def _function(self, node: ir.Node):
-        from slimc import kernels
-
         if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
-            return kernels.matmul_nbits
+            if len(node.inputs) > 4 and node.inputs[4] is not None and node.inputs[4].name:
+                raise LoweringError(f"MatMulNBits '{node.name}' has g_idx (act-order group indices), which slimc's "
+                                    "torch lowering does not take yet (slimc's int4 pass never writes it)")
+            return _matmul_nbits
         if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx"):
             w = self.const(node.inputs[1])
             if w is not None and w.dtype == np.int8 and w.ndim == 2 and (
@@ -458,6 +459,13 @@ class _Lowerer:
         self.report.parameters = sum(p.numel() for p in gm.parameters())
         self.report.buffers = sum(b.numel() for b in gm.buffers())
         return gm
+
+
+def _matmul_nbits(a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=4, block_size=32):  # noqa: N803
+    """com.microsoft.MatMulNBits: inputs A, B, scales, zero_points, g_idx, bias (ONNX Runtime's order)."""
+    from slimc import kernels
+
+    return kernels.matmul_nbits(a, b, scales, zero_points, bias, K=K, N=N, bits=bits, block_size=block_size)
 
 
 def _matmul_integer(a, b, a_zp=None, b_zp=None):
