@@ -177,8 +177,10 @@ def _backend_lines(b: dict[str, Any] | None) -> list[str]:
         lines.append(f"    latency in torch: not measured: {lat['error']}")
     elif lat:
         noise = ", inside the p10-p90 spread: no measurable change" if lat.get("within_noise") else ""
+        caveat = "; the kernels ran as their PyTorch references: not a measure of the GPU kernels" if (
+            "references" in b.get("kernel_impl", "") and low["kernels"]) else ""
         lines.append(f"    latency in torch ({lat['feed']}): input model {lat['before']['median_ms']:.2f} ms, result "
-                     f"{lat['after']['median_ms']:.2f} ms ({lat['speedup']:.2f}x{noise}); {lat['machine']}")
+                     f"{lat['after']['median_ms']:.2f} ms ({lat['speedup']:.2f}x{noise}); {lat['machine']}{caveat}")
     return lines
 
 

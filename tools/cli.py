@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _compile_parser() if command == "compile" else _sub_parser(command)
     args = parser.parse_args(argv if command == "compile" else argv[1:])
     progress.set_verbosity(progress.QUIET if args.quiet else progress.VERBOSE if args.verbose else progress.NORMAL)
+    if not args.verbose:  # torchao (pulled in by executorch) warns at import about CUDA kernels it cannot load
+        import logging
+
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         return {"compile": _cmd_compile, "passes": _cmd_passes, "inspect": _cmd_inspect, "demo": _cmd_demo}[command](args)
     except SlimcError as exc:
