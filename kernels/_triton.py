@@ -108,3 +108,25 @@ def tuned(name: str, configs: dict[str, list[dict[str, int]]], m: int, key: tupl
             best = min(timings, key=lambda t: t[0])[1]
         _BEST[cache_key] = best
     launch(**best)
+
+
+# Shared memory per block (bytes) the launch may use: A100 (sm_80) and H100/H200 (sm_90).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def compile_for_gpu(k: kernel, signature: dict[str, str], constexprs: dict[str, Any], capability: int = 90,
+                    num_warps: int = 4, num_stages: int = 3):
+    """Compile ``k`` ahead of time for an NVIDIA GPU of compute ``capability``, without one.
+
+    ``signature`` maps each runtime argument to a Triton type (``"*bf16"``, ``"i32"``); the result
+    is a `CompiledKernel` whose ``asm["ptx"]`` shows which instructions the dot became and whose
+    ``metadata.shared`` is the shared memory a launch needs. CI compiles every kernel config this way.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    source = ASTSource(JITFunction(k.fn), {**signature, **{name: "constexpr" for name in constexprs}}, constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
