@@ -9,7 +9,7 @@ on the CPU, for tests).
 =========================  ============================================================
 `w8a8.w8a8_mm`             int8 x int8 -> int32, fused per-token/per-tensor activation scale,
                            per-channel weight scale, bias and output dtype
-`w8a8.qdq_linear`          ONNX QDQ MatMul/Gemm (static int8), trainable (straight-through)
+`w8a8.qdq_linear`          ONNX QDQ MatMul/Gemm and 1x1 Conv (static int8), trainable (straight-through)
 `w8a8.dynamic_linear`      ONNX Runtime's dynamic int8 MatMul (DynamicQuantizeLinear+MatMulInteger)
 `wnbits.matmul_nbits`      W4A16 / W8A16, group-wise scales, ONNX ``MatMulNBits`` layout
 `sparse24.sparse24_mm`     2:4 sparse weight (values + 2-bit metadata) x dense activation
@@ -24,7 +24,8 @@ import torch
 
 from slimc.kernels import sparse24, w8a8, wnbits
 
-__all__ = ["DECOMPOSE", "dynamic_linear", "matmul_integer", "matmul_nbits", "qdq_linear", "sparse24_linear"]
+__all__ = ["DECOMPOSE", "dynamic_linear", "matmul_integer", "matmul_nbits", "qdq_conv1x1", "qdq_linear",
+           "sparse24_linear"]
 
 # True inside `slimc.backends.triton.module.decomposed()`: the functions below compute with plain
 # PyTorch ops instead of calling the custom ops, for exporters that do not know torch.ops.slimc.
@@ -44,6 +45,13 @@ def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None):
     else:
         out = w8a8.qdq_linear(rows, x_scale, x_zp, w, w_scale, bias)
     return out.reshape(*lead, w.shape[1])
+
+
+def qdq_conv1x1(x, x_scale, x_zp, w, w_scale, bias=None):
+    """A QDQ 1x1 convolution (stride 1, no padding) is a matmul over channels: ``x`` [N, C, *spatial]
+    goes channels-last through `qdq_linear` with ``w`` [C_in, C_out] and comes back channels-first."""
+    out = qdq_linear(x.movedim(1, -1), x_scale, x_zp, w, w_scale, bias)
+    return out.movedim(-1, 1)
 
 
 def _dequantized_mm(x, w, w_scale, bias):

@@ -57,6 +57,8 @@ def test_lowered_module_agrees_with_onnxruntime(zoo_model, name, spec, tmp_path)
         assert kernels.get("dynamic_linear", 0) >= 4, kernels
     if spec == "int8(mode=static,force=true)":
         assert kernels.get("qdq_linear", 0) >= 4, kernels
+    if spec == "int8(force=true)" and name in ("mobilenet_v2", "resnet_bottleneck"):  # static: 1x1 convs are matmuls
+        assert kernels.get("qdq_conv1x1", 0) >= 5, kernels
     if spec in ("cleanup", "prune(ratio=0.3)", "fp16"):
         assert not kernels  # nothing quantized or sparse: plain torch ops only
     # Shapes unlike the compile's (batch 3, sequence 7, padded masks): dynamic dims stayed dynamic.

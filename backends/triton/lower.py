@@ -190,6 +190,8 @@ class _Lowerer:
             return "the weight is not DequantizeLinear(constant)"
         w, scale = self.const(dq.inputs[0]), self.const(dq.inputs[1])
         zp = self.const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        if w is not None and w.ndim > 2 and all(d == 1 for d in w.shape[2:]):  # a 1x1 conv kernel [Cout, Cin, 1, 1]
+            w = w.reshape(w.shape[:2])
         if w is None or scale is None or w.ndim != 2 or w.dtype != np.int8:
             return "the weight is not a constant 2-D int8 tensor"
         if zp is not None and np.any(zp != 0):
@@ -212,8 +214,28 @@ class _Lowerer:
         zp = self.const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0
         return ((q.astype(np.float64) - zp) * s.astype(np.float64)).astype(np.float32)
 
+    def _conv_is_matmul(self, node: ir.Node) -> str | None:
+        """Why a Conv is not a plain matmul over channels (None: it is one, a 1x1 conv)."""
+        attr = {k: a.value for k, a in node.attributes.items()}
+        w = node.inputs[1]
+        shape = list(w.shape) if w.shape is not None else []
+        if attr.get("group", 1) != 1:
+            return "grouped/depthwise Conv (no int8 conv kernel: only 1x1 convolutions run as int8 matmuls)"
+        kernel = list(attr.get("kernel_shape", shape[2:]))
+        if not kernel or any(k != 1 for k in kernel):
+            return (f"Conv with a {'x'.join(map(str, kernel)) or '?'} kernel (no int8 implicit-GEMM kernel yet: only 1x1 "
+                    "convolutions run as int8 matmuls)")
+        if any(v != 1 for v in attr.get("strides", [1])) or any(v != 1 for v in attr.get("dilations", [1])) or any(
+                attr.get("pads", [0])) or attr.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "1x1 Conv with strides, dilations or pads"
+        return None
+
     def _match_qdq(self, node: ir.Node) -> str | None:
-        transposed = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].value == 1
+        conv = node.op_type == "Conv"
+        transposed = conv or (node.op_type == "Gemm" and "transB" in node.attributes
+                              and node.attributes["transB"].value == 1)
+        if conv and (why := self._conv_is_matmul(node)) is not None:
+            return why
         if node.op_type == "Gemm":
             if any(node.attributes[k].value != 1 for k in ("alpha", "beta") if k in node.attributes) or (
                     "transA" in node.attributes and node.attributes["transA"].value):
@@ -232,13 +254,13 @@ class _Lowerer:
             return weight
         w, w_scale = weight
         bias = None
-        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
             b = self._constant_bias(node.inputs[2])
             if b is None or b.size != w.shape[1]:
-                return "the Gemm bias is not a constant vector"
+                return f"the {node.op_type} bias is not a constant vector"
             bias = ("p", node.inputs[2].name, b.reshape(-1).astype(np.float32))
         base = node.inputs[1].name
-        self.fused[node] = ("qdq_linear", q.inputs[0], q.inputs[1], q.inputs[2],
+        self.fused[node] = ("qdq_conv1x1" if conv else "qdq_linear", q.inputs[0], q.inputs[1], q.inputs[2],
                             ("w", base + "_int8", w), ("s", base + "_scale", w_scale.astype(np.float32)), bias)
         return None
 
@@ -337,14 +359,14 @@ class _Lowerer:
                 if why is not None:
                     self.report.left_generic[node.name or node.outputs[0].name] = (
                         "MatMulInteger lowered to the exact int32 kernel, not the fused one: " + why)
-            elif node.op_type in ("MatMul", "Gemm"):
+            elif node.op_type in ("MatMul", "Gemm", "Conv"):
                 x_dq = self._producer(node.inputs[0], "DequantizeLinear")
                 if x_dq is not None or self._producer(node.inputs[1], "DequantizeLinear") is not None:
                     why = self._match_qdq(node)
                     if why is not None:
                         self.report.left_generic[node.name or node.outputs[0].name] = (
-                            "quantized matmul lowered as float math on dequantized values: " + why)
-                else:
+                            f"quantized {node.op_type} lowered as float math on dequantized values: " + why)
+                elif node.op_type != "Conv":
                     self._match_sparse(node)
 
     # ------------------------------------------------------------ emission
