@@ -27,18 +27,48 @@ from slimc.kernels import sparse24, w8a8, wnbits
 __all__ = ["DECOMPOSE", "dynamic_linear", "matmul_integer", "matmul_nbits", "qdq_conv1x1", "qdq_linear",
            "sparse24_linear"]
 
-# True inside `slimc.backends.triton.module.decomposed()`: the functions below compute with plain
-# PyTorch ops instead of calling the custom ops, for exporters that do not know torch.ops.slimc.
-DECOMPOSE = False
+# Set inside `slimc.backends.triton.module.decomposed()` ("reference" or "pt2e"): the functions below
+# compute with plain PyTorch ops instead of calling the custom ops, for exporters that do not know
+# torch.ops.slimc ("pt2e": static int8 as quantized_decomposed Q/DQ around float ops, for XNNPACK).
+DECOMPOSE: str | bool = False
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
 
 
-def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None):
+def pt2e_qdq(x, scale: float, zp: int, dtype: torch.dtype):
+    """``quantized_decomposed`` quantize + dequantize per tensor (constant parameters), as PT2E writes it."""
+    qd = _quantized_decomposed()
+    if dtype == torch.uint8:  # the same values in int8 (codes and zero point - 128): XNNPACK's qs8 kernels take it
+        zp, dtype = zp - 128, torch.int8
+    return qd.dequantize_per_tensor(qd.quantize_per_tensor(x, scale, zp, -128, 127, dtype), scale, zp, -128, 127, dtype)
+
+
+def pt2e_weight(w, w_scale, zeros, axis: int):
+    """A symmetric int8 weight dequantized per channel along ``axis`` by ``quantized_decomposed``.
+    ``zeros``: an int64 buffer of zero points (XNNPACK wants a constant, not a computed tensor)."""
+    return _quantized_decomposed().dequantize_per_channel(w, w_scale, zeros, axis, -127, 127, torch.int8)
+
+
+def _quantized_decomposed():
+    """``torch.ops.quantized_decomposed`` (registered by torch.ao's PT2E module on import)."""
+    if not hasattr(torch.ops.quantized_decomposed, "quantize_per_tensor"):
+        import importlib
+
+        importlib.import_module("torch.ao.quantization.fx._decomposed")
+    return torch.ops.quantized_decomposed
+
+
+def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None, *, x_scale_value=None, x_zp_value=None, w_zeros=None,
+               w_t=None):
+    """``x_scale_value`` / ``x_zp_value``: the activation parameters as Python numbers; ``w_t``: the
+    weight as [N, K] and ``w_zeros`` its zero points (int64 buffers): what the pt2e form needs."""
     rows, lead = _rows(x)
-    if DECOMPOSE:
+    if DECOMPOSE == "pt2e" and x_scale_value is not None and w_t is not None:
+        xd = pt2e_qdq(rows, x_scale_value, x_zp_value, x_zp.dtype)
+        out = torch.nn.functional.linear(xd, pt2e_weight(w_t, w_scale, w_zeros, 0), bias)
+    elif DECOMPOSE:
         q = w8a8.quantize(rows, x_scale, x_zp).to(torch.float32)
         zp = x_zp.to(torch.float32) - (128 if x_zp.dtype == torch.uint8 else 0)
         out = _dequantized_mm((q - zp) * x_scale.float(), w, w_scale, bias).to(x.dtype)
@@ -47,9 +77,15 @@ def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None):
     return out.reshape(*lead, w.shape[1])
 
 
-def qdq_conv1x1(x, x_scale, x_zp, w, w_scale, bias=None):
+def qdq_conv1x1(x, x_scale, x_zp, w, w_scale, bias=None, *, x_scale_value=None, x_zp_value=None, w_zeros=None,
+                w_t=None):
     """A QDQ 1x1 convolution (stride 1, no padding) is a matmul over channels: ``x`` [N, C, *spatial]
-    goes channels-last through `qdq_linear` with ``w`` [C_in, C_out] and comes back channels-first."""
+    goes channels-last through `qdq_linear` with ``w`` [C_in, C_out] and comes back channels-first.
+    pt2e form: ``w_t`` is the conv weight [C_out, C_in, 1, ...]."""
+    if DECOMPOSE == "pt2e" and x_scale_value is not None and w_t is not None:
+        xd = pt2e_qdq(x, x_scale_value, x_zp_value, x_zp.dtype)
+        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.dim() - 3]
+        return conv(xd, pt2e_weight(w_t, w_scale, w_zeros, 0), bias)
     out = qdq_linear(x.movedim(1, -1), x_scale, x_zp, w, w_scale, bias)
     return out.movedim(-1, 1)
 

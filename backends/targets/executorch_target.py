@@ -7,11 +7,13 @@ The compressed ONNX model is lowered to torch by the triton backend's lowering
 ExecuTorch's portable kernels run the rest. 2:4-sparse matmuls are exported as their
 decomposed reference math on the compressed weights.
 
-Quantized graphs (``int8``, ``int4``) are refused: their decomposed math (quantize/dequantize
-around every layer, unpacking int4 codes) is not what XNNPACK delegates, so ExecuTorch runs it in
-its portable kernels, measured 280x slower than the dense model on EfficientNet-Lite0 (1364 ms vs
-4.9 ms) and 7x slower on MiniLM. ExecuTorch's own int8 comes from its XNNPACK quantizer (PT2E)
-applied to the float model.
+Static int8 (QDQ) is exported in PT2E's form (``decomposed("pt2e")``): ``quantized_decomposed``
+quantize/dequantize per tensor around float linear/conv with per-channel int8 weights, uint8
+activations rewritten as the same values in int8. XNNPACK's partitioner fuses these into its int8
+kernels. Written as plain float math instead, the same graph ran in the portable kernels, 280x
+slower than the dense model on EfficientNet-Lite0 (1364 ms vs 4.9 ms). Dynamic int8
+(MatMulInteger) and int4 (MatMulNBits) have no such form here and are refused, with that
+measurement.
 
 ExecuTorch plans memory ahead of time, so every input shape must be pinned (``--static-shapes``),
 as for ncnn.
@@ -29,6 +31,9 @@ from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, op_
 from slimc.errors import first_line
 
 
+STATIC_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
 def _inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int], int]]:
     inits = {i.name for i in proto.graph.initializer}
     out = []
@@ -38,6 +43,32 @@ def _inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int], int]]:
         t = value.type.tensor_type
         out.append((value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim], t.elem_type))
     return out
+
+
+def lower_to_edge(model):
+    """The IR through the torch backend, ``torch.export`` and XNNPACK partitioning: an ExecuTorch
+    ``EdgeProgramManager`` (``.exported_program()`` shows what XNNPACK took)."""
+    import executorch.kernels.quantized  # noqa: F401 - out variants of quantized_decomposed for what XNNPACK leaves
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from slimc import data
+    from slimc.backends.triton import module as torch_backend
+    from slimc.model import infer_input_specs
+
+    gm = torch_backend.to_torch(model, device="cpu", pt2e=True)
+    example = next(iter(data.synthetic(infer_input_specs(model), n_batches=1, seed=0)))
+    args = tuple(torch_backend.feed(gm, example, "cpu"))
+    try:
+        with torch_backend.decomposed("pt2e"), torch.no_grad():
+            program = torch.export.export(gm, args, strict=False)
+            return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    except Exception as exc:  # e.g. an XNNPACK pass that fails on this graph: named, nothing written
+        cause = exc.__cause__ or exc
+        raise TargetError(f"target 'executorch': lowering failed: {type(exc).__name__}: {first_line(exc, 400)}"
+                          + (f" (caused by {type(cause).__name__}: {first_line(cause, 200)})" if cause is not exc else "")
+                          ) from None
 
 
 class ExecuTorchTarget(Target):
@@ -53,10 +84,11 @@ class ExecuTorchTarget(Target):
         ops = op_types(proto)
         bad = {op: "no torch lowering in slimc (the ExecuTorch target goes through the torch backend)"
                for op in ops if op not in known}
-        bad.update({op: "int8/int4 runs in ExecuTorch's portable kernels, not XNNPACK, when lowered from slimc's graph "
-                        "(measured 280x slower than dense on EfficientNet-Lite0, 7x on MiniLM); export the float or "
-                        "pruned model and quantize it with ExecuTorch's XNNPACK quantizer (PT2E)"
-                    for op in ops if op in INTEGER_OPS})
+        bad.update({op: "dynamic int8 / int4 would run in ExecuTorch's portable kernels, not XNNPACK (measured 7x slower "
+                        "than dense on MiniLM, and 280x on EfficientNet-Lite0 before static int8 took PT2E's form); use "
+                        "int8(mode=static), which XNNPACK runs as int8, or quantize the float model with ExecuTorch's "
+                        "XNNPACK quantizer"
+                    for op in ops if op in INTEGER_OPS - STATIC_QDQ})
         for name, dims, _ in _inputs(proto):
             if any(d <= 0 for d in dims):
                 bad[f"input {name}"] = (f"dynamic shape {dims}: ExecuTorch plans memory for one shape; pin it, e.g. "
@@ -64,31 +96,20 @@ class ExecuTorchTarget(Target):
         return bad
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
-        import torch
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-
-        from slimc import data
-        from slimc.backends.triton import module as torch_backend
-        from slimc.model import infer_input_specs
         from slimc.onnx_io import load_onnx
 
-        model = load_onnx(onnx_path)
-        gm = torch_backend.to_torch(model, device="cpu")
-        example = next(iter(data.synthetic(infer_input_specs(model), n_batches=1, seed=0)))
-        args = tuple(torch_backend.feed(gm, example, "cpu"))
+        edge = lower_to_edge(load_onnx(onnx_path))
         try:
-            with torch_backend.decomposed(), torch.no_grad():
-                program = torch.export.export(gm, args, strict=False)
-                lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+            program = edge.to_executorch()
         except Exception as exc:
-            raise TargetError(f"target 'executorch': lowering failed: {type(exc).__name__}: {first_line(exc, 600)}") from None
+            raise TargetError(f"target 'executorch': {type(exc).__name__}: {first_line(exc, 600)}") from None
         pte = out_dir / f"{stem}.pte"
-        pte.write_bytes(lowered.buffer)
+        pte.write_bytes(program.buffer)
         return [pte]
 
     def load(self, files: Sequence[Path], threads: int | None, source: onnx.ModelProto) -> Runner:
         import executorch
+        import executorch.kernels.quantized  # noqa: F401 - the quantized ops XNNPACK leaves to the portable kernels
         import torch
         from executorch.runtime import Runtime
 

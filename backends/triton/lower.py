@@ -101,8 +101,9 @@ def _attr_value(attr: ir.Attr) -> Any:
 
 
 class _Lowerer:
-    def __init__(self, model: ir.Model, kernels: bool):
+    def __init__(self, model: ir.Model, kernels: bool, pt2e: bool = False):
         self.model = model
+        self.pt2e = pt2e
         self.graph = model.graph
         self.use_kernels = kernels
         self.fx = fx.Graph()
@@ -121,6 +122,7 @@ class _Lowerer:
         self.graph_outputs = set(self.graph.outputs)
         self.fused: dict[ir.Node, tuple] = {}  # anchor node -> (function, args) replacing its output
         self.fake_quant: dict[ir.Node, ir.Node] = {}  # DequantizeLinear -> its QuantizeLinear (same parameters)
+        self.fused_kwargs: dict[ir.Node, dict[str, Any]] = {}
         self.skipped: set[ir.Node] = set()
 
     # ------------------------------------------------------------ constants
@@ -260,9 +262,38 @@ class _Lowerer:
                 return f"the {node.op_type} bias is not a constant vector"
             bias = ("p", node.inputs[2].name, b.reshape(-1).astype(np.float32))
         base = node.inputs[1].name
+        kw: dict[str, Any] = {"x_" + k: v for k, v in self._scalar_params(q).items()} if self.pt2e else {}
+        if kw:  # the pt2e form's weight: [N, K] (or the conv's [C_out, C_in, 1, ..]), per-channel scales, int64 zeros
+            shape = self.const(self._weight_source(node.inputs[1])).shape if conv else (w.shape[1], w.shape[0])
+            kw["w_t"] = ("w", base + "_int8_t", np.ascontiguousarray(w.T).reshape(shape))
+            kw["w_zeros"] = ("w", base + "_zp64", np.zeros(w.shape[1], np.int64))
+            w_scale = np.broadcast_to(w_scale, (w.shape[1],)).copy()
+        self.fused_kwargs[node] = kw
         self.fused[node] = ("qdq_conv1x1" if conv else "qdq_linear", q.inputs[0], q.inputs[1], q.inputs[2],
                             ("w", base + "_int8", w), ("s", base + "_scale", w_scale.astype(np.float32)), bias)
         return None
+
+    def _weight_source(self, value: ir.Value) -> ir.Value:
+        """The int8 constant behind ``DequantizeLinear`` (through a Transpose)."""
+        if (t := self._producer(value, "Transpose")) is not None:
+            value = t.inputs[0]
+        return self._producer(value, "DequantizeLinear").inputs[0]
+
+    def _symmetric_int8_weight(self, dq: ir.Node) -> bool:
+        w = self.const(dq.inputs[0])
+        zp = self.const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+        scale = self.const(dq.inputs[1])
+        blocked = "block_size" in dq.attributes and dq.attributes["block_size"].value
+        return (w is not None and w.dtype == np.int8 and not blocked and scale is not None and scale.size > 1
+                and (zp is None or not np.any(zp != 0)))
+
+    def _scalar_params(self, q: ir.Node) -> dict[str, Any]:
+        """A per-tensor QuantizeLinear's scale and zero point as Python numbers ({} if per channel)."""
+        s = self.const(q.inputs[1])
+        z = self.const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else None
+        if s is None or z is None or s.size != 1 or z.size != 1:
+            return {}
+        return {"scale_value": float(s.reshape(-1)[0]), "zp_value": int(z.reshape(-1)[0])}
 
     def _match_dynamic(self, mmi: ir.Node) -> str | None:
         """DynamicQuantizeLinear -> MatMulInteger -> Cast(float) -> Mul(x_scale * w_scale)."""
@@ -370,20 +401,22 @@ class _Lowerer:
                     self._match_sparse(node)
 
     # ------------------------------------------------------------ emission
-    def _fused_call(self, spec: tuple) -> fx.Node:
+    def _fused_call(self, spec: tuple, kwargs: dict[str, Any] | None = None) -> fx.Node:
         from slimc import kernels
 
         kind, *items = spec
-        args = []
-        for item in items:
-            if isinstance(item, tuple):
+
+        def value(item):
+            if isinstance(item, tuple):  # (tag, name, array): a new parameter ("p") or buffer
                 tag, name, array = item
                 tensor = torch.from_numpy(np.array(array)) if not isinstance(array, torch.Tensor) else array
-                args.append(self._tensor_attr(name, tensor.contiguous(), trainable=(tag == "p")))
-            else:
-                args.append(self.arg(item))
+                return self._tensor_attr(name, tensor.contiguous(), trainable=(tag == "p"))
+            return self.arg(item)
+
+        args = [value(item) for item in items]
+        kw = {k: value(v) if isinstance(v, (tuple, ir.Value)) else v for k, v in (kwargs or {}).items()}
         self.report.kernels[kind] += 1
-        return self.fx.call_function(getattr(kernels, kind), tuple(args))
+        return self.fx.call_function(getattr(kernels, kind), tuple(args), kw)
 
     def emit(self, node: ir.Node) -> None:
         if node in self.skipped:
@@ -392,11 +425,13 @@ class _Lowerer:
             return
         self.report.ops[node.op_type] += 1
         if node in self.fused:
-            self.env[node.outputs[0]] = self._fused_call(self.fused[node])
+            self.env[node.outputs[0]] = self._fused_call(self.fused[node], self.fused_kwargs.get(node))
             return
         if node in self.fake_quant:
             q = self.fake_quant[node]
             kwargs = {k: _attr_value(a) for k, a in q.attributes.items() if k in ("axis", "block_size")}
+            if self.pt2e:
+                kwargs.update(self._scalar_params(q))
             args = (self.arg(q.inputs[0]), self.arg(q.inputs[1]), self.arg(q.inputs[2]) if len(q.inputs) > 2 else None)
             self.env[node.outputs[0]] = self.fx.call_function(ops.fake_quant, args, kwargs)
             return
@@ -412,6 +447,9 @@ class _Lowerer:
         fn = self._function(node)
         if node.op_type in _CREATES_TENSORS and self.device_anchor is not None:
             kwargs["like"] = self.device_anchor
+        if self.pt2e and node.op_type == "DequantizeLinear" and self._symmetric_int8_weight(node):
+            n = self.const(node.inputs[1]).size
+            kwargs["weight_zeros"] = self._tensor_attr(node.inputs[0].name + "_zp64", np.zeros(n, np.int64), False)
         if fn is _matmul_nbits:
             self.report.kernels["matmul_nbits"] += 1
         elif fn is _matmul_integer:
@@ -504,12 +542,14 @@ def _matmul_integer_generic(a, b, a_zp=None, b_zp=None):
     return torch.round(torch.matmul(af, b.to(torch.float64) - bz)).to(torch.int32)
 
 
-def lower(model: ir.Model, *, kernels: bool = True) -> tuple[fx.GraphModule, LoweringReport]:
+def lower(model: ir.Model, *, kernels: bool = True, pt2e: bool = False) -> tuple[fx.GraphModule, LoweringReport]:
     """The model as a `torch.fx.GraphModule` (inputs in graph order, a tuple of outputs), and a report.
 
     ``kernels=False`` lowers every node generically (quantized ops as float math on dequantized
-    values), the baseline the kernels are checked against.
+    values), the baseline the kernels are checked against. ``pt2e=True`` also stores what the
+    ``decomposed("pt2e")`` export form needs (per-tensor activation parameters as numbers, weights
+    as [N, K], int64 zero points): for the ExecuTorch target.
     """
-    lowerer = _Lowerer(model, kernels)
+    lowerer = _Lowerer(model, kernels, pt2e)
     gm = lowerer.lower()
     return gm, lowerer.report

@@ -39,12 +39,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def to_torch(model: Any, *, device: str | None = None, kernels: bool = True) -> torch.fx.GraphModule:
-    """``model`` (an ``onnx_ir.Model``, `LoadedModel` or `CompileResult`) as a `torch.fx.GraphModule`."""
+def to_torch(model: Any, *, device: str | None = None, kernels: bool = True, pt2e: bool = False) -> torch.fx.GraphModule:
+    """``model`` (an ``onnx_ir.Model``, `LoadedModel` or `CompileResult`) as a `torch.fx.GraphModule`
+    (``pt2e``: ready for the ``decomposed("pt2e")`` export form, see `lower`)."""
     ir_model = getattr(model, "model", model)
     if not isinstance(ir_model, ir.Model):
         raise BackendError(f"to_torch takes slimc's IR, a LoadedModel or a CompileResult, not {type(model).__name__}")
-    gm, report = lower(ir_model, kernels=kernels)
+    gm, report = lower(ir_model, kernels=kernels, pt2e=pt2e)
     gm.lowering = report
     return gm.to(device or default_device())
 
@@ -174,13 +175,15 @@ def load(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def decomposed():
-    """Within this context the kernels run as plain PyTorch ops (their reference math) instead of
-    ``torch.ops.slimc.*``: what exporters that do not know slimc's ops (ONNX, ExecuTorch) trace."""
+def decomposed(style: str = "reference"):
+    """Within this context the kernels run as plain PyTorch ops instead of ``torch.ops.slimc.*``: what
+    exporters that do not know slimc's ops trace. ``"reference"``: their reference math (for ONNX);
+    ``"pt2e"``: static int8 as ``quantized_decomposed`` quantize/dequantize around float linear/conv,
+    the pattern PyTorch's PT2E quantization produces and ExecuTorch's XNNPACK partitioner delegates."""
     from slimc import kernels
 
     previous = kernels.DECOMPOSE
-    kernels.DECOMPOSE = True
+    kernels.DECOMPOSE = style
     try:
         yield
     finally:

@@ -765,7 +765,13 @@ def QuantizeLinear(x, scale, zero_point=None, *, axis=1, saturate=1, block_size=
     return torch.clamp(q, lo, hi).to(dtype)
 
 
-def DequantizeLinear(x, scale, zero_point=None, *, axis=1, block_size=0, output_dtype=0):
+def DequantizeLinear(x, scale, zero_point=None, *, axis=1, block_size=0, output_dtype=0, weight_zeros=None):
+    """``weight_zeros``: an int64 zero-point buffer the lowering adds for a constant, symmetric, per-channel
+    int8 weight, so the pt2e form can dequantize it as PT2E writes a weight."""
+    from slimc import kernels
+
+    if kernels.DECOMPOSE == "pt2e" and weight_zeros is not None and scale.dtype == torch.float32:
+        return kernels.pt2e_weight(x, scale, weight_zeros, _axis(axis, x.dim()))
     s = _axis_shape(scale, x, axis, block_size)
     xi = x.to(torch.int32)
     if zero_point is not None:
@@ -773,9 +779,14 @@ def DequantizeLinear(x, scale, zero_point=None, *, axis=1, block_size=0, output_
     return (xi.to(torch.float32) * s.to(torch.float32)).to(scale.dtype)
 
 
-def fake_quant(x, scale, zero_point=None, *, axis=1, block_size=0):
+def fake_quant(x, scale, zero_point=None, *, axis=1, block_size=0, scale_value=None, zp_value=None):
     """``DequantizeLinear(QuantizeLinear(x))`` with the same parameters: the exact same values, and a
-    straight-through gradient (1 inside the quantization range, 0 where x was clamped)."""
+    straight-through gradient (1 inside the quantization range, 0 where x was clamped).
+    ``scale_value``/``zp_value``: per-tensor parameters as Python numbers, for the pt2e export form."""
+    from slimc import kernels
+
+    if kernels.DECOMPOSE == "pt2e" and scale_value is not None and zero_point is not None:
+        return kernels.pt2e_qdq(x, scale_value, zp_value, zero_point.dtype)
     q = QuantizeLinear(x, scale, zero_point, axis=axis, block_size=block_size)
     y = DequantizeLinear(q, scale, zero_point, axis=axis, block_size=block_size)
     lo, hi = _QRANGE[q.dtype]
