@@ -138,8 +138,7 @@ def test_missing_tflite_extra_message(monkeypatch):
 
 
 @pytest.mark.parametrize("model, spec", [("resnet", "prune(ratio=0.25)"), ("llama", "prune(ratio=0.25)"),
-                                         ("bert", "sparsify(pattern=2:4)"), ("resnet_bottleneck", "int8(mode=static,force=true)"),
-                                         ("vit", "int8(mode=static,force=true)")])
+                                         ("bert", "sparsify(pattern=2:4)")])
 def test_executorch_runs_the_pte(zoo_model, tmp_path, model, spec):
     _needs("executorch")
     shapes = IMAGE.get(model.replace("_bottleneck", "")) or (
@@ -147,21 +146,30 @@ def test_executorch_runs_the_pte(zoo_model, tmp_path, model, spec):
     result = _compile(zoo_model, model, spec, "executorch", shapes, measure_latency=False)
     t = result.receipt.target
     assert t["runtime"].startswith("executorch") and [f["name"] for f in t["files"]] == ["model.pte"]
-    assert t["fidelity_vs_onnx"]["cosine"] > (0.999 if "int8" in spec else 0.99999), t["fidelity_vs_onnx"]
+    assert t["fidelity_vs_onnx"]["cosine"] > 0.99999, t["fidelity_vs_onnx"]
     assert [p.name for p in result.save(tmp_path / "m.pte")] == ["m.pte"]
-    if "int8" in spec:  # PT2E's form: XNNPACK took every quantized conv/linear; none is left to the portable ops
-        from slimc.backends.targets.executorch_target import lower_to_edge
-        from slimc.export import ExportOptions, prepare
 
-        pinned = prepare(result.model, ExportOptions("executorch", None, shapes))
-        left = lower_to_edge(pinned).exported_program().graph_module.code
-        assert "executorch_call_delegate" in left
-        assert not any(op in left for op in ("aten.convolution", "aten.linear", "aten.mm", "aten.addmm")), left
+
+@pytest.mark.parametrize("model", ["resnet_bottleneck", "vit"])
+def test_pt2e_form_is_delegated_to_xnnpack(zoo_model, model):
+    """The PT2E form of static int8 (not used by the target yet, see its docstring): XNNPACK takes
+    every quantized conv/linear, none is left to the portable ops."""
+    _needs("executorch")
+    from slimc.backends.targets.executorch_target import lower_to_edge
+    from slimc.export import ExportOptions, prepare
+
+    z = zoo_model(model)
+    calib = data.synthetic(z.loaded.inputs, n_batches=2, seed=0)
+    result = slimc.compile(z.loaded, "int8(mode=static,force=true)", calibration=calib, measure_latency=False)
+    pinned = prepare(result.model, ExportOptions("onnx", None, IMAGE[model.replace("_bottleneck", "")]))
+    left = lower_to_edge(pinned).exported_program().graph_module.code
+    assert "executorch_call_delegate" in left
+    assert not any(op in left for op in ("aten.convolution", "aten.linear", "aten.mm", "aten.addmm")), left
 
 
 def test_executorch_refuses_quantized_graphs_with_the_measurement(zoo_model):
     _needs("executorch")
-    with pytest.raises(TargetError, match="MatMulNBits.*portable kernels, not XNNPACK"):
+    with pytest.raises(TargetError, match="MatMulNBits.*portable kernels.*280x.*top-1 0.000"):
         _compile(zoo_model, "llama", "int4(force=true)", "executorch", "input_ids=1x16,attention_mask=1x16",
                  measure_latency=False)
 
