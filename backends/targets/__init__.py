@@ -41,7 +41,8 @@ TARGETS: dict[str, str] = {
 NOT_YET: dict[str, str] = {}
 
 Batch = Mapping[str, np.ndarray]
-__all__ = ["TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "get", "op_types"]
+__all__ = ["TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "dynamic_inputs", "get", "graph_inputs",
+           "op_types"]
 # Integer and quantized ops: what the `int8` / `int4` passes leave in a graph (refused by float-only targets).
 INTEGER_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
                          "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
@@ -128,6 +129,26 @@ def op_types(proto: onnx.ModelProto) -> dict[str, str]:
 
     walk(proto.graph)
     return found
+
+
+def graph_inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int], int]]:
+    """``(name, dims, elem_type)`` of each real graph input (initializers left out); -1 for a dynamic dim."""
+    inits = {i.name for i in proto.graph.initializer}
+    out = []
+    for value in proto.graph.input:
+        if value.name in inits:
+            continue
+        t = value.type.tensor_type
+        out.append((value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim], t.elem_type))
+    return out
+
+
+def dynamic_inputs(proto: onnx.ModelProto, why: str) -> dict[str, str]:
+    """`Target.unsupported` entries for inputs with a dynamic dim, for targets that need one shape
+    (``why``: the runtime's reason), each with the ``--static-shapes`` value that would pin it."""
+    return {f"input {name}": f"dynamic shape {dims}: {why}; pin it, e.g. --static-shapes {name}="
+            + "x".join(str(d if d > 0 else 1) for d in dims)
+            for name, dims, _ in graph_inputs(proto) if any(d <= 0 for d in dims)}
 
 
 def split_batch(batch: Batch, size: int) -> list[dict[str, np.ndarray]]:

@@ -26,19 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, op_types
+from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, dynamic_inputs, graph_inputs, op_types
 from slimc.errors import first_line
-
-
-def _inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int], int]]:
-    inits = {i.name for i in proto.graph.initializer}
-    out = []
-    for value in proto.graph.input:
-        if value.name in inits:
-            continue
-        t = value.type.tensor_type
-        out.append((value.name, [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim], t.elem_type))
-    return out
 
 
 def lower_to_edge(model):
@@ -85,10 +74,7 @@ class ExecuTorchTarget(Target):
                         "computed wrong classes on EfficientNet-Lite0 (top-1 0.000); export the float or pruned model and "
                         "quantize it with ExecuTorch's XNNPACK quantizer"
                     for op in ops if op in INTEGER_OPS})
-        for name, dims, _ in _inputs(proto):
-            if any(d <= 0 for d in dims):
-                bad[f"input {name}"] = (f"dynamic shape {dims}: ExecuTorch plans memory for one shape; pin it, e.g. "
-                                        f"--static-shapes {name}=" + "x".join(str(d if d > 0 else 1) for d in dims))
+        bad.update(dynamic_inputs(proto, "ExecuTorch plans memory for one shape"))
         return bad
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
@@ -115,7 +101,7 @@ class ExecuTorchTarget(Target):
             method = Runtime.get().load_program(str(files[0])).load_method("forward")
         except Exception as exc:
             raise TargetError(f"target 'executorch': the runtime cannot load the program: {first_line(exc, 600)}") from None
-        inputs = [(name, DTYPES.get(elem, torch.float32)) for name, _, elem in _inputs(source)]
+        inputs = [(name, DTYPES.get(elem, torch.float32)) for name, _, elem in graph_inputs(source)]
 
         def feed(batch):
             missing = [name for name, _ in inputs if name not in batch]

@@ -28,21 +28,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, failure, op_types
+from slimc.backends.targets import (INTEGER_OPS, Runner, Target, TargetError, dynamic_inputs, failure, graph_inputs,
+                                    op_types)
 
 TIMEOUT_S = 600
-
-
-def _static_shapes(proto: onnx.ModelProto) -> list[tuple[str, list[int], int]]:
-    inits = {i.name for i in proto.graph.initializer}
-    out = []
-    for value in proto.graph.input:
-        if value.name in inits:
-            continue
-        t = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-        out.append((value.name, dims, t.elem_type))
-    return out
 
 
 class NcnnTarget(Target):
@@ -54,10 +43,7 @@ class NcnnTarget(Target):
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         bad = {op: "int8 QDQ / integer ops have no ncnn layer; ncnn quantizes with its own ncnn2table/ncnn2int8 "
                    "from the float model, so export ncnn without int8/int4" for op in op_types(proto) if op in INTEGER_OPS}
-        for name, dims, _ in _static_shapes(proto):
-            if any(d <= 0 for d in dims):
-                bad[f"input {name}"] = (f"dynamic shape {dims}: pnnx needs one shape; pin it, e.g. --static-shapes "
-                                        f"{name}=" + "x".join(str(d if d > 0 else 1) for d in dims))
+        bad.update(dynamic_inputs(proto, "pnnx needs one shape"))
         return bad
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
@@ -66,7 +52,7 @@ class NcnnTarget(Target):
         stem = "pnnx_model"  # pnnx rewrites file names it does not like ('-' -> '_'); rename at the end
         model = out_dir / f"{stem}.onnx"
         shutil.copyfile(onnx_path, model)
-        shapes = ",".join("[" + ",".join(map(str, dims)) + "]" + _pnnx_type(elem) for _, dims, elem in _static_shapes(proto))
+        shapes = ",".join("[" + ",".join(map(str, dims)) + "]" + _pnnx_type(elem) for _, dims, elem in graph_inputs(proto))
         cmd = [self.command("pnnx"), model.name, f"inputshape={shapes}", "fp16=0", "optlevel=2"]
         try:
             done = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -101,7 +87,7 @@ class NcnnTarget(Target):
         if net.load_param(str(files[0])) != 0 or net.load_model(str(files[1])) != 0:
             raise TargetError(f"target 'ncnn': ncnn cannot load {files[0].name} / {files[1].name}.")
         in_names, out_names = list(net.input_names()), list(net.output_names())
-        inputs = [name for name, _, _ in _static_shapes(source)]
+        inputs = [name for name, _, _ in graph_inputs(source)]
         shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in source.graph.output]
 
         def one(sample_feed):
