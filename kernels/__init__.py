@@ -91,7 +91,7 @@ def qdq_conv1x1(x, x_scale, x_zp, w, w_scale, bias=None, *, x_scale_value=None, 
 
 
 def _dequantized_mm(x, w, w_scale, bias):
-    out = x @ (w.to(torch.float32) * (w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.float()))
+    out = x @ w8a8.dequantize_weight(w, w_scale)
     return out + bias.float() if bias is not None else out
 
 

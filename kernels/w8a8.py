@@ -189,6 +189,11 @@ def _(x, x_scale, x_zp, w, w_scale, bias):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
+def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """A symmetric int8 weight [K, N] in float32: per output channel (N scales) or per tensor."""
+    return w.to(torch.float32) * (w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.float())
+
+
 def _qdq_setup(ctx, inputs, output):
     x, x_scale, x_zp, w, w_scale, bias = inputs
     ctx.save_for_backward(x, x_scale, x_zp, w, w_scale)
@@ -201,8 +206,7 @@ def _qdq_backward(ctx, grad):
     lo, hi = (0, 255) if x_zp.dtype == torch.uint8 else (-128, 127)
     pos = x.to(torch.float32) / x_scale + x_zp.to(torch.float32)
     inside = (pos >= lo - 0.5) & (pos <= hi + 0.5)
-    w_f = w.to(torch.float32) * (w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale)
-    grad_x = (grad.to(torch.float32) @ w_f.t()) * inside
+    grad_x = (grad.to(torch.float32) @ dequantize_weight(w, w_scale).t()) * inside
     grad_bias = grad.sum(0) if ctx.has_bias else None
     return grad_x.to(x.dtype), None, None, None, None, grad_bias
 
@@ -242,8 +246,7 @@ def _dyn_setup(ctx, inputs, output):
 
 def _dyn_backward(ctx, grad):
     w, w_scale = ctx.saved_tensors
-    w_f = w.to(torch.float32) * (w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale)
-    grad_x = grad.to(torch.float32) @ w_f.t()  # the dynamic range never clamps: plain STE
+    grad_x = grad.to(torch.float32) @ dequantize_weight(w, w_scale).t()  # the dynamic range never clamps: plain STE
     return grad_x.to(ctx.x_dtype), None, None, grad.sum(0) if ctx.has_bias else None
 
 

@@ -234,14 +234,11 @@ class _Lowerer:
 
     def _match_qdq(self, node: ir.Node) -> str | None:
         conv = node.op_type == "Conv"
-        transposed = conv or (node.op_type == "Gemm" and "transB" in node.attributes
-                              and node.attributes["transB"].value == 1)
         if conv and (why := self._conv_is_matmul(node)) is not None:
             return why
-        if node.op_type == "Gemm":
-            if any(node.attributes[k].value != 1 for k in ("alpha", "beta") if k in node.attributes) or (
-                    "transA" in node.attributes and node.attributes["transA"].value):
-                return "Gemm with alpha/beta/transA"
+        transposed = True if conv else _weight_transposed(node)
+        if transposed is None:
+            return "Gemm with alpha/beta/transA"
         x_dq = self._producer(node.inputs[0], "DequantizeLinear")
         q = self._producer(x_dq.inputs[0], "QuantizeLinear") if x_dq is not None else None
         if q is None:
@@ -327,10 +324,8 @@ class _Lowerer:
         return None
 
     def _match_sparse(self, node: ir.Node) -> bool:
-        transposed = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].value == 1
-        if node.op_type == "Gemm" and (any(node.attributes[k].value != 1 for k in ("alpha", "beta")
-                                           if k in node.attributes) or ("transA" in node.attributes
-                                                                       and node.attributes["transA"].value)):
+        transposed = _weight_transposed(node)
+        if transposed is None:
             return False
         w = self.const(node.inputs[1])
         if w is None or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
@@ -519,6 +514,17 @@ class _Lowerer:
         self.report.parameters = sum(p.numel() for p in gm.parameters())
         self.report.buffers = sum(b.numel() for b in gm.buffers())
         return gm
+
+
+def _weight_transposed(node: ir.Node) -> bool | None:
+    """Whether a MatMul/Gemm's constant second input is the weight transposed (Gemm ``transB=1``);
+    None for a Gemm that is not ``A @ B (+ C)`` (alpha, beta or transA), which no kernel takes."""
+    if node.op_type != "Gemm":
+        return False
+    attr = {k: a.value for k, a in node.attributes.items()}
+    if attr.get("alpha", 1.0) != 1 or attr.get("beta", 1.0) != 1 or attr.get("transA", 0):
+        return None
+    return attr.get("transB", 0) == 1
 
 
 def _matmul_nbits(a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=4, block_size=32):  # noqa: N803

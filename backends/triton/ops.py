@@ -69,13 +69,8 @@ def _ints(v: Any) -> list[int]:
     return list(v) if isinstance(v, list) else [v]
 
 
-def _int(v: Any) -> int:
-    if isinstance(v, torch.Tensor):
-        return v.reshape(-1)[0].item()
-    return v[0] if isinstance(v, list) else v
-
-
 def _scalar(v: Any):
+    """The first element of a scalar-like input (shape value, one-element list or tensor) as a number."""
     if isinstance(v, torch.Tensor):
         return v.reshape(-1)[0].item()
     return v[0] if isinstance(v, list) else v
@@ -478,12 +473,12 @@ def Range(start, limit, delta, *, like=None):
 
 
 def Trilu(x, k=None, *, upper=1):
-    k = _int(k) if k is not None else 0
+    k = _scalar(k) if k is not None else 0
     return torch.triu(x, k) if upper else torch.tril(x, k)
 
 
 def CumSum(x, axis, *, exclusive=0, reverse=0):
-    axis = _int(axis)
+    axis = _scalar(axis)
     if reverse:
         x = x.flip(axis)
     out = torch.cumsum(x, axis)
@@ -501,7 +496,7 @@ def ArgMin(x, *, axis=0, keepdims=1, select_last_index=0):
 
 
 def TopK(x, k, *, axis=-1, largest=1, sorted=1):  # noqa: A002 - ONNX attribute name
-    values, indices = torch.topk(x, _int(k), dim=axis, largest=bool(largest), sorted=bool(sorted))
+    values, indices = torch.topk(x, _scalar(k), dim=axis, largest=bool(largest), sorted=bool(sorted))
     return values, indices
 
 
