@@ -64,3 +64,18 @@ def stats(values: list[float]) -> Latency:
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
     return Latency(median_ms=statistics.median(ordered), p10_ms=pick(0.1), p90_ms=pick(0.9), runs=len(ordered))
+
+
+def comparison(stats: Mapping[str, Latency], feed: Mapping[str, Any], machine: str) -> dict[str, Any]:
+    """A receipt's latency entry: each model's numbers; with a ``"before"`` model, the speed-up of
+    ``"after"`` and whether it is inside the p10-p90 spread; the feed's shape; the machine."""
+    from slimc.receipt import within_noise
+
+    out: dict[str, Any] = {name: s.to_json() for name, s in stats.items()}
+    if "before" in stats:
+        out["speedup"] = stats["before"].median_ms / stats["after"].median_ms
+        out["within_noise"] = within_noise(out)
+    shape = tuple(getattr(next(iter(feed.values())), "shape", ())) if feed else ()
+    out["feed"] = "x".join(map(str, shape)) if shape else "scalar"
+    out["machine"] = machine
+    return out

@@ -33,7 +33,7 @@ from slimc.model import LoadedModel
 from slimc.onnx_io import check_output_path, copy_model, save_onnx
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
-from slimc.receipt import Receipt, within_noise
+from slimc.receipt import Receipt
 from slimc.verify import check_model_file, outputs_match
 
 log = logging.getLogger("slimc")
@@ -334,20 +334,14 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
 
 
 def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], threads) -> dict[str, Any]:
+    from slimc.backends.timing import comparison
+
     single = {k: v[: current.batch_size or 1] for k, v in batch.items()}  # deployment latency: one sample
-    shape = next(iter(single.values())).shape if single else ()
     try:
         stats = ort_backend.measure_latency({"before": baseline.session, "after": current.session}, single)
     except SlimcError as exc:
         return {"error": str(exc)}
-    return {
-        "before": stats["before"].to_json(),
-        "after": stats["after"].to_json(),
-        "speedup": stats["before"].median_ms / stats["after"].median_ms,
-        "within_noise": within_noise({"before": stats["before"].to_json(), "after": stats["after"].to_json()}),
-        "feed": "x".join(map(str, shape)) if shape else "scalar",
-        "machine": ort_backend.machine_description(threads),
-    }
+    return comparison(stats, single, ort_backend.machine_description(threads))
 
 
 def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel) -> dict[str, Any]:

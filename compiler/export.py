@@ -261,7 +261,7 @@ def _runtime_errors(target: str):
 
 def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: ExportOptions, threads) -> dict[str, Any]:
     from slimc.backends.onnxruntime import machine_description
-    from slimc.backends.timing import interleaved
+    from slimc.backends.timing import comparison, interleaved
 
     batch = next(iter(evalset))
     single = {k: np.asarray(v)[: options.batch_size or 1] for k, v in batch.items()}
@@ -276,15 +276,7 @@ def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: Exp
         except TargetError as exc:
             return {"error": f"the input model does not convert for {target.name}: {exc}"}
     stats = interleaved(calls, desc=f"latency in {runner.runtime}")
-    out = {name: s.to_json() for name, s in stats.items()}
-    if "before" in stats:
-        from slimc.receipt import within_noise
-
-        out["speedup"] = stats["before"].median_ms / stats["after"].median_ms
-        out["within_noise"] = within_noise(out)
-    out["feed"] = "x".join(str(d) for d in next(iter(single.values())).shape) if single else "scalar"
-    out["machine"] = machine_description(threads).split(", onnxruntime")[0] + f", {runner.runtime}"
-    return out
+    return comparison(stats, single, machine_description(threads).split(", onnxruntime")[0] + f", {runner.runtime}")
 
 
 def check_batch_fits(batch: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]] | None) -> None:

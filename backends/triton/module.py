@@ -312,8 +312,7 @@ def _exact_nbits_reference(model: ir.Model):
 
 def _latency(gm, baseline_model: ir.Model, batch, device: str, machine: str) -> dict[str, Any]:
     """Torch eager, one sample: the input model lowered the same way against the result, interleaved."""
-    from slimc.backends.timing import interleaved
-    from slimc.receipt import within_noise
+    from slimc.backends.timing import comparison, interleaved
 
     single = {k: v[:1] for k, v in batch.items()}
     try:
@@ -331,11 +330,7 @@ def _latency(gm, baseline_model: ir.Model, batch, device: str, machine: str) -> 
                             desc="measuring torch latency")
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {first_line(exc, 300)}"}
-    before, after = stats["before"].to_json(), stats["after"].to_json()
-    shape = next(iter(single.values())).shape
-    return {"before": before, "after": after, "speedup": before["median_ms"] / after["median_ms"],
-            "within_noise": within_noise({"before": before, "after": after}), "feed": "x".join(map(str, shape)),
-            "machine": machine}
+    return comparison(stats, single, machine)
 
 
 __all__ = ["LoweringReport", "agreement", "decomposed", "export_program", "feed", "load", "lower", "run", "save",
