@@ -185,7 +185,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
         from slimc.onnx_io import load_onnx
 
         module, backend_report = torch_backend.build(
-            loaded.model, ort_run=current.run, baseline_run=baseline.run, unquantized_run=before_quantizer.run,
+            loaded.model, ort_run=current.run, baseline_run=baseline.run,
+            unquantized_run=None if before_quantizer is baseline else before_quantizer.run,
             baseline_model=load_onnx(baseline.path),
             evalset=evalset, task=loaded.task, inputs=loaded.inputs, measure_latency=measure_latency, device=device)
     receipt = Receipt(

@@ -149,12 +149,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     folder = path.resolve().parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write {path}: folder {folder} is missing or not writable.")
-    fd, tmp = tempfile.mkstemp(prefix=".slimc-", dir=folder)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ""):
+    """A temporary file beside ``path`` for the block to write; renamed onto ``path`` when the block
+    succeeds and removed otherwise, so ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".slimc-", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except OSError as exc:
+        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None

@@ -127,11 +127,14 @@ def agreement(reference: list[list[np.ndarray]], got: list[list[np.ndarray]], na
             "worst_output": diff.output}
 
 
-def dynamic_shapes(gm: torch.fx.GraphModule, model_inputs: list) -> dict[str, dict[int, Any]]:
-    """``torch.export`` dynamic dims: every symbolic ONNX dim (``Dim.DYNAMIC``: export infers the relations)."""
+def dynamic_shapes(gm: torch.fx.GraphModule, model: ir.Model | None) -> dict[str, dict[int, Any]] | None:
+    """``torch.export`` dynamic dims: every symbolic dim of ``model``'s inputs (``Dim.DYNAMIC``: export
+    infers the relations); None without a model (all static)."""
+    if model is None:
+        return None
     spec = {}
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    for name, value in zip(placeholders, model_inputs):
+    for name, value in zip(placeholders, [v for v in model.graph.inputs if v.const_value is None]):
         dims = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(value.shape or ()) if not isinstance(d, int)}
         spec[name] = dims or None
     return spec
@@ -140,31 +143,22 @@ def dynamic_shapes(gm: torch.fx.GraphModule, model_inputs: list) -> dict[str, di
 def export_program(gm: torch.fx.GraphModule, batch: dict[str, Any], model: ir.Model | None = None, *, dynamic: bool = True):
     """A ``torch.export.ExportedProgram`` of the module, traced on ``batch``; symbolic ONNX dims stay dynamic."""
     args = tuple(feed(gm, batch))
-    shapes = dynamic_shapes(gm, [v for v in model.graph.inputs if v.const_value is None]) if (dynamic and model) else None
     try:
-        return torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
+        return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes(gm, model) if dynamic else None, strict=False)
     except Exception as exc:
         raise BackendError(f"torch.export failed on the lowered module: {type(exc).__name__}: {first_line(exc, 800)}") from None
 
 
 def save(program, path: str | os.PathLike) -> Path:
     """``torch.export.save`` to ``path`` atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".slimc-", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():  # torch.export.save warns about its own weight grouping
-            warnings.simplefilter("ignore", UserWarning)
-            torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    return path
+    from slimc.onnx_io import atomic_output
+
+    with atomic_output(path, ".pt2") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch.export.save warns about its own weight grouping
+        torch.export.save(program, str(tmp))
+    return Path(path)
 
 
 def load(path: str | os.PathLike):
@@ -199,27 +193,20 @@ def to_onnx(gm: torch.fx.GraphModule, batch: dict[str, Any], path: str | os.Path
     QDQ/MatMulNBits nodes.
     """
     from slimc.frontends.torch_module import quiet_exporter
+    from slimc.onnx_io import atomic_output
 
-    path = Path(path)
     args = tuple(feed(gm.cpu(), batch, "cpu"))
-    shapes = dynamic_shapes(gm, [v for v in model.graph.inputs if v.const_value is None]) if model else None
-    fd, tmp = tempfile.mkstemp(prefix=".slimc-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
     try:
-        with decomposed(), quiet_exporter():
-            program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                                        input_names=list(gm.input_names), output_names=list(gm.output_names),
-                                        external_data=False, optimize=False)
-            program.save(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
+        with atomic_output(path, ".onnx") as tmp, decomposed(), quiet_exporter():
+            program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=dynamic_shapes(gm, model),
+                                        opset_version=opset, input_names=list(gm.input_names),
+                                        output_names=list(gm.output_names), external_data=False, optimize=False)
+            program.save(str(tmp))
+    except (OutputPathError, BackendError):
+        raise
     except Exception as exc:
         raise BackendError(f"exporting the torch module to ONNX failed: {type(exc).__name__}: {first_line(exc, 800)}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def describe_device(device: str) -> tuple[str, str]:
@@ -262,8 +249,11 @@ def build(model: ir.Model, *, ort_run, baseline_run, baseline_model: ir.Model, e
         with _exact_nbits_reference(model) as exact_run:
             ref = [exact_run(b) for b in batches] if exact_run is not None else deployed
         kind = tolerance_kind(model)
-        before = unquantized_run or baseline_run
-        qerr = relative_l2([before(b) for b in batches], deployed) if kind == "quantized" else 0.0
+        base, qerr = None, 0.0  # base: the input model's outputs, kept when they are needed twice
+        if kind == "quantized":
+            if unquantized_run is None:
+                base = [baseline_run(b) for b in batches]
+            qerr = relative_l2(base if base is not None else [unquantized_run(b) for b in batches], deployed)
         agree = agreement(ref, got, names, kind, qerr)
         agree["reference"] = "ONNX Runtime on the same model"
         if kind == "quantized":
@@ -277,7 +267,11 @@ def build(model: ir.Model, *, ort_run, baseline_run, baseline_model: ir.Model, e
             f"the lowered torch module disagrees with ONNX Runtime on output '{agree['worst_output']}' (max abs diff "
             f"{agree['max_abs_diff']:.3g}, relative L2 {agree['relative_l2']:.3g}; criterion {agree['criterion']}). "
             "This is a bug in slimc's torch lowering; please report it with the model.")
-    fidelity = evaluate.evaluate(baseline_run, lambda b: run(gm, b), batches, task, output_names=names, inputs=inputs)
+    # The outputs already computed above are reused, not run again.
+    index = {id(b): i for i, b in enumerate(batches)}
+    reference_run = (lambda b: base[index[id(b)]]) if base is not None else baseline_run
+    fidelity = evaluate.evaluate(reference_run, lambda b: got[index[id(b)]], batches, task, output_names=names,
+                                 inputs=inputs)
     machine, impl = describe_device(device)
     report = {"backend": "triton", "device": machine, "kernel_impl": impl, "lowering": gm.lowering.to_json(),
               "agreement_with_onnxruntime": agree, "fidelity": fidelity,
