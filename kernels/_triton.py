@@ -40,6 +40,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
 
 
+def cdiv(a: int, b: int) -> int:
+    """Programs along one grid axis: ``a`` elements in blocks of ``b``."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -115,7 +115,7 @@ def triton_sparse24(a, values, meta, bias):
     dummy = torch.zeros(1, device=a.device, dtype=a.dtype)
 
     def launch(BLOCK_M, BLOCK_N, BLOCK_K):  # noqa: N803 - Triton block-size names
-        grid = (-(-m // BLOCK_M), -(-n // BLOCK_N))
+        grid = (_triton.cdiv(m, BLOCK_M), _triton.cdiv(n, BLOCK_N))
         _sparse24_kernel[grid](
             a, values, meta, bias if bias is not None else dummy, out, m, n, k,
             a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),

@@ -126,7 +126,7 @@ def triton_w8a8(a, b, a_scale=None, a_zp=None, b_scale=None, bias=None, out_dtyp
         if has_zp else izero
 
     def launch(BLOCK_M, BLOCK_N, BLOCK_K):  # noqa: N803 - Triton block-size names
-        grid = (triton_cdiv(m, BLOCK_M), triton_cdiv(n, BLOCK_N))
+        grid = (_triton.cdiv(m, BLOCK_M), _triton.cdiv(n, BLOCK_N))
         _w8a8_kernel[grid](
             a, b, out, a_scale_t, a_zp_t,
             b_scale.reshape(-1).float() if has_scale else dummy,
@@ -140,10 +140,6 @@ def triton_w8a8(a, b, a_scale=None, a_zp=None, b_scale=None, bias=None, out_dtyp
 
     _triton.tuned("w8a8", CONFIGS, m, (n, k, has_scale), launch, a.is_cuda)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("slimc::w8a8_mm", mutates_args=())

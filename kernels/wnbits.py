@@ -132,7 +132,7 @@ def triton_nbits(a, b, scales, zero_points, bias, k: int, bits: int, block_size:
     scales2 = scales.reshape(n, blocks).contiguous()
 
     def launch(BLOCK_M, BLOCK_N, BLOCK_K):  # noqa: N803 - Triton block-size names
-        grid = (-(-m // BLOCK_M), -(-n // BLOCK_N))
+        grid = (_triton.cdiv(m, BLOCK_M), _triton.cdiv(n, BLOCK_N))
         _nbits_kernel[grid](
             a, b2, scales2, zp, bias if bias is not None else dummy, out,
             m, n, k, blocks, b2.shape[1], zp.shape[1] if zero_points is not None else 0,

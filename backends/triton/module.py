@@ -50,14 +50,10 @@ def to_torch(model: Any, *, device: str | None = None, kernels: bool = True, pt2
     return gm.to(device or default_device())
 
 
-def _input_dtypes(gm) -> dict[str, torch.dtype]:
-    return getattr(gm, "input_dtypes", {})
-
-
 def feed(gm: torch.fx.GraphModule, batch: dict[str, Any], device: str | torch.device | None = None) -> list[torch.Tensor]:
     """The batch's arrays as tensors in the module's input order, dtypes as the ONNX graph declares."""
     device = device or next((t.device for t in list(gm.parameters()) + list(gm.buffers())), "cpu")
-    dtypes = _input_dtypes(gm)
+    dtypes = getattr(gm, "input_dtypes", {})
     args = []
     for name in gm.input_names:
         if name not in batch:
