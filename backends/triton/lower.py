@@ -73,7 +73,7 @@ class LoweringReport:
 def supported_ops() -> list[str]:
     names = [n for n, fn in vars(ops).items() if n[:1].isupper() and n != "T" and callable(fn)
              and getattr(fn, "__module__", None) == ops.__name__]
-    return sorted(names + ["MatMulInteger", "MatMulNBits"])
+    return sorted(names + ["Constant", "MatMulInteger", "MatMulNBits"])  # Constant: folded at lowering
 
 
 def _py_name(name: str, taken: set[str]) -> str:

@@ -19,7 +19,6 @@ import math
 import operator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -526,11 +525,6 @@ def Einsum(*xs, equation):
     return torch.einsum(equation, *xs)
 
 
-def Constant(**attrs):
-    ((_, value),) = attrs.items()
-    return value
-
-
 # ---------------------------------------------------------------- reductions
 
 
@@ -810,7 +804,3 @@ def ConvInteger(x, w, x_zp=None, w_zp=None, *, group=1, pads=None, strides=None,
     out = Conv(xf, wf, None, group=group, pads=pads, strides=strides, dilations=dilations,
                kernel_shape=kernel_shape, auto_pad=auto_pad)
     return torch.round(out).to(torch.int32)  # exact: products of 8-bit values sum exactly in float64
-
-
-def as_numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty((), dtype=dtype).numpy().dtype
