@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 # Measured by tools/bench_quant.py (benchmarks/quant/, 8 calibration / 8 evaluation batches);
 # the tests use fewer batches, so the bounds leave a margin.
-MINILM_INT8_COSINE = 0.98  # measured 0.9939 (dynamic chosen)
+MINILM_INT8_COSINE = 0.98  # measured 0.9939 (dynamic; auto may pick static on another CPU)
 EFFICIENTNET_INT8_TOP1 = 0.7  # measured 0.875 on 32 held-out photos (static)
 SMOLLM2_PPL_RATIO = {"rtn": 1.45, "gptq": 1.5, "int8": 1.35}  # measured 1.29 / 1.32 / 1.19 (smoothquant,int8)
 
@@ -47,7 +47,8 @@ def _saved_runs(result, path: Path, feed) -> list[np.ndarray]:
 
 
 def test_minilm_int8_keeps_the_embeddings(text_folder, tmp_path):
-    loaded, result, metrics = _compile(bench_quant.minilm(text_folder, calib_batches=6, eval_batches=3), "int8(force=true)")
+    loaded, result, metrics = _compile(bench_quant.minilm(text_folder, calib_batches=6, eval_batches=3),
+                                       "int8(mode=dynamic, force=true)")
     (report,) = result.receipt.passes
     assert report.details["quantized_ops"]
     assert metrics["embedding_cosine"] > MINILM_INT8_COSINE

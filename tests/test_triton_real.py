@@ -52,7 +52,8 @@ def test_efficientnet_static_int8(tmp_path):
 
 
 def test_minilm_int8(text_folder):
-    result, backend = _compile(bench_quant.minilm(text_folder, calib_batches=2, eval_batches=2), "int8(force=true)")
+    result, backend = _compile(bench_quant.minilm(text_folder, calib_batches=2, eval_batches=2),
+                               "int8(mode=dynamic, force=true)")
     assert backend["agreement_with_onnxruntime"]["ok"]
     assert backend["lowering"]["kernels"]["dynamic_linear"] >= 36
     assert backend["fidelity"]["embedding_cosine"] > 0.98
