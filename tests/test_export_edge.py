@@ -119,8 +119,22 @@ def test_tflite_refuses_qdq(zoo_model):
         _compile(zoo_model, "resnet", "int8(mode=static, force=true)", "tflite", IMAGE["resnet"], measure_latency=False)
 
 
-def test_tflite_names_the_node_onnx2tf_cannot_convert(zoo_model):
+def test_tflite_converts_vit_without_onnxsim_when_its_attention_fusion_fails(zoo_model):
+    """onnxsim 0.8 fuses the ViT's eager attention into ONNX Attention, which onnx2tf cannot convert;
+    the second attempt, without onnxsim, converts and matches ORT, and the receipt says why."""
     _needs("tflite")
+    t = _compile(zoo_model, "vit", "cleanup", "tflite", IMAGE["vit"], measure_latency=False).receipt.target
+    assert t["fidelity_vs_onnx"]["cosine"] > 0.99999 and t["fidelity_vs_onnx"]["top1_agreement"] == 1.0
+    assert any("without onnxsim" in n and "'Attention_0'" in n for n in t["notes"]), t["notes"]
+
+
+def test_tflite_names_the_node_onnx2tf_cannot_convert(zoo_model, monkeypatch):
+    """Both attempts with onnxsim: the error names the node onnx2tf stopped at (one of its own graph)."""
+    _needs("tflite")
+    from slimc.backends.targets.tflite_target import TfliteTarget
+
+    real = TfliteTarget.run_onnx2tf
+    monkeypatch.setattr(TfliteTarget, "run_onnx2tf", lambda self, path, out, stem, simplify: real(self, path, out, stem, True))
     with pytest.raises(TargetError, match="cannot convert node 'Attention_0' .*fused"):
         _compile(zoo_model, "vit", "cleanup", "tflite", IMAGE["vit"], measure_latency=False)
 

@@ -7,7 +7,8 @@ images for NHWC image inputs, impossible offline, never triggers), to keep the O
 output names (``-coion``) and to write signatures (``-osd``), which the runner uses to match
 outputs by name. A 4-D output onnx2tf leaves in NHWC is transposed back by the runner.
 
-onnx2tf runs in a subprocess (TensorFlow is heavy and noisy to import). Its dependencies are
+onnx2tf runs in a subprocess (TensorFlow is heavy and noisy to import), with onnxsim first as
+by default; if that conversion fails it runs once more without onnxsim (see `convert`). Its dependencies are
 pinned to old releases of numpy/onnx/onnxruntime; ``scripts/install.sh tflite`` installs
 TensorFlow, LiteRT and onnx2tf's helpers at the project's versions and onnx2tf itself with
 ``--no-deps``. Measured here: float models convert and match ORT; int8 QDQ models convert
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,32 +41,62 @@ class TfliteTarget(Target):
     install = ("scripts/install.sh tflite (onnx2tf pins old numpy/onnx releases, so it is installed with --no-deps "
                "beside TensorFlow and LiteRT)")
 
+    def __init__(self) -> None:
+        self._notes: list[str] = []
+
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         return {op: "onnx2tf converts int8 QDQ / integer ops but the LiteRT model computes wrong numbers (measured: "
                     "max error > 1 on a toy conv net); export the float model, LiteRT's own int8 needs its converter's "
                     "calibration" for op in op_types(proto) if op in INTEGER_OPS}
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
+        """onnx2tf as it runs by default (onnxsim first), then once more without onnxsim if that fails.
+
+        onnxsim 0.8 fuses eager attention (MatMul/Softmax/MatMul) into ONNX ``Attention``, which
+        onnx2tf 1.29 cannot convert (measured: the zoo ViT); slimc's ``cleanup`` has already folded
+        what onnxsim would, so the second attempt loses nothing but onnxsim's fusions.
+        """
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        ops = {n.name: n.op_type for n in proto.graph.node}
+        failures = []
+        for simplify in (True, False):
+            done, produced = self.run_onnx2tf(onnx_path, out_dir, stem, simplify)
+            if done.returncode == 0 and produced.exists():
+                break
+            failures.append(f"{'with' if simplify else 'without'} onnxsim (exit {done.returncode}): "
+                            f"{_error(done.stdout + done.stderr, ops)}")
+        else:
+            raise TargetError(f"target 'tflite': onnx2tf failed {failures[0]}; and {failures[1]}")
+        if failures:
+            self._notes.append(f"converted without onnxsim: onnx2tf failed after it, {failures[0]}")
+        out = out_dir / f"{stem}.tflite"
+        os.replace(produced, out)
+        shutil.rmtree(out_dir / "tf", ignore_errors=True)
+        (out_dir / f"{stem}.onnx").unlink()
+        return [out]
+
+    def run_onnx2tf(self, onnx_path: Path, out_dir: Path, stem: str, simplify: bool) -> tuple[subprocess.CompletedProcess, Path]:
+        """One onnx2tf run on a fresh copy of ``onnx_path`` (onnxsim rewrites its input in place)."""
         proto = onnx.load(str(onnx_path), load_external_data=False)
         model = out_dir / f"{stem}.onnx"
         shutil.copyfile(onnx_path, model)
+        shutil.rmtree(out_dir / "tf", ignore_errors=True)
         inits = {i.name for i in proto.graph.initializer}
         layouts = [v.name for v in proto.graph.input if v.name not in inits and 3 <= len(v.type.tensor_type.shape.dim) <= 5]
-        cmd = [self.command("onnx2tf"), "-i", model.name, "-o", "tf", "-coion", "-osd", "-n", *(["-k", *layouts] if layouts else [])]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        cmd = [self.command("onnx2tf"), "-i", model.name, "-o", "tf", "-coion", "-osd", "-n",
+               *(["-k", *layouts] if layouts else []), *([] if simplify else ["-nuo"])]
+        # onnx2tf calls `onnxsim` from PATH: put this Python's scripts first, so an unactivated venv
+        # runs the same conversion as an activated one (without it onnxsim was silently skipped).
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
         try:
             done = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
         except subprocess.TimeoutExpired:
             raise TargetError(f"target 'tflite': onnx2tf did not finish in {TIMEOUT_S} s.") from None
-        produced = out_dir / "tf" / f"{stem}_float32.tflite"
-        if done.returncode != 0 or not produced.exists():
-            ops = {n.name: n.op_type for n in proto.graph.node}
-            raise TargetError(f"target 'tflite': onnx2tf failed (exit {done.returncode}): {_error(done.stdout + done.stderr, ops)}")
-        out = out_dir / f"{stem}.tflite"
-        os.replace(produced, out)
-        shutil.rmtree(out_dir / "tf", ignore_errors=True)
-        model.unlink()
-        return [out]
+        return done, out_dir / "tf" / f"{stem}_float32.tflite"
+
+    def notes(self, proto: onnx.ModelProto) -> list[str]:
+        return list(self._notes)
 
     def load(self, files: Sequence[Path], threads: int | None, source: onnx.ModelProto) -> Runner:
         from ai_edge_litert import interpreter as litert
