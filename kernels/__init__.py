@@ -39,10 +39,21 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
 
 def pt2e_qdq(x, scale: float, zp: int, dtype: torch.dtype):
     """``quantized_decomposed`` quantize + dequantize per tensor (constant parameters), as PT2E writes it."""
-    qd = _quantized_decomposed()
-    if dtype == torch.uint8:  # the same values in int8 (codes and zero point - 128): XNNPACK's qs8 kernels take it
-        zp, dtype = zp - 128, torch.int8
-    return qd.dequantize_per_tensor(qd.quantize_per_tensor(x, scale, zp, -128, 127, dtype), scale, zp, -128, 127, dtype)
+    return pt2e_dequantize(pt2e_quantize(x, scale, zp, dtype), scale, zp, dtype)
+
+
+def pt2e_quantize(x, scale: float, zp: int, dtype: torch.dtype):
+    """The int8 codes of ``quantized_decomposed.quantize_per_tensor``; a uint8 tensor is written as the
+    same values in int8 (codes and zero point - 128), which XNNPACK's qs8 kernels take."""
+    return _quantized_decomposed().quantize_per_tensor(x, scale, *_as_int8(zp, dtype))
+
+
+def pt2e_dequantize(codes, scale: float, zp: int, dtype: torch.dtype):
+    return _quantized_decomposed().dequantize_per_tensor(codes, scale, *_as_int8(zp, dtype))
+
+
+def _as_int8(zp: int, dtype: torch.dtype) -> tuple[int, int, int, torch.dtype]:
+    return (zp - 128 if dtype == torch.uint8 else zp), -128, 127, torch.int8
 
 
 def pt2e_weight(w, w_scale, zeros, axis: int):
@@ -61,12 +72,15 @@ def _quantized_decomposed():
 
 
 def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None, *, x_scale_value=None, x_zp_value=None, w_zeros=None,
-               w_t=None):
+               w_t=None, x_q=None):
     """``x_scale_value`` / ``x_zp_value``: the activation parameters as Python numbers; ``w_t``: the
-    weight as [N, K] and ``w_zeros`` its zero points (int64 buffers): what the pt2e form needs."""
+    weight as [N, K] and ``w_zeros`` its zero points (int64 buffers); ``x_q``: the int8 codes of ``x``
+    where another consumer shares its quantize (PT2E writes one quantize per tensor, a dequantize per
+    consumer): what the pt2e form needs."""
     rows, lead = _rows(x)
     if DECOMPOSE == "pt2e" and x_scale_value is not None and w_t is not None:
-        xd = pt2e_qdq(rows, x_scale_value, x_zp_value, x_zp.dtype)
+        xd = (_rows(pt2e_dequantize(x_q, x_scale_value, x_zp_value, x_zp.dtype))[0] if x_q is not None else
+              pt2e_qdq(rows, x_scale_value, x_zp_value, x_zp.dtype))
         out = torch.nn.functional.linear(xd, pt2e_weight(w_t, w_scale, w_zeros, 0), bias)
     elif DECOMPOSE:
         q = w8a8.quantize(rows, x_scale, x_zp).to(torch.float32)
@@ -78,12 +92,13 @@ def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None, *, x_scale_value=None, x
 
 
 def qdq_conv1x1(x, x_scale, x_zp, w, w_scale, bias=None, *, x_scale_value=None, x_zp_value=None, w_zeros=None,
-                w_t=None):
+                w_t=None, x_q=None):
     """A QDQ 1x1 convolution (stride 1, no padding) is a matmul over channels: ``x`` [N, C, *spatial]
     goes channels-last through `qdq_linear` with ``w`` [C_in, C_out] and comes back channels-first.
     pt2e form: ``w_t`` is the conv weight [C_out, C_in, 1, ...]."""
     if DECOMPOSE == "pt2e" and x_scale_value is not None and w_t is not None:
-        xd = pt2e_qdq(x, x_scale_value, x_zp_value, x_zp.dtype)
+        xd = (pt2e_dequantize(x_q, x_scale_value, x_zp_value, x_zp.dtype) if x_q is not None else
+              pt2e_qdq(x, x_scale_value, x_zp_value, x_zp.dtype))
         conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.dim() - 3]
         return conv(xd, pt2e_weight(w_t, w_scale, w_zeros, 0), bias)
     out = qdq_linear(x.movedim(1, -1), x_scale, x_zp, w, w_scale, bias)

@@ -122,6 +122,7 @@ class _Lowerer:
         self.graph_outputs = set(self.graph.outputs)
         self.fused: dict[ir.Node, tuple] = {}  # anchor node -> (function, args) replacing its output
         self.fake_quant: dict[ir.Node, ir.Node] = {}  # DequantizeLinear -> its QuantizeLinear (same parameters)
+        self.pt2e_codes: dict[ir.Value, fx.Node] = {}  # pt2e form: a shared activation's int8 codes
         self.fused_kwargs: dict[ir.Node, dict[str, Any]] = {}
         self.skipped: set[ir.Node] = set()
 
@@ -276,6 +277,11 @@ class _Lowerer:
             value = t.inputs[0]
         return self._producer(value, "DequantizeLinear").inputs[0]
 
+    def _int32_constant(self, dq: ir.Node) -> bool:
+        q = self.const(dq.inputs[0])
+        return q is not None and q.dtype == np.int32 and self.const(dq.inputs[1]) is not None and (
+            len(dq.inputs) < 3 or dq.inputs[2] is None or self.const(dq.inputs[2]) is not None)
+
     def _symmetric_int8_weight(self, dq: ir.Node) -> bool:
         w = self.const(dq.inputs[0])
         zp = self.const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
@@ -420,7 +426,16 @@ class _Lowerer:
             return
         self.report.ops[node.op_type] += 1
         if node in self.fused:
-            self.env[node.outputs[0]] = self._fused_call(self.fused[node], self.fused_kwargs.get(node))
+            kw = self.fused_kwargs.get(node)
+            if kw and node.inputs[0] in self.pt2e_codes:
+                kw = {**kw, "x_q": self.pt2e_codes[node.inputs[0]]}
+            self.env[node.outputs[0]] = self._fused_call(self.fused[node], kw)
+            return
+        if self.pt2e and node.op_type == "DequantizeLinear" and self._int32_constant(node):
+            # An int32 bias: a float parameter, as PT2E keeps one (XNNPACK took a bias computed at run time
+            # from int32 as garbage: every output of EfficientNet-Lite0's first conv was one value).
+            self.env[node.outputs[0]] = self._tensor_attr(
+                node.outputs[0].name, torch.from_numpy(self._constant_bias(node.outputs[0])), trainable=True)
             return
         if node in self.fake_quant:
             q = self.fake_quant[node]
@@ -428,6 +443,15 @@ class _Lowerer:
             if self.pt2e:
                 kwargs.update(self._scalar_params(q))
             args = (self.arg(q.inputs[0]), self.arg(q.inputs[1]), self.arg(q.inputs[2]) if len(q.inputs) > 2 else None)
+            if self.pt2e and "scale_value" in kwargs and any(use in self.fused for use, _ in node.outputs[0].uses()):
+                # A kernel-lowered matmul/conv shares this activation with another consumer (a residual Add):
+                # the pt2e form quantizes it once and dequantizes per consumer, as PT2E writes it. Two
+                # quantize nodes of one float tensor made XNNPACK compute wrong values (EfficientNet-Lite0).
+                codes = self.fx.call_function(ops.fake_quant_codes, args, kwargs)
+                self.pt2e_codes[node.outputs[0]] = codes
+                pt2e = {k: kwargs[k] for k in ("scale_value", "zp_value")}
+                self.env[node.outputs[0]] = self.fx.call_function(ops.fake_quant_values, (codes, args[2]), pt2e)
+                return
             self.env[node.outputs[0]] = self.fx.call_function(ops.fake_quant, args, kwargs)
             return
         args = tuple(self.arg(v) for v in node.inputs)

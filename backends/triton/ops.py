@@ -785,6 +785,25 @@ def fake_quant(x, scale, zero_point=None, *, axis=1, block_size=0, scale_value=N
     return y + (x - x.detach()).to(y.dtype) * inside
 
 
+def fake_quant_codes(x, scale, zero_point=None, *, axis=1, block_size=0, scale_value=None, zp_value=None):
+    """`fake_quant` split in two where the pt2e form shares one quantize between consumers: in that form
+    the int8 codes (see `fake_quant_values`), otherwise `fake_quant` itself."""
+    from slimc import kernels
+
+    if kernels.DECOMPOSE == "pt2e" and scale_value is not None and zero_point is not None:
+        return kernels.pt2e_quantize(x, scale_value, zp_value, zero_point.dtype)
+    return fake_quant(x, scale, zero_point, axis=axis, block_size=block_size)
+
+
+def fake_quant_values(codes, zero_point=None, *, scale_value=None, zp_value=None):
+    """The values of `fake_quant_codes`: dequantized in the pt2e form, passed through otherwise."""
+    from slimc import kernels
+
+    if kernels.DECOMPOSE == "pt2e" and scale_value is not None and zero_point is not None:
+        return kernels.pt2e_dequantize(codes, scale_value, zp_value, zero_point.dtype)
+    return codes
+
+
 def DynamicQuantizeLinear(x):
     """uint8 asymmetric per-tensor quantization, exactly as ONNX defines it (range includes 0)."""
     lo = torch.clamp(x.min(), max=0.0)
