@@ -216,6 +216,18 @@ def test_executorch_runs_static_int8(zoo_model, model):
     assert conversion["cosine"] > 0.999 and conversion["top1_agreement"] == 1.0, conversion
 
 
+def test_int8_for_executorch_is_static_and_runs_in_xnnpack(zoo_model):
+    """int8 auto on BERT would measure dynamic too; for ExecuTorch it builds static QDQ, which the .pte runs."""
+    _needs("executorch")
+    result = _compile(zoo_model, "bert", "int8(force=true)", "executorch", TOKENS, measure_latency=False)
+    (report,) = result.receipt.passes
+    assert report.details["chosen"] == "static" and [c["name"] for c in report.details["candidates"]] == ["static"]
+    assert any("--target executorch: static QDQ only" in n for n in report.details["notes"])
+    assert result.receipt.target["fidelity_vs_onnx"]["cosine"] > 0.999
+    with pytest.raises(slimc.PassConfigError, match="not dynamic int8"):
+        _compile(zoo_model, "bert", "int8(mode=dynamic)", "executorch", TOKENS, measure_latency=False)
+
+
 def test_executorch_refuses_dynamic_int8_and_int4_with_the_measurement(zoo_model):
     _needs("executorch")
     with pytest.raises(TargetError, match="MatMulNBits.*portable kernels.*int8\\(mode=static\\)"):

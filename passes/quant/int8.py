@@ -21,7 +21,8 @@ MatMulInteger); slimc decides *what* to quantize and refuses what does not pay o
 4. **Latency guard**: the result is measured against the pass's input; slower than
    ``min_speedup`` is refused (`LatencyGuardError`) unless ``force=true``.
 
-With ``--target ort-mobile`` the pass builds what ORT's mobile execution providers (NNAPI, QNN,
+With ``--target ort-mobile`` (and ``executorch``, whose XNNPACK delegate takes static int8 in
+PT2E's form) the pass builds what ORT's mobile execution providers (NNAPI, QNN,
 XNNPACK) accept: static QDQ only (they run no dynamic int8), uint8 per-tensor activations and
 symmetric int8 weights (per channel unless ``per_channel=false``), full 8-bit weights
 (``reduce_range`` is an x86 workaround), and the latency guard, measured on this host and not
@@ -62,6 +63,9 @@ LOSS_METRICS = {
     "ppl": ("perplexity_ratio", "max"), "perplexity_ratio": ("perplexity_ratio", "max"),
     "kl": ("kl_divergence", "max"), "kl_divergence": ("kl_divergence", "max"),
 }
+
+# Export targets whose runtimes execute static QDQ int8 only (no dynamic int8): the pass builds that for them.
+STATIC_TARGETS = {"ort-mobile": "NNAPI / QNN / XNNPACK", "executorch": "ExecuTorch's XNNPACK delegate"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,13 +135,14 @@ class Int8(Pass):
         dyn = ("MatMul",) if "MatMul" in kinds else ()
         gemm = ("Gemm",) if "Gemm" in kinds else ()
         notes = []
-        if target == "ort-mobile":
+        if target in STATIC_TARGETS:
+            runs_on = STATIC_TARGETS[target]
             if self.mode == "dynamic":
-                raise PassConfigError("int8: --target ort-mobile runs on NNAPI / QNN / XNNPACK, which execute static "
-                                      "QDQ int8, not dynamic int8; use int8(mode=static) or mode=auto.")
+                raise PassConfigError(f"int8: --target {target} runs on {runs_on}, which execute static QDQ int8, not "
+                                      "dynamic int8; use int8(mode=static) or mode=auto.")
             if not has_static_data:
-                raise DataError("int8: --target ort-mobile needs static QDQ int8, and so calibration data: pass --calib.")
-            return [Candidate("static", static=conv + mm)], ["--target ort-mobile: static QDQ only (what mobile EPs run)"]
+                raise DataError(f"int8: --target {target} needs static QDQ int8, and so calibration data: pass --calib.")
+            return [Candidate("static", static=conv + mm)], [f"--target {target}: static QDQ only ({runs_on} run no dynamic int8)"]
         if self.mode == "static":
             return [Candidate("static", static=conv + mm)], notes
         if self.mode == "dynamic":
@@ -228,7 +233,7 @@ class Int8(Pass):
         sizes = {kind: sum(w.weight.const_value.size for w in weighted if w.node.op_type == kind and w.node.name not in user_excluded)
                  for kind in kinds}
         mm_share = (sizes.get("MatMul", 0) + sizes.get("Gemm", 0)) / max(1, sum(sizes.values()))
-        mobile = ctx.target == "ort-mobile"
+        mobile = ctx.target in STATIC_TARGETS
         candidates, notes = self._candidates(kinds, mm_share, has_data, ctx.target)
         if not candidates:
             return PassReport(self.name, False, "nothing to quantize in dynamic mode: the graph has only Conv weights "
@@ -293,8 +298,8 @@ class Int8(Pass):
             guard = common.guard("int8", model, model, feed, min_speedup=self.min_speedup, force=self.force or mobile,
                                  threads=ctx.threads, before_ms=times["float"], after_ms=final_ms, context=_tried(details))
             if mobile:
-                notes.append(f"--target ort-mobile: the latency guard measured {guard.speedup:.2f}x on this host, which "
-                             "does not decide for the device; measure on the phone")
+                notes.append(f"--target {ctx.target}: the latency guard measured {guard.speedup:.2f}x in ORT on this host, "
+                             "which does not decide for the device; the target's own latency is measured after export")
             details["guard"] = guard.to_json()
             if guard.speedup < self.min_speedup and not mobile:
                 notes.append(f"kept with force=true although {guard.speedup:.2f}x is below min_speedup={self.min_speedup}")
