@@ -77,12 +77,14 @@ def qdq_linear(x, x_scale, x_zp, w, w_scale, bias=None, *, x_scale_value=None, x
     weight as [N, K] and ``w_zeros`` its zero points (int64 buffers); ``x_q``: the int8 codes of ``x``
     where another consumer shares its quantize (PT2E writes one quantize per tensor, a dequantize per
     consumer): what the pt2e form needs."""
-    rows, lead = _rows(x)
     if DECOMPOSE == "pt2e" and x_scale_value is not None and w_t is not None:
-        xd = (_rows(pt2e_dequantize(x_q, x_scale_value, x_zp_value, x_zp.dtype))[0] if x_q is not None else
-              pt2e_qdq(rows, x_scale_value, x_zp_value, x_zp.dtype))
-        out = torch.nn.functional.linear(xd, pt2e_weight(w_t, w_scale, w_zeros, 0), bias)
-    elif DECOMPOSE:
+        # dequantize -> linear -> (the next quantize) with no reshape between: XNNPACK's partitioner takes a
+        # quantized linear only in exactly that pattern (measured: a reshape on either side left it float).
+        xd = (pt2e_dequantize(x_q, x_scale_value, x_zp_value, x_zp.dtype) if x_q is not None else
+              pt2e_qdq(x, x_scale_value, x_zp_value, x_zp.dtype))
+        return torch.nn.functional.linear(xd, pt2e_weight(w_t, w_scale, w_zeros, 0), bias)
+    rows, lead = _rows(x)
+    if DECOMPOSE:
         q = w8a8.quantize(rows, x_scale, x_zp).to(torch.float32)
         zp = x_zp.to(torch.float32) - (128 if x_zp.dtype == torch.uint8 else 0)
         out = _dequantized_mm((q - zp) * x_scale.float(), w, w_scale, bias).to(x.dtype)

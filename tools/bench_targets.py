@@ -57,6 +57,7 @@ def bench_model(name: str, targets: list[str], folder: Path, work: Path, only: l
     from slimc.errors import SlimcError
     from slimc.export import ExportOptions, export
     from slimc.onnx_io import save_onnx
+    from slimc.passes.quant.int8 import STATIC_TARGETS
 
     case = _case(name, folder)
     configs = {c: s for c, s in CONFIGS[name].items() if only is None or c in only or c == "dense"}
@@ -82,11 +83,11 @@ def bench_model(name: str, targets: list[str], folder: Path, work: Path, only: l
             options = ExportOptions(target=target, static_shapes=SHAPES[name])
             start = time.perf_counter()
             try:
-                if target == "ort-mobile" and "int8" in spec:
-                    # int8 built for the target (static QDQ at 8 bits, what NNAPI/QNN/XNNPACK run): compile again
+                if target in STATIC_TARGETS and "int8" in spec:
+                    # int8 built for the target (static QDQ at 8 bits, what its runtime runs): compile again
                     r = slimc.compile(loaded, spec, calibration=calib, evaluation=evaluation, target=target,
                                       static_shapes=SHAPES[name]).receipt.target
-                    row["spec"] = f"{spec} (compiled with --target ort-mobile)"
+                    row["spec"] = f"{spec} (compiled with --target {target})"
                 else:
                     r = export(paths[config], paths["dense"], options, work, evalset=evaluation, task=loaded.task,
                                inputs=loaded.inputs, reference_runs=runs, output_names=names,

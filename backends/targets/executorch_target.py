@@ -7,15 +7,22 @@ The compressed ONNX model is lowered to torch by the triton backend's lowering
 ExecuTorch's portable kernels run the rest. 2:4-sparse matmuls are exported as their
 decomposed reference math on the compressed weights.
 
-Quantized graphs are refused, with what was measured (ExecuTorch 1.5.1, this CPU):
+Static int8 (QDQ) is exported in PT2E's form (``decomposed("pt2e")``): ``quantized_decomposed``
+quantize/dequantize per tensor around float conv/linear with symmetric per-channel int8 weights,
+uint8 activations rewritten as the same values in int8, float biases, one quantize per tensor and
+a dequantize per consumer. XNNPACK's partitioner fuses these into its int8 kernels. ``int8``
+builds static QDQ for this target (``--target executorch``), as for ort-mobile.
 
-* written as plain float math (dequantize + float matmul), int8 ran in the portable kernels,
-  280x slower than dense on EfficientNet-Lite0 (1364 ms vs 4.9 ms) and 7x on MiniLM;
-* in PT2E's form (``decomposed("pt2e")``: ``quantized_decomposed`` Q/DQ around float conv/linear,
-  which `lower_to_edge` produces and XNNPACK delegates: every conv/linear of the zoo ResNet and
-  ViT), EfficientNet-Lite0's static int8 ran 204 ms and computed wrong classes (top-1 0.000 against
-  the ONNX model), while the same form is correct in torch eager. Until that is understood, the
-  target takes float and pruned models; ExecuTorch's own XNNPACK quantizer is the int8 route.
+Measured (ExecuTorch 1.5.1, this CPU): written as plain float math instead, int8 ran in the
+portable kernels, 280x slower than dense on EfficientNet-Lite0 (1364 ms vs 4.9 ms). The PT2E form
+first computed wrong classes on EfficientNet-Lite0 (top-1 0.000) for two reasons, both fixed in
+the lowering and tested: a conv bias computed at run time from ORT's int32 bias (XNNPACK's first
+conv then gave one value everywhere), and a residual input quantized twice, once for the Add and
+once inside a kernel-lowered 1x1 conv. Dynamic int8 (MatMulInteger) and int4 (MatMulNBits) have
+no such form here and are refused.
+
+ExecuTorch plans memory ahead of time, so every input shape must be pinned (``--static-shapes``),
+as for ncnn.
 """
 
 from __future__ import annotations
