@@ -16,13 +16,18 @@ def comma_names(text: str, known, what: str, parser) -> list[str]:
     return names
 
 
-def write_results(result: Any, table: str, out: Path | None, markdown: Path | None) -> None:
-    """What every benchmark tool ends with: print the table, write the JSON (inf/nan as strings) and the table."""
+def write_json(result: Any, out: Path | None) -> None:
+    """A benchmark's results as JSON (inf/nan as strings), its folder made; also after each step of a long run."""
     from slimc.receipt import json_safe
 
-    print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
+
+
+def write_results(result: Any, table: str, out: Path | None, markdown: Path | None) -> None:
+    """What every benchmark tool ends with: print the table, write the JSON (see `write_json`) and the table."""
+    print(table)
+    write_json(result, out)
     if markdown is not None:
         markdown.write_text(table)

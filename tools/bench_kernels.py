@@ -21,12 +21,13 @@ meaningless) so CI keeps the tool working where there is no GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from slimc.tools import write_json, write_results
 
 GOALS = {"w8a8": (2048, 1.5), "w4a16": (1, 2.5), "sparse24": (2048, 1.2)}  # kernel -> (M condition, min speed-up)
 
@@ -147,9 +148,7 @@ def run(shapes: list[tuple[int, int]], ms: list[int], device: str, out: Path | N
     for k, n in shapes:
         for m in ms:
             result["rows"] += bench_shape(k, n, m, device)
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(result, indent=2) + "\n")
+            write_json(result, out)
     return result
 
 
@@ -181,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         ms, device = [int(v) for v in args.m.split(",")], "cuda"
     result = run(shapes, ms, device, args.out)
-    table = markdown(result)
-    if args.markdown:
-        args.markdown.write_text(table)
-    print(table)
+    write_results(result, markdown(result), None, args.markdown)  # run() wrote the JSON
     return 0
 
 

@@ -14,12 +14,13 @@ dense ONNX file with zeros and runs as fast as the dense one on ONNX Runtime CPU
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from slimc.tools import write_json, write_results
 
 DEFAULT_SPECS = (
     "sparsify(ratio=0.5, method=magnitude)",
@@ -84,9 +85,7 @@ def run(specs: list[str], folder: Path, calib_batches: int, eval_batches: int, o
                 "zip_bytes_before": d.get("zip_bytes_before"), "zip_bytes_after": d.get("zip_bytes_after"),
                 "mean_output_error": d.get("mean_output_error"),
             })
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(result, indent=2) + "\n")
+            write_json(result, out)
     return result
 
 
@@ -116,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     result = run(args.spec or list(DEFAULT_SPECS), args.data, args.calib_batches, args.eval_batches, args.out)
-    from slimc.tools import write_results
-
-    write_results(result, markdown(result), args.out, args.markdown)
+    write_results(result, markdown(result), None, args.markdown)  # run() wrote the JSON
     return 0
 
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slimc.tools import write_json, write_results
+
 CONFIGS = {
     # EfficientNet-Lite0 barely survives channel pruning without fine-tuning (README, prune): 5% with FLAP
     # round_to=8: widths that are not multiples of 8 lose x86's blocked (NCHWc) conv kernels and ncnn's packing
@@ -143,8 +145,6 @@ def _short(reason: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from slimc.backends.onnxruntime import machine_description
-    from slimc.receipt import json_safe
-    from slimc.tools import write_results
 
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_targets", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -165,9 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = [r for r in rows if r["config"] in args.configs]
             keys = {(r["model"], r["config"], r["target"]) for r in rows}
             result["rows"] = [r for r in result["rows"] if (r["model"], r["config"], r["target"]) not in keys] + rows
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(json_safe(result), indent=2) + "\n")  # kept after every model
-    write_results(result, markdown(result), args.out, args.markdown)
+            write_json(result, args.out)  # kept after every model
+    write_results(result, markdown(result), None, args.markdown)
     return 0
 
 

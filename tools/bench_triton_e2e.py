@@ -13,12 +13,13 @@ CPU (kernels as PyTorch references) so CI keeps the tool working where there is 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from slimc.tools import write_json, write_results
 
 SPECS = {"float": "cleanup", "int8": "smoothquant,int8(mode=dynamic, force=true)", "int4": "int4(force=true)"}
 
@@ -91,14 +92,11 @@ def run(smoke: bool, out: Path | None, repeats: int = 20) -> dict[str, Any]:
                 rows.append({"model": label, "mode": mode, "what": what, "ms": seconds * 1e3,
                              "tokens_per_s": feed["input_ids"].shape[1] / seconds,
                              "kernels": dict(compiled.receipt.backend["lowering"]["kernels"])})
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, out)
     base = {(r["mode"], r["what"]): r["ms"] for r in rows if r["model"] == "float"}
     for r in rows:
         r["speedup_vs_float"] = base[(r["mode"], r["what"])] / r["ms"]
-    if out is not None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
     return result
 
 
@@ -119,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     result = run(args.smoke, args.out, args.repeats)
-    table = markdown(result)
-    if args.markdown:
-        args.markdown.write_text(table)
-    print(table)
+    write_results(result, markdown(result), None, args.markdown)  # run() wrote the JSON
     return 0
 
 
