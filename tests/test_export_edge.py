@@ -135,7 +135,8 @@ def test_tflite_names_the_node_onnx2tf_cannot_convert(zoo_model, monkeypatch):
     from slimc.backends.targets.tflite_target import TfliteTarget
 
     real = TfliteTarget.run_onnx2tf
-    monkeypatch.setattr(TfliteTarget, "run_onnx2tf", lambda self, path, out, stem, simplify: real(self, path, out, stem, True))
+    monkeypatch.setattr(TfliteTarget, "run_onnx2tf",
+                        lambda self, path, out, stem, layouts, simplify: real(self, path, out, stem, layouts, True))
     with pytest.raises(TargetError, match="cannot convert node 'Attention_0' .*fused"):
         _compile(zoo_model, "vit", "cleanup", "tflite", IMAGE["vit"], measure_latency=False)
 

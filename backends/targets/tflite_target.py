@@ -58,9 +58,11 @@ class TfliteTarget(Target):
         """
         proto = onnx.load(str(onnx_path), load_external_data=False)
         ops = {n.name: n.op_type for n in proto.graph.node}
+        inits = {i.name for i in proto.graph.initializer}
+        layouts = [v.name for v in proto.graph.input if v.name not in inits and 3 <= len(v.type.tensor_type.shape.dim) <= 5]
         failures = []
         for simplify in (True, False):
-            done, produced = self.run_onnx2tf(onnx_path, out_dir, stem, simplify)
+            done, produced = self.run_onnx2tf(onnx_path, out_dir, stem, layouts, simplify)
             if done.returncode == 0 and produced.exists():
                 break
             failures.append(f"{'with' if simplify else 'without'} onnxsim (exit {done.returncode}): "
@@ -75,14 +77,13 @@ class TfliteTarget(Target):
         (out_dir / f"{stem}.onnx").unlink()
         return [out]
 
-    def run_onnx2tf(self, onnx_path: Path, out_dir: Path, stem: str, simplify: bool) -> tuple[subprocess.CompletedProcess, Path]:
-        """One onnx2tf run on a fresh copy of ``onnx_path`` (onnxsim rewrites its input in place)."""
-        proto = onnx.load(str(onnx_path), load_external_data=False)
+    def run_onnx2tf(self, onnx_path: Path, out_dir: Path, stem: str, layouts: list[str],
+                    simplify: bool) -> tuple[subprocess.CompletedProcess, Path]:
+        """One onnx2tf run on a fresh copy of ``onnx_path`` (onnxsim rewrites its input in place);
+        ``layouts``: the inputs kept in the ONNX layout (``-k``)."""
         model = out_dir / f"{stem}.onnx"
         shutil.copyfile(onnx_path, model)
         shutil.rmtree(out_dir / "tf", ignore_errors=True)
-        inits = {i.name for i in proto.graph.initializer}
-        layouts = [v.name for v in proto.graph.input if v.name not in inits and 3 <= len(v.type.tensor_type.shape.dim) <= 5]
         cmd = [self.command("onnx2tf"), "-i", model.name, "-o", "tf", "-coion", "-osd", "-n",
                *(["-k", *layouts] if layouts else []), *([] if simplify else ["-nuo"])]
         # onnx2tf calls `onnxsim` from PATH: put this Python's scripts first, so an unactivated venv
