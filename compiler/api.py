@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc import __version__, progress
+from slimc import workdir as workdirs
 from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
 from slimc.errors import PassFailedError, SlimcError, VerificationError
@@ -90,12 +90,15 @@ class CompileResult:
             return [torch_backend.save(self._program, path)]
         if self.exported is None or self.exported.target == "onnx":
             check_output_path(Path(path), self.loaded.source_paths)
-            return save_onnx(self.model, path)
+            return save_onnx(self.model, path, protect=self.loaded.source_paths)
         target = targets.get(self.exported.target)
         check_output_path(Path(path), self.loaded.source_paths, suffix=target.suffix)
         from slimc.export import save_artifact
 
-        return save_artifact(self.exported.files, Path(path), target.suffix)
+        written = save_artifact(self.exported.files, Path(path), target.suffix, protect=self.loaded.source_paths)
+        if self.receipt.target is not None:  # the receipt names the files as written, not as in the work folder
+            self.receipt.target["files"] = [{"name": p.name, "bytes": p.stat().st_size} for p in written]
+        return written
 
 
 def compile(  # noqa: A001 - the public verb of a compiler
@@ -147,7 +150,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     evalset = _evaluation_set(evaluation, loaded, seq_len, seed)
     verify_batches = [batch for _, batch in zip(range(VERIFY_BATCHES), evalset)]
 
-    workdir = tempfile.TemporaryDirectory(prefix="slimc-")
+    workdir = workdirs.new("run")
     work = Path(workdir.name)
     baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True)
     full_check = baseline.full_check

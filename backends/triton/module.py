@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from slimc import workdir
 from slimc.backends.triton.lower import LoweringReport, lower
 from slimc.errors import BackendError, OutputPathError, first_line
 
@@ -294,7 +294,7 @@ def _exact_nbits_reference(model: ir.Model):
     for node in exact.graph:
         if node.op_type == "MatMulNBits":
             node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
-    with tempfile.TemporaryDirectory(prefix="slimc-nbits-") as tmp:
+    with workdir.new("nbits") as tmp:
         save_onnx(exact, Path(tmp) / "exact.onnx")
         session = ort_backend.create_session(Path(tmp) / "exact.onnx")
         yield lambda batch: ort_backend.run(session, batch)

@@ -37,7 +37,9 @@ def load(
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, ir.Model):
-        return _bare(source, "onnx_ir.Model")
+        from slimc.onnx_io import external_files
+
+        return _bare(source, "onnx_ir.Model", external_files(source))
     if _is_onnx_proto(source):
         return _bare(ir.serde.deserialize_model(source), "onnx.ModelProto")
     if isinstance(source, (str, os.PathLike)):
@@ -67,9 +69,10 @@ def _load_path(path: Path, example_inputs, *, input_names, dynamic, cache_dir) -
         raise ModelLoadError(f"{path}: no such file or folder.")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from slimc.onnx_io import load_onnx
+        from slimc.onnx_io import external_files, load_onnx
 
-        return _bare(load_onnx(path), str(path), (path,))
+        model = load_onnx(path)
+        return _bare(model, str(path), (path, *external_files(model)))  # outputs may touch none of them
     if path.is_dir() or suffix == ".gguf":
         from slimc.frontends import huggingface
 

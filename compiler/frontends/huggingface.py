@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +212,12 @@ def _read_cache(entry: Path):
 
 def _write_cache(entry: Path, model, meta: dict[str, Any], config, tokenizer) -> None:
     """Write the entry into a temporary folder and rename it into place (atomic for readers)."""
-    from slimc import onnx_io
+    from slimc import atomic, onnx_io
 
     tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".slimc-", dir=entry.parent))
+        tmp = atomic.partial_dir(entry.parent)
         config.save_pretrained(tmp / "hf")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "hf")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
+from slimc import workdir
 from slimc.errors import DataError, LatencyGuardError, PassConfigError  # noqa: F401 - re-exported
 from slimc.passes.prune.graph import module_path  # noqa: F401 - the PyTorch module a node came from
 from slimc.passes.prune.rules import attr  # noqa: F401 - a node attribute's value, or a default
@@ -135,7 +135,7 @@ def measure(models: Mapping[str, ir.Model], feed: Mapping[str, np.ndarray], thre
     """Median ORT CPU latency (ms) of each model on ``feed``, measured interleaved in one run."""
     from slimc.onnx_io import save_onnx
 
-    with tempfile.TemporaryDirectory(prefix="slimc-guard-") as tmp:
+    with workdir.new("guard") as tmp:
         paths = {}
         for i, (name, model) in enumerate(models.items()):
             paths[name] = Path(tmp) / f"{i:02d}.onnx"
@@ -180,8 +180,11 @@ def guard(pass_name: str, before: ir.Model, after: ir.Model, feed: Mapping[str, 
 
 
 def to_proto(model: ir.Model):
-    """The IR as an `onnx.ModelProto` (for libraries that work on protos: ORT's quantizer, float16)."""
-    return ir.serde.serialize_model(model)
+    """The IR as an `onnx.ModelProto` holding every weight, external ones included (for libraries
+    that work on protos: ORT's quantizer, float16)."""
+    from slimc.onnx_io import model_proto
+
+    return model_proto(model)
 
 
 def replace_in_place(model: ir.Model, new: Any) -> None:
