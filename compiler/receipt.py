@@ -41,9 +41,11 @@ class Receipt:
         data["passes"] = [p.to_json() for p in self.passes]
         return json_safe(data)
 
-    def save(self, path: str | Path) -> None:
-        from slimc.onnx_io import write_text_atomic
+    def save(self, path: str | Path, protect: tuple[Path, ...] = ()) -> None:
+        """Write the JSON receipt atomically; refuses to replace a file in ``protect`` (the input model's)."""
+        from slimc.onnx_io import check_output_path, write_text_atomic
 
+        check_output_path(Path(path), tuple(protect), suffix=Path(path).suffix)
         write_text_atomic(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
 
     def __str__(self) -> str:
@@ -71,7 +73,11 @@ def _si(n: float, unit: str = "") -> str:
 
 
 def _ratio(before: float, after: float) -> str:
-    return f"{before / after:.2f}x smaller" if after and before != after else ("same" if before == after else "-")
+    if before == after:
+        return "same"
+    if not after or not before:
+        return "-"
+    return f"{before / after:.2f}x smaller" if after < before else f"{after / before:.2f}x larger"
 
 
 def _row(label: str, before: str, after: str, change: str) -> str:
@@ -138,7 +144,7 @@ def _target_lines(t: dict[str, Any] | None) -> list[str]:
         m = t.get(key) or {}
         shown = {k: m[k] for k in ("max_abs_error", "cosine", "sqnr_db", "top1_agreement", "perplexity_ratio",
                                     "embedding_cosine") if k in m}
-        lines.append(f"    fidelity {label}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()) or "-"))
+        lines.append(f"    fidelity {label}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in _shown(shown, m).items()) or "-"))
     lines += [f"    note: {n}" for n in t.get("notes") or []]
     lat = t.get("latency")
     if lat and "error" in lat:
@@ -163,14 +169,15 @@ def _backend_lines(b: dict[str, Any] | None) -> list[str]:
     lines = ["", f"  backend triton: torch.fx GraphModule, {low['nodes']} ONNX nodes lowered; kernels: {kernels}",
              f"    kernels run as: {b['kernel_impl']}",
              f"    trainable parameters: {_si(low['trainable_parameters'])}; buffers: {_si(low['buffers'])} elements",
-             f"    agreement with {agree.get('reference', 'ONNX Runtime')} ({agree['batches']} batches): max abs diff "
+             f"    agreement with {agree.get('reference', 'ONNX Runtime')} ({agree['batches']} batch{'es' if agree['batches'] != 1 else ''}): max abs diff "
              f"{agree['max_abs_diff']:.3g}, relative L2 {agree['relative_l2']:.3g} ({agree['criterion']}: passed)"]
     if "relative_l2_vs_deployed_ort" in agree:
         lines.append(f"    relative L2 vs the deployed ORT model (accuracy_level=4): {agree['relative_l2_vs_deployed_ort']:.3g}")
     shown = {k: v for k, v in (b.get("fidelity") or {}).items() if k in ("max_abs_error", "cosine", "sqnr_db",
                                                                           "top1_agreement", "perplexity_ratio")}
     if shown:
-        lines.append("    fidelity vs the input model in ORT: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        lines.append("    fidelity vs the input model in ORT: " + ", ".join(f"{k}={_fmt(v)}" for k, v in
+                                                                           _shown(shown, b.get("fidelity") or {}).items()))
     lines += [f"    left generic: {what}: {why}" for what, why in list(low["left_generic"].items())[:10]]
     lat = b.get("latency")
     if lat and "error" in lat:
@@ -203,13 +210,15 @@ def _fidelity_header(f: dict[str, Any]) -> str:
     return f"  fidelity vs the input model, on {kind}: {f.get('data', '')}"
 
 
+def _shown(shown: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """``sqnr_db`` of identical outputs is None in the JSON (no inf there); the table says +inf."""
+    if "sqnr_db" in shown and shown["sqnr_db"] is None and metrics.get("exact"):
+        return {**shown, "sqnr_db": math.inf}
+    return shown
+
+
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:
-    lines = []
-    for key, value in metrics.items():
-        if key == "sqnr_db" and value is None and metrics.get("exact"):
-            value = math.inf  # evaluate() writes None for JSON; the table says what it means
-        lines.append(f"    {key}: {_fmt(value)}")
-    return lines
+    return [f"    {key}: {_fmt(value)}" for key, value in _shown(metrics, metrics).items()]
 
 
 def _fmt(v: Any) -> str:

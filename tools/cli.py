@@ -127,16 +127,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         target=args.target, opset=args.opset, static_shapes=args.static_shapes, backend=args.backend,
         device=args.device,
     )
+    protect = result.loaded.source_paths  # the input's files, external data included: no output may touch them
+    if args.receipt is not None:
+        check_output_path(args.receipt, protect, suffix=".json")
+    # Saved before the receipt is printed: the receipt names the artifact files as written.
+    written = result.save(args.output) if args.output is not None else None
     if not args.quiet:
         print(result.receipt)
-    if args.output is not None:
-        written = result.save(args.output)
-        if not args.quiet:
-            print(f"\nwrote {', '.join(map(str, written))}")
-    elif not args.quiet:
-        print("\n(no -o given: dry run, nothing written)")
+        print(f"\nwrote {', '.join(map(str, written))}" if written else "\n(no -o given: dry run, nothing written)")
     if args.receipt is not None:
-        result.receipt.save(args.receipt)
+        result.receipt.save(args.receipt, protect)
     return 0
 
 
