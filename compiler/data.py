@@ -20,7 +20,8 @@ Sources accepted by :func:`load`:
 
 Every batch is checked against the model's :class:`InputSpec`\\ s: names, rank, static dims,
 symbolic dims shared between inputs, dtype castability (int32 → int64 is fine, float → int64 is
-not) and value ranges (token ids in ``[0, high)``, masks in {0, 1}). A mismatch is a
+not), value ranges (token ids in ``[0, high)``, masks in {0, 1}) and finiteness (no NaN or inf in
+float inputs; lazily built batches are checked as each is built). A mismatch is a
 :class:`DataError` naming the input, what the model expects and what it got.
 """
 
@@ -142,7 +143,25 @@ def _check_values(arr: np.ndarray, spec: InputSpec, label: str) -> None:
         raise DataError(f"{label}: an attention mask holds only 0 and 1, got values {np.unique(arr)[:8]}.")
 
 
-def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, tuple[int, str]]) -> np.ndarray:
+def _check_finite(arr: np.ndarray, label: str, first_sample: int | None) -> None:
+    """NaN or inf in data poisons calibration statistics (a NaN mean, a NaN scale) and every metric."""
+    if not np.issubdtype(arr.dtype, np.floating) or np.isfinite(arr).all():  # one cheap pass per batch
+        return
+    bad = np.argwhere(~np.isfinite(arr))[0]
+    value = arr[tuple(bad)]
+    kind = "NaN" if np.isnan(value) else ("+inf" if value > 0 else "-inf")
+    index = [int(i) for i in bad]
+    if index and first_sample is not None:
+        index[0] += first_sample  # counted over the whole data, as the user wrote it
+    which = "sample" if first_sample is not None else "sample (in this batch)"
+    raise DataError(
+        f"{label}: {which} {index[0] if index else 0} holds {kind} (first at index {tuple(index)}). Calibration "
+        "and evaluation data must be finite: drop or fix that sample."
+    )
+
+
+def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, tuple[int, str]],
+                 first_sample: int | None = None) -> np.ndarray:
     expected = _shape_str(spec.shape)
     if arr.dtype == object:
         raise DataError(f"{label}: got ragged or non-numeric data; {_advice(spec)}")
@@ -164,13 +183,19 @@ def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, t
                 )
     if arr.size == 0:
         raise DataError(f"{label}: got an empty array of shape {arr.shape}. {_advice(spec)}")
+    _check_finite(arr, label, first_sample)  # before the cast: NaN cast to an integer dtype is arbitrary
     arr = _cast(arr, spec, label)
     _check_values(arr, spec, label)
     return arr
 
 
-def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where: str = "batch") -> Batch:
-    """Check one batch against the specs; return it with arrays as numpy in the inputs' dtypes."""
+def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where: str = "batch",
+                   first_sample: int | None = None) -> Batch:
+    """Check one batch against the specs; return it with arrays as numpy in the inputs' dtypes.
+
+    ``first_sample``: the index of the batch's first sample in the whole data, so that an error
+    (NaN, inf) names the sample as the user counts it; without it the sample is counted in the batch.
+    """
     names = [spec.name for spec in inputs]
     missing = [n for n in names if n not in batch]
     extra = [n for n in batch if n not in names]
@@ -182,7 +207,7 @@ def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where:
         )
     dims: dict[str, tuple[int, str]] = {}
     return {
-        spec.name: _check_array(to_numpy(batch[spec.name]), spec, f"{where}, input {spec.name!r}", dims)
+        spec.name: _check_array(to_numpy(batch[spec.name]), spec, f"{where}, input {spec.name!r}", dims, first_sample)
         for spec in inputs
     }
 
@@ -255,7 +280,7 @@ def from_arrays(
     groups = _groups(n, inputs, batch_size)
     batches = [
         validate_batch({k: a[g.start:g.stop] if a.ndim else a for k, a in arrays.items()}, inputs,
-                       f"{where} {name}, batch {i}")
+                       f"{where} {name}, batch {i}", first_sample=g.start)
         for i, g in enumerate(groups)
     ]
     return Dataset(batches, f"{name}: {n} samples in {len(batches)} batches")
@@ -285,15 +310,18 @@ def _from_object(obj: Any, inputs: Sequence[InputSpec], batch_size: int, where: 
             f"{where}: cannot use a {type(obj).__name__}; pass a path (text file, image folder, .npz), "
             "a dict of arrays, a list of such dicts, a list of tuples, or an array."
         )
-    batches = []
+    batches, seen = [], 0  # seen: samples before this batch, so an error names the sample as the user counts it
     for i, item in enumerate(obj):  # a generator is consumed once here, so the Dataset re-iterates
         label = f"{where}, batch {i}"
         if isinstance(item, Mapping):
-            batches.append(validate_batch(item, inputs, label))
+            batches.append(validate_batch(item, inputs, label, first_sample=seen))
         elif _is_array(item) or isinstance(item, (tuple, list)):
-            batches.append(validate_batch(_positional([item] if _is_array(item) else item, inputs, label), inputs, label))
+            named = _positional([item] if _is_array(item) else item, inputs, label)
+            batches.append(validate_batch(named, inputs, label, first_sample=seen))
         else:
             raise DataError(f"{label}: got a {type(item).__name__}; each batch must be a dict, a tuple or an array.")
+        first = next(iter(batches[-1].values()), np.zeros(()))
+        seen += first.shape[0] if first.ndim else 1
     return Dataset(batches, f"{type(obj).__name__} of {len(batches)} batches")
 
 

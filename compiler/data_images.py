@@ -24,7 +24,7 @@ from slimc.data import (
     to_numpy,
     validate_batch,
 )
-from slimc.errors import DataError
+from slimc.errors import DataError, first_line
 from slimc.model import InputSpec, LoadedModel
 
 
@@ -71,11 +71,22 @@ def _pixels(image: Any, mode: str, Image: Any, label: str) -> Any:
         try:
             with Image.open(image) as im:
                 return im.convert(mode)  # a new image: still valid once the file is closed
-        except OSError as exc:
-            raise DataError(f"{label}: cannot read image {image}: {exc}") from None
+        except Image.DecompressionBombError:
+            raise DataError(
+                f"{label}: image {image} has more pixels than Pillow decodes safely (limit "
+                f"{Image.MAX_IMAGE_PIXELS:,}), so it is not read. Resize it to about the model's input size first."
+            ) from None
+        except MemoryError:
+            raise DataError(f"{label}: image {image} is too large to decode in memory; resize it first.") from None
+        # Pillow's decoders raise OSError, ValueError, SyntaxError (bad headers), EOFError, struct.error ...
+        except Exception as exc:  # noqa: BLE001 - any failure to decode is the file's fault, not a bug
+            raise DataError(f"{label}: cannot read image {image}: {first_line(exc)}. Remove it or re-save it "
+                            "as PNG/JPEG.") from None
     if isinstance(image, Image.Image):
         return image.convert(mode)
     arr = to_numpy(image)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise DataError(f"{label}: an image array holds NaN or inf; pixel values must be finite.")
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
     return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).convert(mode)
@@ -116,7 +127,8 @@ def from_images(
         hwc = [_preprocess(images.images[i], size, channels, stretch, Image, label) for i in index_range]
         x = (np.stack([a.reshape(*size, channels) for a in hwc]) * scale - mean) / std
         x = x if last else x.transpose(0, 3, 1, 2)
-        return validate_batch({spec.name: x}, loaded.inputs, f"{label}, images {index_range.start}-{index_range.stop - 1}")
+        return validate_batch({spec.name: x}, loaded.inputs, f"{label}, images {index_range.start}-{index_range.stop - 1}",
+                              first_sample=index_range.start)
 
     groups = _groups(len(images), loaded.inputs, batch_size)
     dataset = Dataset(_LazyBatches(groups, build), f"{images.source}: {len(images)} images at {size[0]}x{size[1]}"

@@ -7,6 +7,9 @@ Generic metrics, for every floating output ``r`` (reference) and ``c`` (candidat
   axis 0), averaged; ``cosine_min`` the worst sample. Two all-zero samples count as cosine 1;
 - ``sqnr_db = 10 log10(Σ r² / Σ (r − c)²)``. Identical outputs give +inf, which JSON cannot
   hold: ``sqnr_db`` is then ``None`` and ``exact`` is True (``exact`` says Σ (r − c)² = 0).
+- ``nonfinite``: elements where ``r − c`` is NaN/inf (then the errors are ``None``);
+  ``nonfinite_introduced`` (over all outputs, only when not 0): elements where ``c`` is NaN/inf
+  but ``r`` is finite — the candidate broke them.
 
 The flat keys describe the main (first) output; ``worst`` holds the worst value of each over
 all compared outputs (max errors, min cosine, min SQNR).
@@ -93,6 +96,7 @@ class _OutputStats:
     signal: float = 0.0  # Σ r²
     noise: float = 0.0  # Σ (r − c)²
     nonfinite: int = 0  # elements where r − c is NaN or ±inf
+    introduced: int = 0  # elements where c is NaN or ±inf but r is finite: the candidate broke them
     cosine: _Mean = dataclasses.field(default_factory=_Mean)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -100,6 +104,8 @@ class _OutputStats:
         diff = r - c
         finite = np.isfinite(diff)
         self.nonfinite += int(diff.size - finite.sum())
+        if not finite.all():
+            self.introduced += int(np.count_nonzero(~np.isfinite(c) & np.isfinite(r)))
         if finite.any():
             self.max_abs = max(self.max_abs, float(np.abs(diff[finite]).max()))
         self.abs_sum += float(np.abs(diff).sum())
@@ -300,6 +306,9 @@ class Fidelity:
         out: dict[str, Any] = {**main, **(self._task.result() if self._task else {})}
         if len(compared) > 1:
             out["worst"] = _worst(compared)
+        introduced = sum(s.introduced for s in self.stats if s is not None)
+        if introduced:  # over all outputs: the fidelity guard refuses such a result
+            out["nonfinite_introduced"] = introduced
         out.update(output=self._name(0), samples=self.samples, batches=self.batches)
         if self.notes:
             out["notes"] = list(self.notes)

@@ -31,6 +31,8 @@ class Receipt:
     version: str = ""
     target: dict[str, Any] | None = None  # slimc.export: the artifact, verified in its runtime
     backend: dict[str, Any] | None = None  # the torch/Triton backend: lowering, agreement with ORT, latency
+    fidelity_guard: dict[str, Any] | None = None  # slimc.fidelity_guard: collapse threshold and max_loss checks
+    warnings: list[str] = dataclasses.field(default_factory=list)  # loud: shown first in the table
 
     @property
     def speedup(self) -> float | None:
@@ -91,6 +93,7 @@ def render(r: Receipt) -> str:
     lines = [
         f"slimc receipt: {r.source}  (task: {r.task})",
         f"  passes: {', '.join(p.name for p in r.passes) or '(none)'}",
+        *[f"  !!! WARNING: {w}" for w in r.warnings],
         "",
         _row("", "before", "after", "change"),
         _row("parameters", _si(b["params"]), _si(a["params"]), _ratio(b["params"], a["params"])),
@@ -104,6 +107,7 @@ def render(r: Receipt) -> str:
     lines += _latency_lines(r.latency)
     lines += _op_change_lines(b["op_histogram"], a["op_histogram"])
     lines += ["", _fidelity_header(r.fidelity)] + _metric_lines(r.fidelity.get("metrics", {}))
+    lines += _guard_lines(r.fidelity_guard)
     lines += ["", "  passes:"]
     for p in r.passes:
         lines.append(f"    {p.name} ({p.seconds:.1f} s): {p.summary}")
@@ -116,6 +120,14 @@ def render(r: Receipt) -> str:
     if r.notes:
         lines += ["", "  notes:"] + [f"    - {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def _guard_lines(guard: dict[str, Any] | None) -> list[str]:
+    if not guard:
+        return []
+    checks = "; ".join(f"{c['metric']} {_fmt(c['value']) if c['value'] is not None else 'not measured'} "
+                       f"(needs {c['bound']}, {c['source']})" for c in guard["checks"])
+    return [f"  fidelity guard: {guard['status'].upper() if guard['status'] == 'collapsed' else guard['status']}: {checks}"]
 
 
 def _latency_lines(lat: dict[str, Any] | None) -> list[str]:

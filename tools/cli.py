@@ -31,6 +31,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-v", "--verbose", action="store_true", help="log every step (shape inference, pass steps, timings)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--threads -3`` and ``--seq-len 0`` are usage errors, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="slimc",
@@ -44,13 +55,16 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--receipt", type=Path, help="also save the receipt as JSON here")
     p.add_argument("--calib", help="calibration data: text file, image folder or .npz")
     p.add_argument("--eval", dest="evaluation", help="held-out evaluation data: text file, image folder or .npz")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window for text data (default 128)")
-    p.add_argument("--threads", type=int, help="ORT intra-op threads for latency (default: all cores)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per window for text data (default 128)")
+    p.add_argument("--threads", type=_positive_int, help="ORT intra-op threads for latency (default: all cores)")
+    p.add_argument("--max-loss", help="refuse the result (exit 2, nothing written) unless its fidelity meets this: a "
+                   "loss on the task's main metric (0.05: embedding cosine >= 0.95, top-1 agreement >= 0.95, perplexity "
+                   "ratio <= 1.05) or bounds such as 'embedding_cosine>=0.98,sqnr_db>=20' (docs/fidelity-guard.md)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes")
     p.add_argument("--target", help="also export for a runtime and run it there: onnx (default), ort-mobile, openvino, "
                    "ncnn, tflite, executorch; -o then names the artifact (.onnx, .ort, .xml, .param, .tflite, .pte)")
-    p.add_argument("--opset", type=int, help="convert the output to this ONNX opset (ONNX's version converter)")
+    p.add_argument("--opset", type=_positive_int, help="convert the output to this ONNX opset (ONNX's version converter)")
     p.add_argument("--static-shapes", help="pin input shapes, e.g. pixel_values=1x3x224x224 or input_ids=1x128,attention_mask=1x128")
     p.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
                    help="triton: also lower the result to a trainable torch module whose quantized and 2:4 matmuls are "
@@ -107,8 +121,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from slimc.onnx_io import check_output_path
     from slimc.pass_spec import parse_pipeline
 
+    from slimc.fidelity_guard import parse_max_loss
+
     passes = args.passes + (",fp16(keep_io_types=true)" if args.fp16 else "")
     parse_pipeline(passes)  # a bad spec fails before the (slow) load
+    parse_max_loss(args.max_loss)
     source = Path(args.model)
     suffix = ".onnx"
     if args.backend == "triton" and args.output is not None and args.output.suffix != ".onnx":
@@ -125,7 +142,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         source, passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
         measure_latency=not args.no_latency, threads=args.threads, seq_len=args.seq_len,
         target=args.target, opset=args.opset, static_shapes=args.static_shapes, backend=args.backend,
-        device=args.device,
+        device=args.device, max_loss=args.max_loss,
     )
     protect = result.loaded.source_paths  # the input's files, external data included: no output may touch them
     if args.receipt is not None:
@@ -135,6 +152,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.receipt)
         print(f"\nwrote {', '.join(map(str, written))}" if written else "\n(no -o given: dry run, nothing written)")
+    if args.quiet:  # compile() logged them; -q hides logged warnings, but a collapsed result must not pass unseen
+        for warning in result.receipt.warnings:
+            print(f"slimc: warning: {warning}", file=sys.stderr)
     if args.receipt is not None:
         result.receipt.save(args.receipt, protect)
     return 0
