@@ -185,8 +185,11 @@ def compile(  # noqa: A001 - the public verb of a compiler
         verification.append({"pass": "export (" + _describe(options) + ")", "result": "full ONNX checker, loads in ORT"})
 
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
-    latency = _latency(baseline, current, verify_batches[0], threads) if measure_latency else None
-    fidelity = _fidelity(baseline, current, evalset, loaded)
+    # The passes succeeded and are verified: from here on a measurement that fails is reported as
+    # not measured in the receipt, never allowed to lose the result.
+    latency = _measured("latency", lambda: _latency(baseline, current, verify_batches[0], loaded.inputs, threads)) \
+        if measure_latency else None
+    fidelity = _measured("fidelity", lambda: _fidelity(baseline, current, evalset, loaded))
     guard = fidelity_guard.check(fidelity, loaded.task, bounds)  # refuses before the (slow) export
     for warning in guard["warnings"]:
         log.warning("warning: %s", warning)
@@ -279,7 +282,11 @@ def _export(options, baseline: Stage, current: Stage, work: Path, evalset, loade
     baseline_path = baseline.path
     if options.changes_onnx and measure_latency:  # the input model, prepared the same way, for the ratio
         baseline_path = work / "00-input-prepared.onnx"
-        save_onnx(prepare(load_onnx(baseline.path), options), baseline_path)
+        try:
+            save_onnx(prepare(load_onnx(baseline.path), options), baseline_path)
+        except Exception as exc:  # noqa: BLE001 - only the latency ratio needs it: time the result alone
+            log.warning("the input model could not be prepared for a latency ratio: %s", exc)
+            baseline_path = None
     names = [o.name for o in current.session.get_outputs()]
     return export(current.path, baseline_path if measure_latency else None, options, work, evalset=evalset,
                   task=loaded.task, inputs=loaded.inputs, reference_runs=(current.run, baseline.run),
@@ -367,14 +374,33 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
     return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {len(batches)} batch{'es' if len(batches) != 1 else ''})"
 
 
-def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], threads) -> dict[str, Any]:
-    from slimc.backends.timing import comparison
-
-    single = {k: v[: current.batch_size or 1] for k, v in batch.items()}  # deployment latency: one sample
+def _measured(what: str, measure) -> dict[str, Any]:
+    """``measure()``, or ``{"error": reason}`` when it fails: a measurement never loses a verified result."""
     try:
-        stats = ort_backend.measure_latency({"before": baseline.session, "after": current.session}, single)
-    except SlimcError as exc:
-        return {"error": str(exc)}
+        return measure()
+    except Exception as exc:  # noqa: BLE001 - any failure to measure is reported, not raised
+        from slimc.errors import first_line
+
+        reason = first_line(exc) if isinstance(exc, SlimcError) else f"{type(exc).__name__}: {first_line(exc)}"
+        log.warning("%s not measured: %s", what, reason)
+        return {"error": reason}
+
+
+def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], inputs, threads) -> dict[str, Any]:
+    """Both models timed on one sample of a verified batch (`latency_feed`); the whole batch when the
+    cut feed does not run (axis 0 was not a batch axis after all) and the receipt says so."""
+    from slimc.backends.timing import comparison, latency_feed
+
+    sessions = {"before": baseline.session, "after": current.session}
+    single = latency_feed(batch, inputs, current.batch_size)
+    try:
+        stats = ort_backend.measure_latency(sessions, single)
+    except Exception as exc:  # noqa: BLE001 - the whole batch ran in verification: time that instead
+        if all(np.shape(single[k]) == np.shape(batch[k]) for k in batch):
+            raise
+        log.info("latency on one sample failed (%s); timing the whole verification batch", exc)
+        single = dict(batch)
+        stats = ort_backend.measure_latency(sessions, single)
     return comparison(stats, single, ort_backend.machine_description(threads))
 
 

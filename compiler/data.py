@@ -119,7 +119,7 @@ def _cast(arr: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
     ok = bool(np.can_cast(arr.dtype, want, casting="same_kind"))
     if ok and np.issubdtype(want, np.integer) and np.issubdtype(arr.dtype, np.integer):
         info = np.iinfo(want)  # a narrowing integer cast is fine only if every value fits
-        ok = bool(arr.min() >= info.min and arr.max() <= info.max)
+        ok = bool(arr.size == 0 or (arr.min() >= info.min and arr.max() <= info.max))
     if want == np.bool_ and np.issubdtype(arr.dtype, np.integer):
         ok = bool(np.isin(arr, (0, 1)).all())  # 0/1 integer masks are a common spelling of bools
     if not ok:
@@ -130,7 +130,16 @@ def _cast(arr: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
     return arr.astype(want)
 
 
+def _strings(arr: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
+    """A string input's values as the object array ONNX Runtime takes."""
+    if arr.dtype.kind in "US" or (arr.dtype == object and all(isinstance(v, (str, bytes)) for v in arr.flat)):
+        return arr.astype(object)
+    raise DataError(f"{label}: the model takes strings here, got {arr.dtype} values. Pass an array of str.")
+
+
 def _check_values(arr: np.ndarray, spec: InputSpec, label: str) -> None:
+    if arr.size == 0:
+        return
     if spec.kind in ("tokens", "token_type_ids") and np.issubdtype(arr.dtype, np.integer):
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or (spec.high is not None and hi >= spec.high):
@@ -163,7 +172,9 @@ def _check_finite(arr: np.ndarray, label: str, first_sample: int | None) -> None
 def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, tuple[int, str]],
                  first_sample: int | None = None) -> np.ndarray:
     expected = _shape_str(spec.shape)
-    if arr.dtype == object:
+    if np.dtype(spec.dtype) == object:  # an ONNX string tensor: numpy str/bytes or objects that all are
+        arr = _strings(arr, spec, label)
+    elif arr.dtype == object:
         raise DataError(f"{label}: got ragged or non-numeric data; {_advice(spec)}")
     if arr.ndim != len(spec.shape):
         raise DataError(
@@ -181,8 +192,8 @@ def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, t
                     f"{label}: dim {want!r} is {got} here but {seen} in input {where!r}; inputs "
                     "sharing a dim name must agree (e.g. ids and mask of the same length)."
                 )
-    if arr.size == 0:
-        raise DataError(f"{label}: got an empty array of shape {arr.shape}. {_advice(spec)}")
+    # An empty array is a valid tensor (empty axes, zero boxes); a batch with no data at all is
+    # refused by the loaders (no complete batch).
     _check_finite(arr, label, first_sample)  # before the cast: NaN cast to an integer dtype is arbitrary
     arr = _cast(arr, spec, label)
     _check_values(arr, spec, label)
@@ -206,10 +217,14 @@ def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where:
             "Key arrays by graph input name, or pass them positionally in this order."
         )
     dims: dict[str, tuple[int, str]] = {}
-    return {
+    checked = {
         spec.name: _check_array(to_numpy(batch[spec.name]), spec, f"{where}, input {spec.name!r}", dims, first_sample)
         for spec in inputs
     }
+    if checked and all(a.size == 0 for a in checked.values()):  # one empty input may be data; all is a mistake
+        shapes = ", ".join(f"{k} {a.shape}" for k, a in checked.items())
+        raise DataError(f"{where}: every input is an empty array ({shapes}). {_advice(inputs[0])}")
+    return checked
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -12,7 +12,8 @@ Generic metrics, for every floating output ``r`` (reference) and ``c`` (candidat
   but ``r`` is finite — the candidate broke them.
 
 The flat keys describe the main (first) output; ``worst`` holds the worst value of each over
-all compared outputs (max errors, min cosine, min SQNR).
+all compared outputs (max errors, min cosine, min SQNR). Integer, boolean and string outputs
+have no error magnitude: ``non_floating`` counts, per such output, the elements that differ.
 
 Task metrics on the main output, with ``p = softmax(r)``, ``q = softmax(c)`` over the last axis:
 
@@ -255,6 +256,7 @@ class Fidelity:
             raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
         self.task, self.names, self.inputs = task, list(output_names) if output_names else None, inputs
         self.stats: list[_OutputStats | None] = []
+        self.discrete: dict[int, list[int]] = {}  # non-floating output -> [elements that differ, elements]
         self.notes: list[str] = []
         self.batches = self.samples = 0
         self._task: Any = None
@@ -283,10 +285,13 @@ class Fidelity:
         self.stats += [_OutputStats() for _ in range(len(reference) - len(self.stats))]
         for k, (ref, cand) in enumerate(zip(reference, candidate)):
             ref, cand = np.asarray(ref), np.asarray(cand)
-            if not (np.issubdtype(ref.dtype, np.floating) and np.issubdtype(cand.dtype, np.floating)):
-                _note(self.notes, f"{self._name(k)} is not floating ({ref.dtype}): not compared")
-            elif ref.shape != cand.shape:
+            if ref.shape != cand.shape:
                 _note(self.notes, f"{self._name(k)} changed shape {ref.shape} -> {cand.shape}: not compared")
+            elif not (np.issubdtype(ref.dtype, np.floating) and np.issubdtype(cand.dtype, np.floating)):
+                # integers, booleans, strings: no error magnitude, only equal or not, element by element
+                seen = self.discrete.setdefault(k, [0, 0])
+                seen[0] += int(np.sum(ref.astype(object) != cand.astype(object))) if ref.size else 0
+                seen[1] += int(ref.size)
             elif ref.size:
                 self.stats[k].update(ref, cand)
                 if k == 0 and self._task_metric(batch or {}):
@@ -309,6 +314,9 @@ class Fidelity:
         introduced = sum(s.introduced for s in self.stats if s is not None)
         if introduced:  # over all outputs: the fidelity guard refuses such a result
             out["nonfinite_introduced"] = introduced
+        if self.discrete:
+            out["non_floating"] = {self._name(k): {"elements_differing": d, "elements": n, "exact": d == 0}
+                                   for k, (d, n) in sorted(self.discrete.items())}
         out.update(output=self._name(0), samples=self.samples, batches=self.batches)
         if self.notes:
             out["notes"] = list(self.notes)

@@ -242,9 +242,12 @@ def export(
         "opset": options.opset,
         "notes": target.notes(proto),
     }
-    if measure_latency:
-        with _runtime_errors(target.name):
-            report["latency"] = _latency(target, runner, baseline_path, out_dir, evalset, options, threads)
+    if measure_latency:  # the artifact is verified: a timing that fails is reported, never raised
+        try:
+            with _runtime_errors(target.name):
+                report["latency"] = _latency(target, runner, baseline_path, out_dir, evalset, options, threads, inputs)
+        except SlimcError as exc:
+            report["latency"] = {"error": first_line(exc)}
     return Exported(target.name, files, report)
 
 
@@ -259,12 +262,13 @@ def _runtime_errors(target: str):
         raise TargetError(f"target {target!r}: {type(exc).__name__}: {first_line(exc, 600)}") from None
 
 
-def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: ExportOptions, threads) -> dict[str, Any]:
+def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: ExportOptions, threads,
+             inputs=None) -> dict[str, Any]:
     from slimc.backends.onnxruntime import machine_description
-    from slimc.backends.timing import comparison, interleaved
+    from slimc.backends.timing import comparison, interleaved, latency_feed
 
     batch = next(iter(evalset))
-    single = {k: np.asarray(v)[: options.batch_size or 1] for k, v in batch.items()}
+    single = latency_feed(batch, inputs, options.batch_size)
     calls = {"after": runner.bind(single)}
     if baseline_path is not None:
         base_dir = out_dir / "baseline"

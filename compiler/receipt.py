@@ -218,6 +218,8 @@ def _op_change_lines(before: dict[str, int], after: dict[str, int]) -> list[str]
 
 
 def _fidelity_header(f: dict[str, Any]) -> str:
+    if "error" in f:
+        return f"  fidelity vs the input model: not measured: {f['error']}"
     kind = "SYNTHETIC inputs (no --eval data given)" if f.get("synthetic") else "held-out data"
     return f"  fidelity vs the input model, on {kind}: {f.get('data', '')}"
 

@@ -4,7 +4,8 @@ no pass (lossy ones included) turns finite outputs into NaN or inf.
 ``outputs_match`` is the exactness criterion for passes that declare ``exact = True``: every
 output element satisfies ``|got - ref| <= atol + rtol * max|ref|`` (a tolerance relative to
 the output's scale, since fp32 reassociation in a rewritten graph moves values by a few ulps
-of the largest magnitude, not of each element).
+of the largest magnitude, not of each element). Integer, boolean and string outputs must be
+equal element for element.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class OutputDiff:
         return self.max_scaled <= 1.0
 
 
+def _numeric(dtype: np.dtype) -> bool:
+    return dtype == np.bool_ or np.issubdtype(dtype, np.number)
+
+
 def outputs_match(
     reference: list[list[np.ndarray]],
     candidate: list[list[np.ndarray]],
@@ -58,7 +63,10 @@ def outputs_match(
         for name, ref, got in zip(names, ref_batch, got_batch, strict=True):
             if ref.shape != got.shape:
                 raise VerificationError(f"output '{name}' changed shape from {ref.shape} to {got.shape}")
-            if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
+            if not _numeric(ref.dtype) or not _numeric(got.dtype):  # strings: equal or not
+                same = ref.dtype == got.dtype and bool(np.array_equal(ref, got))
+                diff, scaled = (0.0, 0.0) if same else (float("inf"), float("inf"))
+            elif ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
                 diff = float(np.max(ref != got)) if ref.size else 0.0
                 scaled = diff * 1e9
             else:
