@@ -104,6 +104,8 @@ def _shape_str(shape: Sequence[Any]) -> str:
 
 
 def _advice(spec: InputSpec) -> str:
+    if np.dtype(spec.dtype) == np.dtype(object):
+        return f"Pass string arrays of shape {_shape_str(spec.shape)}."
     if spec.kind == "image":
         return "Pass a folder of images (slimc resizes and normalizes them) or arrays of the expected shape."
     if spec.kind in TEXT_KINDS:
@@ -142,9 +144,19 @@ def _check_values(arr: np.ndarray, spec: InputSpec, label: str) -> None:
         raise DataError(f"{label}: an attention mask holds only 0 and 1, got values {np.unique(arr)[:8]}.")
 
 
+def _strings(arr: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
+    """A string input's values as the object array ONNX Runtime takes (numpy ``str_`` / ``bytes_`` work too)."""
+    if arr.dtype.kind in "US" or (arr.dtype == object and all(isinstance(v, (str, bytes)) for v in arr.ravel())):
+        return arr.astype(object)
+    raise DataError(f"{label}: the model takes strings, got {arr.dtype} values. Pass str arrays "
+                    "(e.g. np.array(['a', 'b'])).")
+
+
 def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, tuple[int, str]]) -> np.ndarray:
     expected = _shape_str(spec.shape)
-    if arr.dtype == object:
+    if np.dtype(spec.dtype) == np.dtype(object):
+        arr = _strings(arr, spec, label)
+    elif arr.dtype == object or arr.dtype.kind in "US":
         raise DataError(f"{label}: got ragged or non-numeric data; {_advice(spec)}")
     if arr.ndim != len(spec.shape):
         raise DataError(
@@ -164,6 +176,8 @@ def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, t
                 )
     if arr.size == 0:
         raise DataError(f"{label}: got an empty array of shape {arr.shape}. {_advice(spec)}")
+    if arr.dtype == object:  # a string input, checked above
+        return arr
     arr = _cast(arr, spec, label)
     _check_values(arr, spec, label)
     return arr
@@ -197,40 +211,25 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-# ---------------------------------------------------------------- synthetic
-
-
-def _random_value(spec: InputSpec, rng: np.random.Generator, sizes: dict[str, int] | None) -> np.ndarray:
-    shape, dtype = spec.concrete_shape(sizes), np.dtype(spec.dtype)
-    if spec.kind == "tokens":
-        return rng.integers(0, spec.high or 100, size=shape).astype(dtype)
-    if spec.kind in ("attention_mask", "bool"):
-        return np.ones(shape, dtype)
-    if spec.kind == "position_ids" and shape:
-        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype)
-    if spec.kind in ("image", "float"):
-        return rng.standard_normal(shape).astype(dtype)
-    return np.zeros(shape, dtype)  # token_type_ids, int: 0 is a valid index for any table
-
-
-def synthetic(
-    inputs: Sequence[InputSpec], n_batches: int = 4, seed: int = 0, sizes: dict[str, int] | None = None
-) -> Dataset:
-    """Random but valid inputs (see module docstring for the value rules); same seed, same data."""
-    rng = np.random.default_rng(seed)
-    batches = [{spec.name: _random_value(spec, rng, sizes) for spec in inputs} for _ in range(n_batches)]
-    shapes = ", ".join(f"{spec.name}{list(spec.concrete_shape(sizes))}" for spec in inputs)
-    return Dataset(batches, f"synthetic: {n_batches} random batches of {shapes} (seed {seed})", synthetic=True)
-
-
 # ---------------------------------------------------------------- arrays and objects
+
+
+def sample_axis(spec: InputSpec | None, ndim: int) -> int | None:
+    """The axis of an array for ``spec`` that indexes samples; None: the array is passed whole."""
+    if ndim == 0:
+        return None
+    if spec is None:
+        return 0
+    axis = spec.batch_axis
+    return axis if axis is not None and axis < min(ndim, len(spec.shape)) else None
 
 
 def _static_batch(inputs: Sequence[InputSpec]) -> int | None:
     """A model exported with a fixed batch size forces it on every batch."""
     for spec in inputs:
-        if spec.shape and isinstance(spec.shape[0], int):
-            return spec.shape[0]
+        axis = sample_axis(spec, len(spec.shape))
+        if axis is not None and isinstance(spec.shape[axis], int):
+            return spec.shape[axis]
     return None
 
 
@@ -242,20 +241,52 @@ def _groups(n: int, inputs: Sequence[InputSpec], batch_size: int) -> list[range]
     return [g for g in groups if fixed is None or len(g) == fixed]
 
 
+def _one_example(arrays: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec]) -> bool:
+    """True when the arrays are one multi-input example as they stand: every array has its input's
+    declared rank and static dims, and no input has a dynamic batch axis to split along (the inputs
+    share no batch dim, e.g. ``theta [2, 2, 3]`` with ``size [4]``)."""
+    for key, arr in arrays.items():
+        spec = specs.get(key)
+        if spec is None or arr.ndim != len(spec.shape):
+            return False
+        if any(isinstance(want, int) and want != got for want, got in zip(spec.shape, arr.shape)):
+            return False
+        axis = sample_axis(spec, arr.ndim)
+        if axis is not None and not isinstance(spec.shape[axis], int):
+            return False
+    return bool(arrays)
+
+
+def _take(arr: np.ndarray, axis: int | None, group: range) -> np.ndarray:
+    return arr if axis is None else arr[(slice(None),) * axis + (slice(group.start, group.stop),)]
+
+
 def from_arrays(
     arrays: Mapping[str, Any], inputs: Sequence[InputSpec], *, batch_size: int = DEFAULT_BATCH_SIZE,
     name: str = "arrays", where: str = "data",
 ) -> Dataset:
-    """Arrays keyed by input name (all samples), split along axis 0 into batches."""
+    """Arrays keyed by input name (all samples), split into batches along each input's batch axis.
+
+    0-d arrays and inputs without a batch axis go whole into every batch; arrays that already are
+    one example of a model without a dynamic batch axis are one batch (see `_one_example`).
+    """
     arrays = {k: to_numpy(v) for k, v in arrays.items()}
-    lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
+    specs = {spec.name: spec for spec in inputs}
+    if _one_example(arrays, specs):
+        return Dataset([validate_batch(arrays, inputs, f"{where} {name}")], f"{name}: 1 example")
+    axes = {k: sample_axis(specs.get(k), a.ndim) for k, a in arrays.items()}
+    lengths = {k: a.shape[axes[k]] for k, a in arrays.items() if axes[k] is not None}
     if len(set(lengths.values())) > 1:
-        raise DataError(f"{where} {name}: arrays hold different numbers of samples along axis 0: {lengths}.")
+        held = ", ".join(f"{k}: {n} (axis {axes[k]})" for k, n in lengths.items())
+        raise DataError(
+            f"{where} {name}: arrays hold different numbers of samples along their batch axes ({held}). The batch "
+            "axis is the one the model's declared shapes name as batch; 0-d arrays and inputs without one are "
+            "passed whole. Give every batched input the same number of samples."
+        )
     n = next(iter(lengths.values()), 1)
     groups = _groups(n, inputs, batch_size)
     batches = [
-        validate_batch({k: a[g.start:g.stop] if a.ndim else a for k, a in arrays.items()}, inputs,
-                       f"{where} {name}, batch {i}")
+        validate_batch({k: _take(a, axes[k], g) for k, a in arrays.items()}, inputs, f"{where} {name}, batch {i}")
         for i, g in enumerate(groups)
     ]
     return Dataset(batches, f"{name}: {n} samples in {len(batches)} batches")
@@ -383,6 +414,10 @@ def load(
 
 def __getattr__(name: str) -> Any:
     # Text and image loaders live in their own modules; keep them reachable as slimc.data.X.
+    if name in ("synthetic",):
+        from slimc import data_synthetic
+
+        return getattr(data_synthetic, name)
     if name in ("from_text",):
         from slimc import data_text
 
