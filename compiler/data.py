@@ -241,6 +241,20 @@ def _groups(n: int, inputs: Sequence[InputSpec], batch_size: int) -> list[range]
     return [g for g in groups if fixed is None or len(g) == fixed]
 
 
+def first_samples(batch: Mapping[str, Any], inputs: Sequence[InputSpec] | None, n: int = 1) -> Batch:
+    """The first ``n`` samples of a batch, cut along each input's batch axis (0-d and unbatched inputs whole;
+    axis 0 when the inputs are not known). A fixed batch axis keeps its size: the model takes no other."""
+    specs = {spec.name: spec for spec in inputs or ()}
+    out = {}
+    for key, value in batch.items():
+        arr = np.asarray(value)
+        spec = specs.get(key)
+        axis = sample_axis(spec, arr.ndim) if inputs is not None else (0 if arr.ndim else None)
+        fixed = spec is not None and axis is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], int)
+        out[key] = arr if fixed else _take(arr, axis, range(n))
+    return out
+
+
 def _one_example(arrays: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec]) -> bool:
     """True when the arrays are one multi-input example as they stand: every array has its input's
     declared rank and static dims, and no input has a dynamic batch axis to split along (the inputs
@@ -277,9 +291,9 @@ def from_arrays(
     axes = {k: sample_axis(specs.get(k), a.ndim) for k, a in arrays.items()}
     lengths = {k: a.shape[axes[k]] for k, a in arrays.items() if axes[k] is not None}
     if len(set(lengths.values())) > 1:
-        held = ", ".join(f"{k}: {n} (axis {axes[k]})" for k, n in lengths.items())
+        held = {k: axes[k] for k in lengths}
         raise DataError(
-            f"{where} {name}: arrays hold different numbers of samples along their batch axes ({held}). The batch "
+            f"{where} {name}: arrays hold different numbers of samples along their batch axes: {lengths} (axes {held}). The batch "
             "axis is the one the model's declared shapes name as batch; 0-d arrays and inputs without one are "
             "passed whole. Give every batched input the same number of samples."
         )
