@@ -151,8 +151,10 @@ def compile(  # noqa: A001 - the public verb of a compiler
     loaded = frontends.load(_copy_if_ir(model), example_inputs, input_names=input_names, dynamic=dynamic)
     if options is not None and options.static_shapes:
         from slimc.export import check_shapes
+        from slimc.model import pin_sizes
 
         check_shapes(loaded.model, options.static_shapes)  # before any (slow) pass
+        pin_sizes(loaded.inputs, options.static_shapes)  # synthetic inputs take the pinned sizes
     bounds = fidelity_guard.resolve(loss_spec, loaded.task)  # a metric the task lacks fails before any pass
     calib = data.load(calibration, loaded, seq_len=seq_len, role="calibration") if calibration is not None else None
     evalset = _evaluation_set(evaluation, loaded, seq_len, seed)
@@ -160,7 +162,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
     workdir = workdirs.new("run")
     work = Path(workdir.name)
-    baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True)
+    baseline = _baseline_stage(loaded, work / "00-input.onnx", verify_batches, evalset, threads)
     full_check = baseline.full_check
     before = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": baseline.bytes_on_disk}
     verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
@@ -309,6 +311,23 @@ def _evaluation_set(evaluation: Any, loaded: LoadedModel, seq_len: int, seed: in
         return data.load(evaluation, loaded, seq_len=seq_len, role="evaluation")
     # A different seed from any calibration default: synthetic eval data is still held out.
     return data.synthetic(loaded.inputs, n_batches=4, seed=seed + 1000, sizes={"seq": min(seq_len, 64)})
+
+
+def _baseline_stage(loaded: LoadedModel, path: Path, batches, evalset, threads) -> Stage:
+    """The input model staged and run; if it cannot run on inputs slimc invented, that is a data problem."""
+    from slimc.errors import BackendError, DataError
+
+    try:
+        return _stage("input", loaded.model, path, batches, threads, full_check=True)
+    except BackendError as exc:
+        if not evalset.synthetic or "failed to run" not in str(exc):
+            raise
+        raise DataError(
+            f"the input model does not run on the synthetic inputs slimc made ({evalset.source}): {exc}. The model "
+            "needs inputs slimc cannot guess from the graph: pass data it accepts, --eval FILE (and --calib FILE) on "
+            "the command line or evaluation= / calibration= in Python (see docs/data.md); --static-shapes also sizes "
+            "the synthetic inputs."
+        ) from None
 
 
 def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_check: bool) -> Stage:

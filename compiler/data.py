@@ -105,6 +105,8 @@ def _shape_str(shape: Sequence[Any]) -> str:
 
 
 def _advice(spec: InputSpec) -> str:
+    if np.dtype(spec.dtype) == np.dtype(object):
+        return f"Pass string arrays of shape {_shape_str(spec.shape)}."
     if spec.kind == "image":
         return "Pass a folder of images (slimc resizes and normalizes them) or arrays of the expected shape."
     if spec.kind in TEXT_KINDS:
@@ -194,6 +196,8 @@ def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, t
                 )
     # An empty array is a valid tensor (empty axes, zero boxes); a batch with no data at all is
     # refused by the loaders (no complete batch).
+    if arr.dtype == object:  # a string input, checked above
+        return arr
     _check_finite(arr, label, first_sample)  # before the cast: NaN cast to an integer dtype is arbitrary
     arr = _cast(arr, spec, label)
     _check_values(arr, spec, label)
@@ -237,40 +241,25 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-# ---------------------------------------------------------------- synthetic
-
-
-def _random_value(spec: InputSpec, rng: np.random.Generator, sizes: dict[str, int] | None) -> np.ndarray:
-    shape, dtype = spec.concrete_shape(sizes), np.dtype(spec.dtype)
-    if spec.kind == "tokens":
-        return rng.integers(0, spec.high or 100, size=shape).astype(dtype)
-    if spec.kind in ("attention_mask", "bool"):
-        return np.ones(shape, dtype)
-    if spec.kind == "position_ids" and shape:
-        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype)
-    if spec.kind in ("image", "float"):
-        return rng.standard_normal(shape).astype(dtype)
-    return np.zeros(shape, dtype)  # token_type_ids, int: 0 is a valid index for any table
-
-
-def synthetic(
-    inputs: Sequence[InputSpec], n_batches: int = 4, seed: int = 0, sizes: dict[str, int] | None = None
-) -> Dataset:
-    """Random but valid inputs (see module docstring for the value rules); same seed, same data."""
-    rng = np.random.default_rng(seed)
-    batches = [{spec.name: _random_value(spec, rng, sizes) for spec in inputs} for _ in range(n_batches)]
-    shapes = ", ".join(f"{spec.name}{list(spec.concrete_shape(sizes))}" for spec in inputs)
-    return Dataset(batches, f"synthetic: {n_batches} random batches of {shapes} (seed {seed})", synthetic=True)
-
-
 # ---------------------------------------------------------------- arrays and objects
+
+
+def sample_axis(spec: InputSpec | None, ndim: int) -> int | None:
+    """The axis of an array for ``spec`` that indexes samples; None: the array is passed whole."""
+    if ndim == 0:
+        return None
+    if spec is None:
+        return 0
+    axis = spec.batch_axis
+    return axis if axis is not None and axis < min(ndim, len(spec.shape)) else None
 
 
 def _static_batch(inputs: Sequence[InputSpec]) -> int | None:
     """A model exported with a fixed batch size forces it on every batch."""
     for spec in inputs:
-        if spec.shape and isinstance(spec.shape[0], int):
-            return spec.shape[0]
+        axis = sample_axis(spec, len(spec.shape))
+        if axis is not None and isinstance(spec.shape[axis], int):
+            return spec.shape[axis]
     return None
 
 
@@ -282,20 +271,67 @@ def _groups(n: int, inputs: Sequence[InputSpec], batch_size: int) -> list[range]
     return [g for g in groups if fixed is None or len(g) == fixed]
 
 
+def first_samples(batch: Mapping[str, Any], inputs: Sequence[InputSpec] | None, n: int = 1) -> Batch:
+    """The first ``n`` samples of a batch, cut along each input's batch axis (0-d and unbatched inputs whole;
+    axis 0 when the inputs are not known). A fixed batch axis keeps its size: the model takes no other."""
+    specs = {spec.name: spec for spec in inputs or ()}
+    out = {}
+    for key, value in batch.items():
+        arr = np.asarray(value)
+        spec = specs.get(key)
+        axis = sample_axis(spec, arr.ndim) if inputs is not None else (0 if arr.ndim else None)
+        fixed = spec is not None and axis is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], int)
+        out[key] = arr if fixed else _take(arr, axis, range(n))
+    return out
+
+
+def _one_example(arrays: Mapping[str, np.ndarray], specs: Mapping[str, InputSpec]) -> bool:
+    """True when the arrays are one multi-input example as they stand: every array has its input's
+    declared rank and static dims, and no input has a dynamic batch axis to split along (the inputs
+    share no batch dim, e.g. ``theta [2, 2, 3]`` with ``size [4]``)."""
+    for key, arr in arrays.items():
+        spec = specs.get(key)
+        if spec is None or arr.ndim != len(spec.shape):
+            return False
+        if any(isinstance(want, int) and want != got for want, got in zip(spec.shape, arr.shape)):
+            return False
+        axis = sample_axis(spec, arr.ndim)
+        if axis is not None and not isinstance(spec.shape[axis], int):
+            return False
+    return bool(arrays)
+
+
+def _take(arr: np.ndarray, axis: int | None, group: range) -> np.ndarray:
+    return arr if axis is None else arr[(slice(None),) * axis + (slice(group.start, group.stop),)]
+
+
 def from_arrays(
     arrays: Mapping[str, Any], inputs: Sequence[InputSpec], *, batch_size: int = DEFAULT_BATCH_SIZE,
     name: str = "arrays", where: str = "data",
 ) -> Dataset:
-    """Arrays keyed by input name (all samples), split along axis 0 into batches."""
+    """Arrays keyed by input name (all samples), split into batches along each input's batch axis.
+
+    0-d arrays and inputs without a batch axis go whole into every batch; arrays that already are
+    one example of a model without a dynamic batch axis are one batch (see `_one_example`).
+    """
     arrays = {k: to_numpy(v) for k, v in arrays.items()}
-    lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
+    specs = {spec.name: spec for spec in inputs}
+    if _one_example(arrays, specs):
+        return Dataset([validate_batch(arrays, inputs, f"{where} {name}")], f"{name}: 1 example")
+    axes = {k: sample_axis(specs.get(k), a.ndim) for k, a in arrays.items()}
+    lengths = {k: a.shape[axes[k]] for k, a in arrays.items() if axes[k] is not None}
     if len(set(lengths.values())) > 1:
-        raise DataError(f"{where} {name}: arrays hold different numbers of samples along axis 0: {lengths}.")
+        held = {k: axes[k] for k in lengths}
+        raise DataError(
+            f"{where} {name}: arrays hold different numbers of samples along their batch axes: {lengths} (axes {held}). The batch "
+            "axis is the one the model's declared shapes name as batch; 0-d arrays and inputs without one are "
+            "passed whole. Give every batched input the same number of samples."
+        )
     n = next(iter(lengths.values()), 1)
     groups = _groups(n, inputs, batch_size)
     batches = [
-        validate_batch({k: a[g.start:g.stop] if a.ndim else a for k, a in arrays.items()}, inputs,
-                       f"{where} {name}, batch {i}", first_sample=g.start)
+        validate_batch({k: _take(a, axes[k], g) for k, a in arrays.items()}, inputs, f"{where} {name}, batch {i}",
+                       first_sample=g.start)
         for i, g in enumerate(groups)
     ]
     return Dataset(batches, f"{name}: {n} samples in {len(batches)} batches")
@@ -426,6 +462,10 @@ def load(
 
 def __getattr__(name: str) -> Any:
     # Text and image loaders live in their own modules; keep them reachable as slimc.data.X.
+    if name in ("synthetic",):
+        from slimc import data_synthetic
+
+        return getattr(data_synthetic, name)
     if name in ("from_text",):
         from slimc import data_text
 

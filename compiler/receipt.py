@@ -89,7 +89,8 @@ def _row(label: str, before: str, after: str, change: str) -> str:
 def render(r: Receipt) -> str:
     """A plain-text table for terminals and logs."""
     b, a = r.before, r.after
-    sizes = ", ".join(f"{k}={v}" for k, v in a.get("macs_sizes", {}).items()) or "static shapes"
+    sizes = (", ".join(f"{k}={v}" for k, v in a.get("macs_sizes", {}).items())
+             or ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in a.get("macs_inputs", {}).items()) or "static shapes")
     lines = [
         f"slimc receipt: {r.source}  (task: {r.task})",
         f"  passes: {', '.join(p.name for p in r.passes) or '(none)'}",

@@ -176,14 +176,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from slimc import frontends
     from slimc.analysis import model_stats
     from slimc.data import synthetic
+    from slimc.errors import DataError
 
     loaded = frontends.load(args.model)
-    feed = next(iter(synthetic(loaded.inputs, n_batches=1, sizes={"seq": 128})))
+    try:
+        feed = next(iter(synthetic(loaded.inputs, n_batches=1, sizes={"seq": 128})))
+    except DataError as exc:  # an input slimc cannot invent: MACs at the declared shapes only
+        feed, note = None, f"MACs at declared shapes only: {exc}"
+    else:
+        note = None
     stats = model_stats(loaded.model, feed)
     info = {
         "source": loaded.source,
         "task": loaded.task,
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape), "kind": s.kind} for s in loaded.inputs],
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape), "kind": s.kind, "batch_axis": s.batch_axis}
+                   for s in loaded.inputs],
+        "synthetic_inputs": feed is not None and _fed(loaded.inputs),
+        "notes": loaded.notes + ([note] if note else []),
         "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": str(v.shape)} for v in loaded.model.graph.outputs],
         **stats,
     }
@@ -197,15 +206,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {role}:")
         for v in info[role]:
             print(f"    {v['name']:<24} {v['dtype']:<10} {v['shape']}" + (f"  [{v['kind']}]" if "kind" in v else ""))
-    sizes = ", ".join(f"{k}={v}" for k, v in stats["macs_sizes"].items()) or "static shapes"
+    sizes = ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in stats["macs_inputs"].items()) or "declared shapes"
     print(f"  parameters: {stats['params']:,}  ({stats['weight_bytes'] / 1e6:.1f} MB of weights)")
     print(f"  MACs per sample ({sizes}): {stats['macs']:,}" + (
         f"  ({stats['macs_unresolved_nodes']} nodes unresolved)" if stats["macs_unresolved_nodes"] else ""))
     print(f"  nodes: {stats['nodes']}")
+    for line in info["notes"]:
+        print(f"  note: {line}")
     print("  ops: " + ", ".join(f"{op} {n}" for op, n in stats["op_histogram"].items()))
     if args.groups:
         _print_groups(info["groups"])
     return 0
+
+
+def _fed(specs) -> list[str]:
+    from slimc.data_synthetic import describe
+
+    return [describe(s, s.concrete_shape({"seq": 128})) for s in specs]
 
 
 def _groups(model) -> list[dict]:

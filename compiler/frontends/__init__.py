@@ -55,9 +55,14 @@ def load(
 
 
 def _bare(model: ir.Model, source: str, paths: tuple[Path, ...] = ()) -> LoadedModel:
-    """A graph with no front-end facts: input kinds and task are inferred from the graph."""
+    """A graph with no front-end facts: brought to slimc's form (`slimc.normalize`: Constant weights
+    become initializers), then input kinds, sizes and task are inferred from the graph."""
+    from slimc.normalize import normalize
+
+    notes = normalize(model)
     inputs = infer_input_specs(model)
-    return LoadedModel(model=model, inputs=inputs, task=infer_task(model, inputs), source=source, source_paths=paths)
+    return LoadedModel(model=model, inputs=inputs, task=infer_task(model, inputs), source=source, source_paths=paths,
+                       notes=notes)
 
 
 def _is_onnx_proto(source: Any) -> bool:
