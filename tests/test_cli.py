@@ -147,3 +147,15 @@ def test_sparsify_and_layerskip_from_the_command_line(zoo_model, tmp_path, capsy
     assert main([str(model), "--passes", "layerskip(count=1)", "-o", str(bad), "-q"]) == 2
     err = capsys.readouterr().err
     assert "--calib" in err and "Traceback" not in err and not bad.exists()
+
+
+def test_ort_mobile_receipt_names_the_written_files_and_stderr_stays_quiet(cnn_file, tmp_path, capsys, caplog):
+    out, receipt = tmp_path / "phone.ort", tmp_path / "receipt.json"
+    assert main([str(cnn_file), "--passes", "cleanup", "--target", "ort-mobile", "-o", str(out), "--receipt",
+                 str(receipt), "--no-latency"]) == 0
+    captured = capsys.readouterr()
+    assert "Created config" not in captured.err
+    assert not any("Created config" in r.getMessage() for r in caplog.records)  # ORT logs through the root logger
+    assert "target ort-mobile: phone.ort" in captured.out and "on 2 batches" in captured.out
+    names = [f["name"] for f in json.loads(receipt.read_text())["target"]["files"]]
+    assert names == ["phone.ort", "phone.required_operators.config"]

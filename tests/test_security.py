@@ -239,7 +239,7 @@ def test_hf_folder_with_custom_code_never_runs_it(tmp_path):
     (folder / "modeling_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
     (folder / "configuration_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
     safetensors.save_file({"w": np.ones((2, 2), np.float32)}, str(folder / "model.safetensors"))
-    with pytest.raises(ModelLoadError):
-        frontends.load(folder, cache_dir=tmp_path / "cache")
+    with pytest.raises(UnsafeModelError, match="never runs a model folder's code"):
+        frontends.load(folder, cache_dir=tmp_path / "cache")  # and no "run the custom code? [y/N]" prompt
     assert not marker.exists()
     assert "modeling_evil" not in str(os.listdir(tmp_path))  # nothing copied into a modules cache here either

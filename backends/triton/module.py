@@ -158,10 +158,12 @@ def save(program, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike):
-    """A ``.pt2`` written by slimc: the kernels' custom ops are registered, then ``torch.export.load``."""
+    """A ``.pt2`` written by slimc: the kernels' custom ops are registered, then the archive is read
+    as every ``.pt2`` is (`slimc.frontends.pt2.read_program`: no pickles, no code from the file)."""
     import slimc.kernels  # noqa: F401 - registers torch.ops.slimc.*
+    from slimc.frontends.pt2 import read_program
 
-    return torch.export.load(str(path))
+    return read_program(Path(path))
 
 
 @contextlib.contextmanager

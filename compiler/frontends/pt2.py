@@ -26,7 +26,7 @@ def load_pt2(path: str | os.PathLike, *, input_names: list[str] | None = None, d
     from slimc.frontends import torch_module
 
     path = Path(path)
-    program = _read_program(path)
+    program = read_program(path)
     loaded = torch_module.load_module(
         program, None, input_names=input_names, dynamic=dynamic, source=f"{path.name} (torch.export archive)"
     )
@@ -34,7 +34,8 @@ def load_pt2(path: str | os.PathLike, *, input_names: list[str] | None = None, d
     return loaded
 
 
-def _read_program(path: Path):
+def read_program(path: Path):
+    """The archive's ExportedProgram, read without unpickling or evaluating anything from it."""
     from slimc.frontends.torch_module import quiet_exporter
 
     try:
