@@ -59,7 +59,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of 2-D arrays; two all-zero rows are identical (1), one zero row is 0."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    cos = np.clip((a * b).sum(-1) / np.where(den > 0, den, 1.0), -1.0, 1.0)
+    with np.errstate(invalid="ignore"):  # NaN rows give NaN, counted as non-finite elsewhere
+        cos = np.clip((a * b).sum(-1) / np.where(den > 0, den, 1.0), -1.0, 1.0)
     # Identical rows are exactly 1 (rounding would give 0.9999999999999998); a zero row vs another is 0.
     return np.where((a == b).all(axis=-1), 1.0, np.where(den > 0, cos, 0.0))
 

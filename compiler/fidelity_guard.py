@@ -1,7 +1,7 @@
 """The fidelity guard: after the passes, the result's measured fidelity is checked twice.
 
-1. **Collapse thresholds**, always: one per task, on the task's own metric (see
-   `slimc.evaluate` for the definitions). A result below it no longer behaves like its input;
+1. **Collapse thresholds**, always: per task, on the task's own metrics (see `slimc.evaluate`
+   for the definitions). A result that misses one no longer behaves like its input;
    the compile still succeeds, but the receipt carries a ``warnings`` entry and the CLI prints
    a warning (even with ``-q``):
 
@@ -11,7 +11,8 @@
    encoder              ``embedding_cosine``             ``< 0.9``
    classifier,          ``top1_agreement``               ``< 0.5``
    image-classifier
-   causal-lm            ``perplexity_ratio``             ``> 2.0``
+   causal-lm            ``perplexity_ratio``,            ``> 2.0``,
+                        ``next_token_top1_agreement``    ``< 0.5``
    generic (or the      ``sqnr_db`` of the main output   ``< 10`` dB
    task metric could
    not be measured)
@@ -55,9 +56,6 @@ TASK_METRICS = {
 ALIASES = {"top1": None, "ppl_ratio": "perplexity_ratio", "sqnr": "sqnr_db", "kl": "kl_divergence"}  # top1: by task
 MAIN_METRIC = {"classifier": "top1_agreement", "image-classifier": "top1_agreement", "causal-lm": "perplexity_ratio",
                "encoder": "embedding_cosine", "generic": "cosine"}
-COLLAPSE = {"classifier": ("top1_agreement", ">=", 0.5), "image-classifier": ("top1_agreement", ">=", 0.5),
-            "causal-lm": ("perplexity_ratio", "<=", 2.0), "encoder": ("embedding_cosine", ">=", 0.9),
-            "generic": ("sqnr_db", ">=", 10.0)}
 _BOUND = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|=>|=<|>|<|==|=)\s*([^\s]+)\s*$")
 
 
@@ -74,6 +72,15 @@ class Bound:
 
     def holds(self, measured: float) -> bool:
         return measured >= self.value if self.op == ">=" else measured <= self.value
+
+
+COLLAPSE = {  # task -> the bounds a result must meet not to count as collapsed (all of them)
+    "classifier": (Bound("top1_agreement", ">=", 0.5),),
+    "image-classifier": (Bound("top1_agreement", ">=", 0.5),),
+    "causal-lm": (Bound("perplexity_ratio", "<=", 2.0), Bound("next_token_top1_agreement", ">=", 0.5)),
+    "encoder": (Bound("embedding_cosine", ">=", 0.9),),
+    "generic": (Bound("sqnr_db", ">=", 10.0),),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +178,12 @@ def _check(metrics: dict[str, Any], bound: Bound, source: str) -> dict[str, Any]
             "ok": None if value is None else bound.holds(value)}
 
 
-def _collapse_check(metrics: dict[str, Any], task: str) -> dict[str, Any]:
-    metric, op, threshold = COLLAPSE[task]
-    check = _check(metrics, Bound(metric, op, threshold), f"collapse threshold ({task})")
-    if check["value"] is None and task != "generic":  # e.g. no perplexity without token ids: fall back
-        metric, op, threshold = COLLAPSE["generic"]
-        check = _check(metrics, Bound(metric, op, threshold), f"collapse threshold (generic; {task} metric not measured)")
-    return check
+def _collapse_checks(metrics: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    checks = [_check(metrics, bound, f"collapse threshold ({task})") for bound in COLLAPSE[task]]
+    if all(c["value"] is None for c in checks) and task != "generic":  # e.g. no perplexity without token ids
+        checks = [_check(metrics, bound, f"collapse threshold (generic: no {task} metric measured)")
+                  for bound in COLLAPSE["generic"]]
+    return checks
 
 
 def _describe(check: dict[str, Any]) -> str:
@@ -198,17 +204,17 @@ def check(fidelity: dict[str, Any], task: str, bounds: tuple[Bound, ...] = ()) -
         raise VerificationError(
             f"the compiled model gives NaN or inf on {broken} output values {on} where the input model is finite. "
             "Nothing was written; use milder pass options, or report it if they were reasonable.")
-    collapse = _collapse_check(metrics, task)
-    checks = [collapse] + [_check(metrics, b, "max_loss") for b in bounds]
-    failed = [c for c in checks[1:] if c["ok"] is not True]
+    collapse = _collapse_checks(metrics, task)
+    limits = [_check(metrics, b, "max_loss") for b in bounds]
+    failed = [c for c in limits if c["ok"] is not True]
     if failed:
         raise FidelityGuardError(
             "the result fails max_loss: " + "; ".join(map(_describe, failed)) + f" (measured {on}). Nothing was "
             "written. Use milder passes (a lower prune ratio, int8 instead of int4) or loosen --max-loss / max_loss=.")
-    warnings = []
-    if collapse["ok"] is False:
-        warnings.append(
-            f"FIDELITY COLLAPSED: {_describe(collapse)} ({collapse['source']}), measured {on}. The result no longer "
-            "behaves like the input model: use milder passes, or set --max-loss to refuse such results.")
-    status = {False: "collapsed", None: "not measured", True: "ok"}[collapse["ok"]]
-    return {"status": status, "checks": checks, "warnings": warnings}
+    collapsed = [c for c in collapse if c["ok"] is False]
+    warnings = [
+        f"FIDELITY COLLAPSED: {'; '.join(map(_describe, collapsed))} ({collapsed[0]['source']}), measured {on}. The "
+        "result no longer behaves like the input model: use milder passes, or set --max-loss to refuse such results."
+    ] if collapsed else []
+    status = "collapsed" if collapsed else "ok" if any(c["ok"] for c in collapse) else "not measured"
+    return {"status": status, "checks": collapse + limits, "warnings": warnings}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import typing
 from typing import Any
@@ -231,6 +232,8 @@ def _coerce_scalar(value: Any, annotation: Any) -> Any:
         raise ValueError(f"expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan passes every range check (all comparisons are False)
+                raise ValueError(f"expected a finite number, got {value!r}")
             return float(value)
         raise ValueError(f"expected a number, got {value!r}")
     if annotation is str:

@@ -144,9 +144,13 @@ def test_a_decompression_bomb_png_is_a_data_error(loaded, tmp_path, cnn_path, ca
     assert rc == 2 and "bomb.png" in err and "Traceback" not in err
 
 
-def test_a_truncated_image_is_a_data_error(loaded, tmp_path):
+@pytest.mark.parametrize("name, content", [
+    ("broken.png", _png_header(16, 16)),  # a valid header, too little pixel data: Pillow's OSError
+    ("maxval0.ppm", b"P6\n4 4\n0\n" + b"\x00" * 48),  # Pillow raises ValueError for this header
+], ids=["truncated-png", "ppm-maxval-0"])
+def test_an_undecodable_image_is_a_data_error(loaded, tmp_path, name, content):
     folder = tmp_path / "images"
     folder.mkdir()
-    (folder / "broken.png").write_bytes(_png_header(16, 16))  # a valid header, too little pixel data
-    with pytest.raises(DataError, match="cannot read image .*broken.png"):
+    (folder / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"cannot read image .*{name}"):
         data.load(folder, loaded)

@@ -99,6 +99,12 @@ def test_an_unclosed_quote_is_refused_not_truncated(spec):
         parse_pipeline(spec)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_numbers_are_refused_for_float_options(value):
+    with pytest.raises(PassConfigError, match="option 'min_speedup': expected a finite number"):
+        parse_pipeline(f"int8(min_speedup={value})")
+
+
 def test_closed_quotes_keep_every_character():
     (_, options), = _Parser("prune(ignore=['mm0x', \"it's\"])").pipeline()
     assert options["ignore"] == ["mm0x", "it's"]
