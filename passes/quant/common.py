@@ -112,7 +112,11 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
         batch = data.synthetic(ctx.loaded.inputs, n_batches=1, seed=ctx.seed + 2000, sizes={"seq": 64})[0]
     if batch is None:
         raise DataError("the latency guard needs an example input: pass calibration data.")
-    feed = {k: np.asarray(v)[:1] for k, v in batch.items()}
+    from slimc.backends.timing import latency_feed as one_sample
+
+    # one sample where axis 0 is a dynamic batch; fixed dims and 0-d inputs whole (what the model accepts)
+    feed = one_sample(batch, ctx.loaded.inputs if ctx is not None and ctx.loaded is not None else None)
+    feed = {k: np.asarray(v) for k, v in feed.items()}
     if seq is not None:
         feed = {k: (v[:, :seq] if v.ndim >= 2 and not np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
     return feed
