@@ -209,13 +209,13 @@ class Fp16(Pass):
         for node in nodes:
             if node.op_type in default and _has_float_io(node):
                 blocked[node.name] = (node.op_type, "no float16 support (ORT converter's block list)")
-        for node in without_fp16_kernel(model, [n for n in nodes if n.name not in blocked]):
-            blocked[node.name] = (node.op_type, "ONNX Runtime cannot load it in float16 (no kernel, or an attribute fixes its type)")
         if self.keep_fragile:
             for node in _norm_statistics(nodes):
                 blocked.setdefault(node.name, (node.op_type, "norm statistics: x**2 overflows float16 above 256"))
             for node in _position_angles(nodes):
                 blocked.setdefault(node.name, (node.op_type, "position angles: float16 positions are inexact above 2048"))
+        for node in without_fp16_kernel(model, [n for n in nodes if n.name not in blocked]):
+            blocked[node.name] = (node.op_type, "ONNX Runtime cannot load it in float16 (no kernel, or an attribute fixes its type)")
         unmatched = []
         for pattern in self.block or []:
             hits = [n for n in nodes if n.op_type == pattern or common.node_matches(n, [pattern])]

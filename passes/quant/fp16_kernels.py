@@ -95,6 +95,10 @@ def _loads(signature: tuple, *, half: bool, check: bool) -> bool:
     for blob in attrs:
         attr = onnx.AttributeProto()
         attr.ParseFromString(blob)
+        # the converter retypes these itself (Cast's target, the dtype of EyeLike, Random*, ...)
+        if half and attr.type == onnx.AttributeProto.INT and attr.i == int(_FLOAT) and (
+                attr.name == "dtype" or (attr.name == "to" and op_type == "Cast")):
+            attr.i = int(_HALF)
         node.attribute.append(attr)
     graph = onnx.helper.make_graph([node], "probe", [info(n, e) for n, e in zip(in_names, inputs) if e is not None],
                                    [info(n, e) for n, e in zip(out_names, outputs) if e is not None])
