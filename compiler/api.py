@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 import weakref
 from pathlib import Path
@@ -28,7 +29,7 @@ from slimc import __version__, progress
 from slimc import workdir as workdirs
 from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
-from slimc.errors import PassFailedError, SlimcError, VerificationError
+from slimc.errors import BackendError, DataError, PassFailedError, SlimcError, VerificationError
 from slimc.model import LoadedModel
 from slimc.onnx_io import check_output_path, copy_model, save_onnx
 from slimc.pass_spec import parse_pipeline
@@ -162,7 +163,9 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
     workdir = workdirs.new("run")
     work = Path(workdir.name)
-    baseline = _baseline_stage(loaded, work / "00-input.onnx", verify_batches, evalset, threads)
+    explain = (lambda exc: _synthetic_failure(exc, loaded.inputs, evalset)) if evalset.synthetic else None
+    baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True,
+                      explain=explain)
     full_check = baseline.full_check
     before = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": baseline.bytes_on_disk}
     verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
@@ -313,25 +316,9 @@ def _evaluation_set(evaluation: Any, loaded: LoadedModel, seq_len: int, seed: in
     return data.synthetic(loaded.inputs, n_batches=4, seed=seed + 1000, sizes={"seq": min(seq_len, 64)})
 
 
-def _baseline_stage(loaded: LoadedModel, path: Path, batches, evalset, threads) -> Stage:
-    """The input model staged and run; if it cannot run on inputs slimc invented, that is a data problem."""
-    from slimc.errors import BackendError, DataError
-
-    try:
-        return _stage("input", loaded.model, path, batches, threads, full_check=True)
-    except BackendError as exc:
-        if not evalset.synthetic or "failed to run" not in str(exc):
-            raise
-        raise DataError(
-            f"the input model does not run on the synthetic inputs slimc made ({evalset.source}): {exc}. The model "
-            "needs inputs slimc cannot guess from the graph: pass data it accepts, --eval FILE (and --calib FILE) on "
-            "the command line or evaluation= / calibration= in Python (see docs/data.md); --static-shapes also sizes "
-            "the synthetic inputs."
-        ) from None
-
-
-def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_check: bool) -> Stage:
-    """Save ``model``, check it, load it in ORT and run the verification batches."""
+def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_check: bool, explain=None) -> Stage:
+    """Save ``model``, check it, load it in ORT and run the verification batches (a run that fails
+    raises ``explain(error)`` when given)."""
     passed_full = full_check
     with progress.step(f"saving and checking {label}"):
         save_onnx(model, path)
@@ -347,8 +334,29 @@ def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_ch
         else:
             check_model_file(path, full=False)
         session = ort_backend.create_session(path, threads)
-        outputs = [ort_backend.run(session, batch) for batch in batches]
+        try:
+            outputs = [ort_backend.run(session, batch) for batch in batches]
+        except BackendError as exc:
+            if explain is None:
+                raise
+            raise explain(exc) from None
     return Stage(label=label, path=path, session=session, outputs=outputs, full_check=passed_full)
+
+
+def _synthetic_failure(exc: BackendError, inputs, evalset) -> DataError:
+    """The input model fails on the random inputs slimc made: say so, name the inputs, ask for data."""
+    message = str(exc)
+    named = [s.name for s in inputs if s.name and re.search(rf"\b{re.escape(s.name)}\b", message)]
+    # Inputs that steer shapes rather than carry data: integers, booleans, scalars and short vectors
+    # (Resize scales/sizes, Reshape shapes, Slice steps, OneHot depth, divisors, axes).
+    params = [s.name for s in inputs if s.kind in ("int", "bool") or len(s.shape) <= 1]
+    suspects = named or params or [s.name for s in inputs]
+    return DataError(
+        f"the input model fails on the synthetic inputs slimc made for it (random values, no --eval data given): "
+        f"{message}. Random values do not fit input(s) {', '.join(map(repr, suspects))} (shapes, scales, sizes, "
+        f"indices, counts or divisors need real values; slimc fed {evalset.source}). Pass real inputs: --eval "
+        "(evaluation=) with a .npz of arrays keyed by input name, and --calib (calibration=) for int8/int4/prune."
+    )
 
 
 def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str]) -> PassReport:

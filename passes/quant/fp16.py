@@ -21,7 +21,10 @@ float32 and repairs what the converter gets wrong on exported graphs:
      angle is off by up to 2 rad.
 
    The converter's own block list (ops with no float16 kernels or semantics: ``Range``,
-   ``TopK``, ``NonMaxSuppression``, ``CumSum``, ``Min``/``Max``, the ML ops ...) always applies;
+   ``TopK``, ``NonMaxSuppression``, ``CumSum``, ``Min``/``Max``, the ML ops ...) always applies,
+   and so does what the installed ONNX Runtime says it cannot load in float16
+   (`slimc.passes.quant.fp16_kernels`: ``Celu``, ``HannWindow``, ...); these are kept float32 with
+   Casts around them instead of refusing the model;
    ``block=`` adds op types (exact names) and globs on node names, module paths and weight
    names (`common.node_matches`).
 3. **Constants beyond the float16 range** (``|x| > 65504``: attention-mask fills such as
@@ -64,6 +67,7 @@ from slimc.analysis import count_params
 from slimc.errors import PassConfigError
 from slimc.onnx_io import copy_model
 from slimc.passes.quant import common
+from slimc.passes.quant.fp16_kernels import runtime_failure, without_fp16_kernel
 from slimc.pipeline import Pass, PassContext, PassReport
 
 log = logging.getLogger("slimc")
@@ -145,7 +149,7 @@ class Fp16(Pass):
 
         blocked, unmatched = self._blocked(work)
         clip = _clip_constants(work, set(blocked), self.clip_to)
-        converted = self._convert(work, blocked)
+        converted = self._convert_runnable(work, blocked, ctx)
 
         cast_stats = _fold_casts(converted)
         ir_common.RemoveUnusedNodesPass()(converted)
@@ -210,6 +214,8 @@ class Fp16(Pass):
                 blocked.setdefault(node.name, (node.op_type, "norm statistics: x**2 overflows float16 above 256"))
             for node in _position_angles(nodes):
                 blocked.setdefault(node.name, (node.op_type, "position angles: float16 positions are inexact above 2048"))
+        for node in without_fp16_kernel(model, [n for n in nodes if n.name not in blocked]):
+            blocked[node.name] = (node.op_type, "ONNX Runtime cannot load it in float16 (no kernel, or an attribute fixes its type)")
         unmatched = []
         for pattern in self.block or []:
             hits = [n for n in nodes if n.op_type == pattern or common.node_matches(n, [pattern])]
@@ -218,6 +224,29 @@ class Fp16(Pass):
             for node in hits:
                 blocked[node.name] = (node.op_type, f"block={pattern}")
         return blocked, unmatched
+
+    def _convert_runnable(self, model: ir.Model, blocked: dict[str, tuple[str, str]], ctx: PassContext) -> ir.Model:
+        """`_convert`, then run once in ORT: an op its float16 kernel refuses at run time stays float32
+        (every node of that type) and the model is converted again (`fp16_kernels.runtime_failure`)."""
+        try:
+            feed = common.latency_feed(ctx, model)
+        except Exception:  # noqa: BLE001 - no example input: the load probes are all there is
+            feed = None
+        converted = self._convert(model, blocked)
+        for _ in range(8):
+            ir_common.TopologicalSortPass()(converted)
+            failure = runtime_failure(converted, model, feed)
+            if failure is None:
+                break
+            node, why = failure
+            fresh = [n for n in model.graph.all_nodes() if n.op_type == node.op_type and n.domain == node.domain
+                     and n.name not in blocked and _has_float_io(n)]
+            if not fresh:
+                break
+            for n in fresh:
+                blocked[n.name] = (n.op_type, f"ONNX Runtime fails on it in float16 ({why[:160]})")
+            converted = self._convert(model, blocked)
+        return converted
 
     def _convert(self, model: ir.Model, blocked: dict[str, tuple[str, str]]) -> ir.Model:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
