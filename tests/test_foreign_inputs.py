@@ -140,6 +140,12 @@ def test_parameter_and_string_inputs_ask_for_data():
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(reshape_by_input())))
     with pytest.raises(DataError, match=r"input 'words': it is a string tensor.*--eval"):
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(string_matcher())))
+    silero_like = ir.serde.deserialize_model(streaming_vad())
+    for node in list(silero_like.graph.all_nodes()):  # sr tested against nothing: its valid values are unknown
+        if node.op_type == "Equal":
+            node.replace_input_with(0, node.inputs[1])
+    with pytest.raises(DataError, match=r"input 'sr': it is a 0-d integer.*--eval"):
+        data.synthetic(infer_input_specs(silero_like))
 
 
 # ---------------------------------------------------------------- data for such models
