@@ -252,8 +252,8 @@ def fed_shapes(model: ir.Model, feed: dict[str, Any] | None) -> dict[str, list[i
     for value in model.graph.inputs:
         if feed is not None and value.name in feed and value.shape is not None:
             dims = [int(d) for d in getattr(feed[value.name], "shape", ())]
-            if dims and len(dims) == len(value.shape) and not isinstance(value.shape[0], int):
-                dims[0] = 1
+            if len(dims) == len(value.shape):  # declared static dims win (a pinned batch of 1 stays 1)
+                dims = [d if isinstance(d, int) else (1 if axis == 0 else dims[axis]) for axis, d in enumerate(value.shape)]
             shapes[value.name] = dims
     return shapes
 

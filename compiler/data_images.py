@@ -17,13 +17,13 @@ from slimc.data import (
     Batch,
     Dataset,
     DEFAULT_BATCH_SIZE,
-    _groups,
     IMAGE_SUFFIXES,
     _LazyBatches,
     _shape_str,
     to_numpy,
     validate_batch,
 )
+from slimc.data_batching import _groups
 from slimc.errors import DataError, first_line
 from slimc.model import InputSpec, LoadedModel
 
@@ -56,7 +56,7 @@ def _image_layout(spec: InputSpec, pre: dict[str, Any], fallback: tuple[int, int
     last = isinstance(shape[3], int) and shape[3] in (1, 3) and not (isinstance(shape[1], int) and shape[1] in (1, 3))
     channels = shape[3 if last else 1] if isinstance(shape[3 if last else 1], int) else 3
     static = shape[1:3] if last else shape[2:4]
-    size = pre.get("size") or (tuple(static) if all(isinstance(d, int) for d in static) else fallback)
+    size = (tuple(static) if all(isinstance(d, int) for d in static) else None) or pre.get("size") or fallback
     if size is None:
         raise DataError(
             f"{label}: input {spec.name!r} has dynamic height/width {_shape_str(spec.shape)} and the model states "

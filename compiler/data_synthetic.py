@@ -17,7 +17,7 @@ int, bounded           integers uniform in ``[0, depth)`` of the ``OneHot`` it f
 int, other             zeros (a valid index for any table; no value range is known)
 =====================  ======================================================================
 
-An input whose value cannot be invented (a shape, size, axis or count; a string) makes
+An input whose value cannot be invented (a shape, size, axis or count; another 0-d integer; a string) makes
 `synthetic` raise a `DataError` that names it and asks for data.
 """
 

@@ -17,8 +17,9 @@ synthetic data need, read only from the graph and its metadata:
 - **Values**: an integer input compared with ``Equal`` against constants (a sample rate choosing
   an ``If`` branch) takes one of those constants; an integer input that indexes a constant table
   (``Gather``) or feeds ``OneHot`` stays below the table's rows or the depth. An input that sets a
-  shape, size, axis or count (``Reshape``'s shape, ``Resize``'s scales, ``Slice``'s steps...) and a
-  string input cannot be invented: synthetic data refuses them with a `DataError` that asks for data.
+  shape, size, axis or count (``Reshape``'s shape, ``Resize``'s scales, ``Slice``'s steps...), any
+  other 0-d integer (a setting whose valid values the graph does not show) and a string input
+  cannot be invented: synthetic data refuses them with a `DataError` that asks for data.
 """
 
 from __future__ import annotations

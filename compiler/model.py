@@ -170,6 +170,9 @@ def infer_input_specs(model: ir.Model) -> list[InputSpec]:
             spec.needs_data = f"it sets {use}, which random values would break"
         if kind == "int" and (values := input_rules.compared_constants(value)):
             spec.values, spec.needs_data = values, None
+        elif kind == "int" and not shape and high is None and spec.needs_data is None:
+            spec.needs_data = ("it is a 0-d integer, a setting such as a sample rate or a step count, and the graph "
+                               "does not show which values it accepts")
         specs.append(spec)
     for spec, axis in zip(specs, input_rules.batch_axes([s.shape for s in specs])):
         spec.batch_axis = axis

@@ -92,6 +92,17 @@ def test_metadata_image_size_sizes_synthetic_inputs_and_macs(tmp_path):
     assert result.receipt.before["macs_unresolved_nodes"] == 0
 
 
+def test_image_folder_is_resized_to_the_metadata_size(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    loaded = frontends.load(_save(sized_detector(32), tmp_path))
+    ds = data.load(tmp_path / "photos", loaded)
+    assert ds[0]["images"].shape == (3, 3, 32, 32) and "at 32x32" in ds.source
+
+
 def test_static_shapes_size_synthetic_inputs(tmp_path):
     path = _save(sized_detector(32, metadata=False), tmp_path)
     with pytest.raises(DataError, match="does not run on the synthetic inputs.*224x224.*--eval"):
@@ -129,6 +140,12 @@ def test_parameter_and_string_inputs_ask_for_data():
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(reshape_by_input())))
     with pytest.raises(DataError, match=r"input 'words': it is a string tensor.*--eval"):
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(string_matcher())))
+    silero_like = ir.serde.deserialize_model(streaming_vad())
+    for node in list(silero_like.graph.all_nodes()):  # sr tested against nothing: its valid values are unknown
+        if node.op_type == "Equal":
+            node.replace_input_with(0, node.inputs[1])
+    with pytest.raises(DataError, match=r"input 'sr': it is a 0-d integer.*--eval"):
+        data.synthetic(infer_input_specs(silero_like))
 
 
 # ---------------------------------------------------------------- data for such models
@@ -201,7 +218,7 @@ def test_string_inputs_are_accepted(tmp_path):
 def _shipped(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the package without importing it (and its deps)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{package} is not installed (pip install -e '.[dev]')")
+        pytest.skip(f"{package} is not installed (scripts/install.sh dev installs it)")
     path = Path(spec.submodule_search_locations[0]) / relative
     if not path.is_file():
         pytest.skip(f"{package} ships no {relative} in this version")

@@ -59,10 +59,14 @@ def _bare(model: ir.Model, source: str, paths: tuple[Path, ...] = ()) -> LoadedM
     become initializers), then input kinds, sizes and task are inferred from the graph."""
     from slimc.normalize import normalize
 
+    from slimc.input_rules import metadata_image_size
+
     notes = normalize(model)
     inputs = infer_input_specs(model)
+    stated = metadata_image_size(model)  # image folders are resized to the size the model states
+    preprocess = {"size": stated[0]} if stated is not None and any(s.kind == "image" for s in inputs) else None
     return LoadedModel(model=model, inputs=inputs, task=infer_task(model, inputs), source=source, source_paths=paths,
-                       notes=notes)
+                       notes=notes, image_preprocess=preprocess)
 
 
 def _is_onnx_proto(source: Any) -> bool:

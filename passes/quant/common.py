@@ -104,6 +104,7 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
     positions: ``seq=1`` times a decode-sized step, the calibration length times a prefill.
     """
     from slimc import data
+    from slimc.data_batching import first_samples
 
     batch = None
     if ctx is not None and ctx.calibration is not None and len(ctx.calibration):
@@ -113,7 +114,7 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
     if batch is None:
         raise DataError("the latency guard needs an example input: pass calibration data.")
     inputs = ctx.loaded.inputs if ctx is not None and ctx.loaded is not None else None
-    feed = data.first_samples(batch, inputs, 1)
+    feed = first_samples(batch, inputs, 1)
     if seq is not None:
         feed = {k: (v[:, :seq] if v.ndim >= 2 and not np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
     return feed
