@@ -355,7 +355,8 @@ def _synthetic_failure(exc: BackendError, inputs, evalset) -> DataError:
         f"the input model fails on the synthetic inputs slimc made for it (random values, no --eval data given): "
         f"{message}. Random values do not fit input(s) {', '.join(map(repr, suspects))} (shapes, scales, sizes, "
         f"indices, counts or divisors need real values; slimc fed {evalset.source}). Pass real inputs: --eval "
-        "(evaluation=) with a .npz of arrays keyed by input name, and --calib (calibration=) for int8/int4/prune."
+        "(evaluation=) with a .npz of arrays keyed by input name, and --calib (calibration=) for int8/int4/prune "
+        "(see docs/data.md); --static-shapes also sizes the synthetic inputs."
     )
 
 
