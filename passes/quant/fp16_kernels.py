@@ -48,6 +48,10 @@ def without_fp16_kernel(model: ir.Model, nodes: list[ir.Node]) -> list[ir.Node]:
 def _probe_skipped(node: ir.Node, local_functions: set[tuple[str, str]]) -> bool:
     if (node.domain, node.op_type) in local_functions:
         return True
+    if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        # The converter rewrites a Constant's tensor itself; blocking one (inside an If/Loop body the ORT
+        # converter then casts it in the wrong graph) would only keep a constant float32.
+        return True
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
         return True
     values = [v for v in (*node.inputs, *node.outputs) if v is not None]
