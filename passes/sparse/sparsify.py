@@ -22,7 +22,7 @@
    the outlier ratio and the sparsity are per *residual block* (``owl_granularity=block``: the
    Wanda scores of all the block's weights pooled; the blocks come from the dataflow analysis
    of `slimc.passes.skip.blocks`, weights outside any block form their own group); ``layer``
-   gives every weight matrix its own ratio, which measured worse on SmolLM2 (README).
+   gives every weight matrix its own ratio, which measured worse on SmolLM2 (docs/passes/sparsify.md).
 5. Masks and updates per layer (`slimc.passes.sparse.masks`), written back in the stored layout.
 
 The result is a dense ONNX model with zeros: ONNX Runtime has no sparse kernels on CPU, so it
