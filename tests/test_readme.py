@@ -67,3 +67,14 @@ def test_quick_tour_block(lang, code, tmp_path):
 def test_quick_tour_real_models(tmp_path):
     for _, lang, code in (b for b in BLOCKS if b[0]):
         _check(_run(lang, code, tmp_path, timeout=3600), code)
+
+
+def test_every_pass_spec_in_the_readme_parses():
+    """The slow blocks' pipelines, checked without a model: a renamed option fails here first."""
+    from slimc.pass_spec import parse_pipeline
+
+    specs = [m.group(1) for _, lang, code in BLOCKS if lang == "bash" for m in re.finditer(r'--passes "([^"]+)"', code)]
+    specs += [m.group(1) for _, lang, code in BLOCKS if lang == "bash" for m in re.finditer(r"--passes ([^\s\"]+)", code)]
+    assert specs
+    for spec in specs:
+        assert parse_pipeline(spec), spec
