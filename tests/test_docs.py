@@ -166,3 +166,13 @@ def test_pass_pages_link_only_to_existing_pages():
             if not link.startswith("http") and not (page.parent / link).resolve().is_file():
                 broken.append(f"{page.relative_to(ROOT)} -> {link}")
     assert not broken, broken
+
+
+def test_slimc_passes_prints_the_same_help_as_the_docs(capsys):
+    from slimc.tools.cli import main
+
+    assert main(["passes"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the help is wrapped over lines
+    for name in passes.names():
+        for option, text in gen_docs.option_help(passes.get(name)).items():
+            assert " ".join(text.split()) in out, f"slimc passes does not show the help of {name}.{option}"
