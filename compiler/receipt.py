@@ -19,6 +19,23 @@ from slimc.pipeline import PassReport
 
 @dataclasses.dataclass
 class Receipt:
+    """What one compile changed, what it cost in fidelity and what it gained (docs/receipt.md has every key).
+
+    Attributes:
+        source: the model as given (a path, or the module's class name).
+        task: ``causal-lm``, ``encoder``, ``image-classifier``, ``classifier`` or ``generic``; picks the metrics.
+        passes: each pass's report, in order: what it changed and what it left alone, with reasons.
+        before: statistics of the input model: params, weight_bytes, bytes_on_disk, nodes, op_histogram, macs.
+        after: the same statistics of the result.
+        fidelity: the result against the input model on the evaluation data (``synthetic`` when none was given).
+        verification: the checks each stage passed (ONNX checker, ORT load, exactness for exact passes).
+        latency: ONNX Runtime CPU medians of both models measured alternately, ``speedup``, ``within_noise``.
+        notes: warnings about the run (synthetic evaluation data, calibration and evaluation from one source).
+        version: the slimc version that wrote it.
+        target: with ``target=``: the artifact, its fidelity and latency in the target runtime.
+        backend: with ``backend="triton"``: the torch module, its agreement with ONNX Runtime, torch latency.
+    """
+
     source: str
     task: str
     passes: list[PassReport]

@@ -46,7 +46,15 @@ def _counts(model: ir.Model) -> tuple[int, int, int]:
 
 @dataclasses.dataclass
 class Cleanup(Pass):
-    """Remove dead code, identities, duplicate subexpressions and weights; fold constants."""
+    """Remove dead code, identities, duplicate subexpressions and weights; fold constants.
+
+    Options:
+        fold_constants: evaluate nodes whose inputs are all constants (onnxscript's folder).
+        cse: merge nodes with the same op, attributes and inputs (common subexpression elimination).
+        dedupe_initializers: store byte-identical weights once.
+        fold_size_limit: largest folded tensor, in elements; bigger constants stay computed, to keep
+            files small.
+    """
 
     fold_constants: bool = True
     cse: bool = True

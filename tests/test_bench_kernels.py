@@ -1,5 +1,5 @@
 """The GPU benchmark tools in their CPU smoke mode: they run end to end and write their files.
-(Their numbers only mean something on a GPU; see README, "Backend triton".)"""
+(Their numbers only mean something on a GPU; see docs/backends/triton.md.)"""
 
 from __future__ import annotations
 

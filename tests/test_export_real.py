@@ -3,7 +3,7 @@ dense and after prune,int8, run in the target runtimes on held-out data.
 
 The bounds are on the *conversion* (the artifact against the compressed ONNX in ORT): a float
 artifact must reproduce it to float tolerance, an int8 one to the runtimes' int8 rounding
-differences; `tools/bench_targets.py` measured what the README table shows.
+differences; `tools/bench_targets.py` measured what docs/benchmarks.md shows.
 """
 
 from __future__ import annotations

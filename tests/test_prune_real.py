@@ -2,7 +2,7 @@
 
 Each pruned model passes the full ONNX checker (inside compile()'s verification and again
 here on the saved file) and runs in ORT at a batch size and sequence length other than the
-export's. Fidelity numbers for the README come from ``tools/prune_fidelity.py``.
+export's. Fidelity numbers in docs/passes/prune.md come from ``tools/prune_fidelity.py``.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_efficientnet_lite0_prunes_channels(tmp_path):
 
 
 def test_demo_prunes_minilm_and_writes_its_receipt(tmp_path):
-    """The README's first command runs this: a real model pruned, verified, measured."""
+    """`slimc demo` (the README's first command) runs this: a real model pruned, verified, measured."""
     import json
 
     from slimc.tools.demo import run_demo

@@ -1,5 +1,5 @@
 """Quantization on the real pretrained models (slow): fidelity bounds with a margin below what
-`tools/bench_quant.py` measured (README table), on held-out data, never the calibration set.
+`tools/bench_quant.py` measured (docs/benchmarks.md), on held-out data, never the calibration set.
 
 Latency is not asserted (DESIGN.md: no timing assertions in tests): every pass runs with
 ``force=true`` and the guard's numbers are only reported.

@@ -13,7 +13,7 @@ from slimc.tools import bench_quant
 
 pytestmark = pytest.mark.slow
 
-# measured with exactly this configuration (see the README table for the full benchmark)
+# measured with exactly this configuration (see docs/passes/sparsify.md for the full benchmark)
 WANDA_2_4_PPL_RATIO = 9.5  # measured 7.51 (perplexity 170.6 vs dense 22.7)
 MAGNITUDE_2_4_PPL_RATIO_AT_LEAST = 30.0  # measured 58.4
 

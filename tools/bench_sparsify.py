@@ -8,7 +8,7 @@ data; windows of 128 tokens, batches of 4). Every spec runs on a fresh copy of t
 model; the dense model's logits are computed once and reused. The table reports perplexity
 (dense and sparse), the perplexity ratio, achieved sparsity, whether the N:M layout holds, the
 deflate size of the file and the time the pass took. No latency column: the sparse model is a
-dense ONNX file with zeros and runs as fast as the dense one on ONNX Runtime CPU (see README).
+dense ONNX file with zeros and runs as fast as the dense one on ONNX Runtime CPU (see docs/passes/sparsify.md).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_sparsify", description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", action="append", help="a pass spec to measure (repeatable; default: the README table)")
+    parser.add_argument("--spec", action="append", help="a pass spec to measure (repeatable; default: the table in docs/passes/sparsify.md)")
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--data", type=Path, default=Path("slimc-data"), help="folder for the text files")

@@ -25,7 +25,7 @@ from typing import Any
 from slimc.tools import write_json, write_results
 
 CONFIGS = {
-    # EfficientNet-Lite0 barely survives channel pruning without fine-tuning (README, prune): 5% with FLAP
+    # EfficientNet-Lite0 barely survives channel pruning without fine-tuning (docs/passes/prune.md): 5% with FLAP
     # round_to=8: widths that are not multiples of 8 lose x86's blocked (NCHWc) conv kernels and ncnn's packing
     "efficientnet": {"dense": "cleanup", "pruned": "prune(ratio=0.05, importance=flap)", "int8": "int8(force=true)",
                      "pruned+int8": "prune(ratio=0.05, importance=flap),int8(force=true)",

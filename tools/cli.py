@@ -161,14 +161,20 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
+    import textwrap
+
     from slimc import passes
     from slimc.pass_spec import option_table
+    from slimc.tools.gen_docs import option_help
 
     for name in passes.names():
         cls = passes.get(name)
         print(f"{name}  ({'exact' if cls.exact else 'lossy'}): {cls.description}")
+        help_ = option_help(cls)  # the same text as the docs' option tables (the class docstring)
         for opt, typ, default in option_table(cls):
             print(f"    {opt:<22} {typ:<28} default {default!r}")
+            if help_.get(opt):
+                print(textwrap.fill(help_[opt], width=100, initial_indent=" " * 8, subsequent_indent=" " * 8))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Fidelity of `prune` on real pretrained models: the README's table comes from this script.
+"""Fidelity of `prune` on real pretrained models: the tables in docs/passes/prune.md come from this script.
 
     python -m slimc.tools.prune_fidelity [--models smollm2,minilm,efficientnet] [--out prune_fidelity.json]
                                          [--markdown prune_fidelity.md] [--eval-batches 12]

@@ -41,7 +41,32 @@ SOFT = {"hidden": "hidden", "head_dim": "head_dim"}  # targets that accept a sof
 
 @dataclasses.dataclass
 class Prune(Pass):
-    """Remove channels, FFN neurons, attention heads or KV groups, keeping the graph consistent."""
+    """Remove channels, FFN neurons, attention heads or KV groups, keeping the graph consistent.
+
+    Options:
+        ratio: fraction of each group's channels to remove, in [0, 1).
+        target: which groups: `auto` = `channels` (conv) + `ffn` (MLP neurons) + `heads` (attention
+            heads; with GQA, query heads per KV group); `kv_heads` (whole GQA groups: a KV head and
+            its query heads); `head_dim` (value head dims; q/k dims only if asked, approximate);
+            `hidden` (the residual width, approximate).
+        importance: `magnitude`: group L2 over every weight the group slices (data-free); `wanda`:
+            |W|·‖X‖ at the consumers; `flap`: Var(X)·‖W_col‖² at the consumers; `random`: seeded
+            baseline. `wanda` and `flap` need calibration data.
+        scope: `uniform`: every group loses `ratio`; `global`: one threshold over mean-normalised
+            scores of all chosen groups (the same total), at least one channel kept per group.
+        ratios_by_kind: per-kind ratios overriding `ratio`, e.g. `{attention: 0.2, mlp: 0.4}`;
+            kinds: attention, mlp, channels, hidden.
+        round_to: kept sizes of channel/FFN/hidden groups become multiples of N (e.g. 8 for CNNs on
+            CPUs, 64 for GPU kernels); heads are counted in heads.
+        ignore: glob patterns; a group whose module path, initializer or consumer node matches is
+            left alone.
+        compensate: `bias`: consumer bias += W_removed · mean(X_removed) (FLAP); `least_squares`:
+            refit the consumer's kept weights and bias from XᵀX (MatMul/Gemm consumers; Conv
+            consumers get `bias`). Needs calibration data.
+        calibration_batches: calibration batches streamed for the statistics.
+        change_interface: allow groups that reach graph inputs/outputs (e.g. the hidden width of
+            `last_hidden_state`); the report names the inputs/outputs whose size changed.
+    """
 
     ratio: float = 0.3
     target: Target = "auto"

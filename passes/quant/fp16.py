@@ -88,7 +88,18 @@ _FLOAT_WIDTH = {ir.DataType.FLOAT16: 16, ir.DataType.BFLOAT16: 16, ir.DataType.F
 
 @dataclasses.dataclass
 class Fp16(Pass):
-    """Convert float32 weights and computation to float16; norm statistics and position angles stay float32."""
+    """Convert float32 weights and computation to float16; norm statistics and position angles stay float32.
+
+    Options:
+        keep_io_types: `true`: graph inputs and outputs stay float32 (Casts at the boundary);
+            `false`: the interface becomes float16 and callers must feed float16.
+        block: more nodes to keep float32: op types (exact names, e.g. `Softmax`) and globs on node
+            names, module paths and weight names.
+        keep_fragile: keep numerically fragile subgraphs float32 (norm statistics, position angles).
+        clip_to: float32 constants beyond the float16 range (|x| > 65504) become ±clip_to.
+        min_speedup: none: no latency guard; a number: time the result on ONNX Runtime CPU and
+            refuse it when slower than this.
+    """
 
     keep_io_types: bool = True
     block: Optional[list[str]] = None

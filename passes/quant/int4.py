@@ -80,7 +80,27 @@ def _label(node: ir.Node) -> str:
 
 @dataclasses.dataclass
 class Int4(Pass):
-    """Weight-only 4-bit quantization of MatMul/Gemm weights to MatMulNBits (round to nearest or GPTQ)."""
+    """Weight-only 4-bit quantization of MatMul/Gemm weights to MatMulNBits (round to nearest or GPTQ).
+
+    Options:
+        block_size: weights per block along K, each with its own scale: 32, 64 or 128 (smaller is
+            more accurate, larger is smaller and faster).
+        symmetric: `true`: scale from the largest magnitude, zero point 8 (not stored); `false`: the
+            block's range over 15 steps with a stored 4-bit zero point.
+        method: `rtn`: round to nearest (data-free, ONNX Runtime's grid); `gptq`: GPTQ with error
+            feedback from the layer's input statistics XᵀX (needs calibration data).
+        accuracy_level: MatMulNBits' minimum compute precision: 4 = int8 (fast on CPU), 0 = the
+            activation's float type, 1-3 = fp32 / fp16 / bf16.
+        damp: GPTQ's dampening, H += damp · mean(diag H) · I (raised ×10 automatically if H is
+            still singular).
+        calibration_batches: calibration batches streamed for GPTQ's statistics.
+        exclude: glob patterns; a MatMul/Gemm whose node name, op type, module path or weight name
+            matches stays float (e.g. `[lm_head*]`).
+        min_speedup: the latency guard refuses a result whose measured speed-up is below this.
+        force: keep the result whatever the guard measures (e.g. for the size).
+        latency_seq: cut token inputs to this many positions for the guard's timing (`1` times one
+            decode step); none times the calibration length (a prefill).
+    """
 
     block_size: int = 32
     symmetric: bool = True

@@ -78,7 +78,31 @@ class Candidate:
 
 @dataclasses.dataclass
 class Int8(Pass):
-    """int8 weights and activations: static QDQ or dynamic, per op kind, whichever measures faster."""
+    """int8 weights and activations: static QDQ or dynamic, per op kind, whichever measures faster.
+
+    Options:
+        mode: `auto` builds every candidate that applies (static, dynamic, static Conv + dynamic
+            MatMul), measures them and keeps the fastest accurate one; `static` (QDQ, needs
+            calibration data) or `dynamic` (MatMulInteger, activation scales at run time).
+        per_channel: per-output-channel weight scales (per-tensor when false).
+        reduce_range: 7-bit weights; none = auto: on x86 CPUs without VNNI (AVX2 only), whose
+            uint8 × int8 kernel saturates in int16; off elsewhere.
+        calibrate: activation range calibrator: `minmax`, `percentile`, `entropy` (ONNX Runtime's).
+        percentile: the percentile for `calibrate=percentile`.
+        exclude: glob patterns on node names, op types, module paths and weight names; matches stay
+            float.
+        max_loss: fidelity bounds, all must hold: `sqnr` (min dB), `cosine`, `embedding_cosine`,
+            `top1`, `ppl` (max perplexity ratio), `kl`; e.g. `{ppl: 1.05}`. Nodes with the largest
+            errors are kept float until the bounds hold.
+        calibration_batches: calibration batches used for the activation ranges.
+        holdout_batches: calibration batches held back from the ranges, for the accuracy checks
+            (choosing between candidates, `max_loss`).
+        min_speedup: the latency guard's threshold: a result measured slower than this is refused
+            (`LatencyGuardError`, model unchanged).
+        force: keep a result the latency guard refuses (e.g. for the size).
+        latency_seq: sequence length of the guard's timing input for token models (`1` times a
+            decode step); none times the calibration length.
+    """
 
     mode: Literal["auto", "static", "dynamic"] = "auto"
     per_channel: bool = True

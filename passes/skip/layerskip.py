@@ -52,7 +52,22 @@ SCORES = ("influence", "loss")
 
 @dataclasses.dataclass
 class LayerSkip(Pass):
-    """Remove the residual blocks (or attention / MLP sub-layers) that change the stream least."""
+    """Remove the residual blocks (or attention / MLP sub-layers) that change the stream least.
+
+    Options:
+        count: how many units to remove (give `count` or `ratio`).
+        ratio: fraction of the units found to remove, rounded (give `count` or `ratio`).
+        unit: `block` (a whole layer), `attention` or `mlp` (one sub-layer of a layer).
+        score: `influence` (Block Influence, one calibration run) or `loss` (greedy by measured
+            loss, costlier and better).
+        protect_first: the first N units in graph order are never removed.
+        protect_last: the last N units in graph order are never removed.
+        shortlist: `score=loss`: how many lowest-influence candidates the greedy search tries
+            (none: 2 × count + 2).
+        calibration_batches: calibration batches for the influence statistics.
+        loss_batches: `score=loss`: calibration batches each greedy evaluation runs (none: all).
+        measure_latency: time the model before and after on ONNX Runtime CPU inside the pass.
+    """
 
     count: Optional[int] = None
     ratio: Optional[float] = None

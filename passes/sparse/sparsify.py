@@ -22,7 +22,7 @@
    the outlier ratio and the sparsity are per *residual block* (``owl_granularity=block``: the
    Wanda scores of all the block's weights pooled; the blocks come from the dataflow analysis
    of `slimc.passes.skip.blocks`, weights outside any block form their own group); ``layer``
-   gives every weight matrix its own ratio, which measured worse on SmolLM2 (README).
+   gives every weight matrix its own ratio, which measured worse on SmolLM2 (docs/passes/sparsify.md).
 5. Masks and updates per layer (`slimc.passes.sparse.masks`), written back in the stored layout.
 
 The result is a dense ONNX model with zeros: ONNX Runtime has no sparse kernels on CPU, so it
@@ -126,7 +126,29 @@ class _Layer:
 
 @dataclasses.dataclass
 class Sparsify(Pass):
-    """Zero weights of MatMul/Gemm/Conv: unstructured or N:M, by magnitude, Wanda or SparseGPT, uniform or OWL ratios."""
+    """Zero weights of MatMul/Gemm/Conv: unstructured or N:M, by magnitude, Wanda or SparseGPT, uniform or OWL ratios.
+
+    Options:
+        ratio: share of each layer's weights to zero, in [0, 1); implied by an N:M pattern (leave it
+            out); none with `unstructured` means 0.5.
+        pattern: `unstructured`, or `N:M` (`2:4`, `4:8`, ...): keep N of every M consecutive
+            weights along the input dimension.
+        method: `magnitude` (no data), `wanda`, `sparsegpt` (both need calibration data).
+        layerwise: `uniform`, or `owl`: outlier-weighted per-layer ratios (unstructured only), mean
+            kept at `ratio`.
+        owl_m: OWL's outlier threshold, as a multiple of the mean Wanda score.
+        owl_lambda: OWL's band: layer ratios stay within ratio ± owl_lambda.
+        owl_granularity: `block`: one ratio per residual block (the paper's); `layer`: one per
+            weight matrix.
+        exclude: glob patterns on node / module / weight names to leave dense (e.g. `[*lm_head*]`).
+        stages: calibration stages in dependency order (none: auto, up to 8); `1` measures
+            everything once on the dense model (fastest).
+        damp: SparseGPT's Hessian dampening, as a multiple of the mean diagonal.
+        block: SparseGPT's block of inputs (a multiple of M for N:M patterns).
+        calibration_batches: calibration batches per statistics run.
+        measure_zip: report the deflate size of the whole file before and after (a few seconds on
+            500 MB).
+    """
 
     ratio: Optional[float] = None
     pattern: str = "unstructured"
