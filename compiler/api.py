@@ -5,8 +5,9 @@ Read top to bottom, this is the whole compiler::
     loaded   = frontends.load(model)                 # any front end -> onnx_ir IR
     pipeline = parse_pipeline(passes)                # names/options -> Pass objects
     baseline = stage(input model)                    # saved, checked, loaded in ORT
-    for each pass: apply -> stage -> verify          # checker, ORT, exactness if declared
-    receipt  = stats + latency + fidelity            # measured in this run
+    for each pass: apply -> stage -> verify          # checker, ORT, no new NaN, exactness if declared
+    receipt  = stats + latency + fidelity            # measured in this run; the fidelity guard warns
+                                                     # on a collapse, refuses a miss of max_loss
     target   = export(prepared, target)              # optional: opset, static shapes, an edge
                                                      # runtime's artifact, run in that runtime
 """

@@ -118,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     import slimc
+    from slimc.fidelity_guard import parse_max_loss
     from slimc.onnx_io import check_output_path
     from slimc.pass_spec import parse_pipeline
-
-    from slimc.fidelity_guard import parse_max_loss
 
     passes = args.passes + (",fp16(keep_io_types=true)" if args.fp16 else "")
     parse_pipeline(passes)  # a bad spec fails before the (slow) load
@@ -152,7 +151,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.receipt)
         print(f"\nwrote {', '.join(map(str, written))}" if written else "\n(no -o given: dry run, nothing written)")
-    if args.quiet:  # compile() logged them; -q hides logged warnings, but a collapsed result must not pass unseen
+    else:  # compile() logged them; -q hides logged warnings, but a collapsed result must not pass unseen
         for warning in result.receipt.warnings:
             print(f"slimc: warning: {warning}", file=sys.stderr)
     if args.receipt is not None:
