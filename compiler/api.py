@@ -400,7 +400,8 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
             f"{where} declares itself exact but changed output '{diff.output}' by {diff.max_abs:.3g} "
             f"({diff.max_scaled:.1f}x the tolerance). This is a bug in the pass; please report it."
         )
-    return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {len(batches)} batch{'es' if len(batches) != 1 else ''})"
+    on = f"{len(batches)} batch" + ("es" if len(batches) != 1 else "")
+    return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {on})"
 
 
 def _measured(what: str, measure) -> dict[str, Any]:

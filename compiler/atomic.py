@@ -101,7 +101,11 @@ def folder_lock(folder: str | os.PathLike):
     except ImportError:  # Windows: renames are still atomic one by one
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder we may write but not read: the renames stay atomic one by one
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -135,6 +135,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         suffix = targets.get(args.target).suffix
     if args.output is not None:
         check_output_path(args.output, (source,), suffix=suffix)
+        from slimc.atomic import clean_stale
+
+        clean_stale(args.output.resolve().parent)  # partial files of killed runs, at this run's start
     if args.receipt is not None:
         check_output_path(args.receipt, (source,), suffix=".json")
     result = slimc.compile(
