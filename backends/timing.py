@@ -82,24 +82,9 @@ def comparison(stats: Mapping[str, Latency], feed: Mapping[str, Any], machine: s
 
 
 def latency_feed(batch: Mapping[str, Any], inputs: Any, batch_size: int | None = None) -> dict[str, Any]:
-    """The deployment feed to time: ``batch_size`` (default one) samples of a batch the model ran.
+    """The deployment feed to time: ``batch_size`` (default one) samples of a batch the model ran,
+    cut along each input's batch axis (`slimc.data.first_samples`): a declared static batch (a fixed
+    batch of 3) and 0-d or unbatched inputs are fed whole, since the model accepts nothing else."""
+    from slimc.data import first_samples
 
-    Only inputs whose declared first dim is dynamic are cut along it, and only when that dim's
-    name is not also used on another axis of some input (then axis 0 is not a plain batch axis):
-    a declared static dim (a fixed batch of 3) and a 0-d input are fed whole, since the model
-    accepts nothing else. ``inputs``: the model's `InputSpec`s (None: every input with a dim is cut).
-    """
-    import numpy as np
-
-    specs = {spec.name: spec for spec in inputs or ()}
-    other_axes = {d for spec in specs.values() for d in spec.shape[1:] if isinstance(d, str)}
-
-    def cut(name: str, value: Any) -> Any:
-        array = np.asarray(value)
-        spec = specs.get(name)
-        if array.ndim == 0 or (spec is not None and (not spec.shape or isinstance(spec.shape[0], int)
-                                                     or spec.shape[0] in other_axes)):
-            return value
-        return array[: batch_size or 1]
-
-    return {name: cut(name, value) for name, value in batch.items()}
+    return first_samples(batch, inputs, batch_size or 1)

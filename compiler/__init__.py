@@ -16,9 +16,11 @@ from slimc.errors import (
     BackendError,
     DataError,
     ExportError,
+    FidelityGuardError,
     LatencyGuardError,
     MissingExtraError,
     ModelLoadError,
+    OptionError,
     OutputPathError,
     PassConfigError,
     PassFailedError,
@@ -42,8 +44,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "BackendError", "DataError", "ExportError", "LatencyGuardError", "MissingExtraError", "ModelLoadError",
-    "OutputPathError", "PassConfigError", "PassFailedError", "SlimcError", "TargetError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
+    "BackendError", "DataError", "ExportError", "FidelityGuardError", "LatencyGuardError", "MissingExtraError",
+    "ModelLoadError", "OptionError", "OutputPathError", "PassConfigError", "PassFailedError", "SlimcError", "TargetError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
 ]
 
 

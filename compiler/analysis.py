@@ -36,15 +36,35 @@ _CONVS = {"Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3)}
 
 
 def count_params(model: ir.Model) -> tuple[int, int]:
-    """(parameter count, weight bytes): initializers of weight dtypes; int shape constants excluded."""
+    """(parameter count, weight bytes): tensors of weight dtypes, int shape constants excluded.
+
+    Initializers of every graph count, and so do ``Constant`` tensors inside ``If``/``Loop``/``Scan``
+    bodies: converters keep weights there (load lifts only the main graph's, `slimc.normalize`).
+    """
     params = nbytes = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None or tensor.dtype not in _WEIGHT_TYPES:
-            continue
-        params += math.prod(tensor.shape.numpy()) if tensor.shape is not None else 0
-        nbytes += tensor.nbytes
+    for tensor in _weight_tensors(model):
+        if tensor.dtype in _WEIGHT_TYPES:
+            params += math.prod(tensor.shape.numpy()) if tensor.shape is not None else 0
+            nbytes += tensor.nbytes
     return params, nbytes
+
+
+def _weight_tensors(model: ir.Model):
+    for graph in model.graphs():
+        yield from (v.const_value for v in graph.initializers.values() if v.const_value is not None)
+        if graph is model.graph:
+            continue
+        for node in graph:
+            value = node.attributes.get("value") if node.op_type == "Constant" else None
+            if value is not None and value.type == ir.AttributeType.TENSOR:
+                yield value.as_tensor()
+
+
+def percent_fewer(before: int, after: int) -> str:
+    """``"12.5% fewer"``; with nothing before there is no ratio to state (not "100% fewer")."""
+    if before <= 0:
+        return "no parameters before" if after == 0 else f"{after:,} added"
+    return f"{1 - after / before:.1%} fewer"
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:
@@ -55,7 +75,7 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> dict[str, list[int]]:
+def concrete_shapes(model: ir.Model, sizes: dict[str, int], fed: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """Shapes of all values when the graph inputs have concrete sizes (ONNX shape inference).
 
     Symbolic dims in the exported graph are often anonymous inside attention; with concrete
@@ -67,7 +87,8 @@ def concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> dict[str, list[in
     saved = [(value, value.shape) for value in model.graph.inputs]
     for value, shape in saved:
         if shape is not None:
-            dims = [d if isinstance(d, int) else sizes.get(getattr(d, "value", None) or "", None) for d in shape]
+            given = (fed or {}).get(value.name) or [None] * len(shape)  # for dims without a name
+            dims = [d if isinstance(d, int) else sizes.get(_dim_name(d) or "", given[i]) for i, d in enumerate(shape)]
             if all(isinstance(d, int) for d in dims):
                 value.shape = ir.Shape(dims)
 
@@ -88,6 +109,14 @@ def concrete_shapes(model: ir.Model, sizes: dict[str, int]) -> dict[str, list[in
         if info.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[info.name] = [d.dim_value for d in dims]
     return shapes
+
+
+def _dim_name(d) -> str | None:
+    """A symbolic dim's name, None for an unnamed or anonymous ("?") one."""
+    from slimc.input_rules import ANONYMOUS_DIMS
+
+    name = d.value if isinstance(d, ir.SymbolicDim) else None
+    return None if name in ANONYMOUS_DIMS else name
 
 
 def _call_onnx_api(func, model: ir.Model):
@@ -184,7 +213,7 @@ def bind_sizes(model: ir.Model, feed: dict[str, Any] | None, per_sample: bool = 
             continue
         array_shape = getattr(feed[value.name], "shape", ())
         for axis, d in enumerate(value.shape):
-            if isinstance(d, ir.SymbolicDim) and d.value is not None and axis < len(array_shape):
+            if _dim_name(d) is not None and axis < len(array_shape):
                 sizes.setdefault(d.value, 1 if (per_sample and axis == 0) else int(array_shape[axis]))
     return sizes
 
@@ -217,9 +246,21 @@ def node_macs(node: ir.Node, sizes: dict[str, int], known: dict[str, list[int]] 
     return 0
 
 
-def count_macs(model: ir.Model, sizes: dict[str, int]) -> tuple[int, int]:
+def fed_shapes(model: ir.Model, feed: dict[str, Any] | None) -> dict[str, list[int]]:
+    """Per-sample shapes of the fed inputs (a dynamic axis 0 counts as one sample), for dims without a name."""
+    shapes = {}
+    for value in model.graph.inputs:
+        if feed is not None and value.name in feed and value.shape is not None:
+            dims = [int(d) for d in getattr(feed[value.name], "shape", ())]
+            if len(dims) == len(value.shape):  # declared static dims win (a pinned batch of 1 stays 1)
+                dims = [d if isinstance(d, int) else (1 if axis == 0 else dims[axis]) for axis, d in enumerate(value.shape)]
+            shapes[value.name] = dims
+    return shapes
+
+
+def count_macs(model: ir.Model, sizes: dict[str, int], fed: dict[str, list[int]] | None = None) -> tuple[int, int]:
     """(total MACs, number of weighted nodes whose MACs could not be resolved)."""
-    known = concrete_shapes(model, sizes)
+    known = concrete_shapes(model, sizes, fed)
     total = unresolved = 0
     for node in model.graph.all_nodes():
         macs = node_macs(node, sizes, known)
@@ -234,7 +275,8 @@ def model_stats(model: ir.Model, feed: dict[str, Any] | None = None) -> dict[str
     """Everything the receipt reports about one model. MACs are per sample at the feed's sizes."""
     sizes = bind_sizes(model, feed)
     params, weight_bytes = count_params(model)
-    macs, unresolved = count_macs(model, sizes)
+    fed = fed_shapes(model, feed)
+    macs, unresolved = count_macs(model, sizes, fed)
     return {
         "params": params,
         "weight_bytes": weight_bytes,
@@ -243,4 +285,5 @@ def model_stats(model: ir.Model, feed: dict[str, Any] | None = None) -> dict[str
         "macs": macs,
         "macs_unresolved_nodes": unresolved,
         "macs_sizes": sizes,
+        "macs_inputs": fed,
     }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc import __version__, measure, progress
+from slimc import workdir as workdirs
 from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
 from slimc.errors import BackendError, PassFailedError, SlimcError, VerificationError
@@ -34,7 +34,7 @@ from slimc.onnx_io import check_output_path, copy_model, save_onnx
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
 from slimc.receipt import Receipt
-from slimc.verify import check_model_file, outputs_match
+from slimc.verify import check_model_file, introduced_nonfinite, outputs_match
 
 log = logging.getLogger("slimc")
 VERIFY_BATCHES = 2
@@ -90,12 +90,15 @@ class CompileResult:
             return [torch_backend.save(self._program, path)]
         if self.exported is None or self.exported.target == "onnx":
             check_output_path(Path(path), self.loaded.source_paths)
-            return save_onnx(self.model, path)
+            return save_onnx(self.model, path, protect=self.loaded.source_paths)
         target = targets.get(self.exported.target)
         check_output_path(Path(path), self.loaded.source_paths, suffix=target.suffix)
         from slimc.export import save_artifact
 
-        return save_artifact(self.exported.files, Path(path), target.suffix)
+        written = save_artifact(self.exported.files, Path(path), target.suffix, protect=self.loaded.source_paths)
+        if self.receipt.target is not None:  # the receipt names the files as written, not as in the work folder
+            self.receipt.target["files"] = [{"name": p.name, "bytes": p.stat().st_size} for p in written]
+        return written
 
 
 def compile(  # noqa: A001 - the public verb of a compiler
@@ -117,6 +120,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     static_shapes: dict[str, Any] | str | None = None,
     backend: str = "onnxruntime",
     device: str | None = None,
+    max_loss: float | str | None = None,
 ) -> CompileResult:
     """Compress ``model`` with ``passes`` and return the result with its receipt.
 
@@ -130,24 +134,33 @@ def compile(  # noqa: A001 - the public verb of a compiler
     convert the result for that runtime, run it there on the evaluation data and time it
     (`slimc.export`); ``result.save`` then writes the artifact. ``opset`` converts the ONNX
     opset; ``static_shapes`` (``{"input_ids": (1, 128)}`` or ``"input_ids=1x128"``) pins inputs.
+
+    ``max_loss`` (a number, or bounds such as ``"embedding_cosine>=0.98"``; see
+    `slimc.fidelity_guard`): refuse the result with `FidelityGuardError` when its measured fidelity
+    fails the bound. Without it, a collapsed fidelity only adds a warning to the receipt.
     """
-    from slimc import data, frontends
+    from slimc import data, fidelity_guard, frontends
     from slimc.export import ExportOptions
 
     pipeline = parse_pipeline(passes)  # fail fast on a bad spec, before any slow export
+    _check_options(threads, seq_len)
+    loss_spec = fidelity_guard.parse_max_loss(max_loss)
     _check_backend(backend, target)
     wants_export = target is not None or opset is not None or static_shapes is not None
     options = ExportOptions(target or "onnx", opset, _shapes(static_shapes)) if wants_export else None
     loaded = frontends.load(_copy_if_ir(model), example_inputs, input_names=input_names, dynamic=dynamic)
     if options is not None and options.static_shapes:
         from slimc.export import check_shapes
+        from slimc.model import pin_sizes
 
         check_shapes(loaded.model, options.static_shapes)  # before any (slow) pass
+        pin_sizes(loaded.inputs, options.static_shapes)  # synthetic inputs take the pinned sizes
+    bounds = fidelity_guard.resolve(loss_spec, loaded.task)  # a metric the task lacks fails before any pass
     calib = data.load(calibration, loaded, seq_len=seq_len, role="calibration") if calibration is not None else None
     evalset = _evaluation_set(evaluation, loaded, seq_len, seed)
     verify_batches = [batch for _, batch in zip(range(VERIFY_BATCHES), evalset)]
 
-    workdir = tempfile.TemporaryDirectory(prefix="slimc-")
+    workdir = workdirs.new("run")
     work = Path(workdir.name)
     explain = (lambda exc: measure.synthetic_failure(exc, loaded.inputs, evalset)) if evalset.synthetic else None
     baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True,
@@ -181,6 +194,9 @@ def compile(  # noqa: A001 - the public verb of a compiler
     latency = measure.measured("latency", lambda: measure.latency(baseline, current, verify_batches[0], loaded.inputs,
                                                                   threads)) if measure_latency else None
     fidelity = measure.measured("fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded))
+    guard = fidelity_guard.check(fidelity, loaded.task, bounds)  # refuses before the (slow) export
+    for warning in guard["warnings"]:
+        log.warning("warning: %s", warning)
     exported = None
     if options is not None and options.target != "onnx":
         exported = _export(options, baseline, current, work, evalset, loaded, threads, measure_latency)
@@ -198,6 +214,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
         source=loaded.source, task=loaded.task, passes=reports, before=before, after=after, fidelity=fidelity,
         verification=verification, latency=latency, notes=_notes(loaded, calib, evalset), version=__version__,
         target=exported.report if exported is not None else None, backend=backend_report,
+        fidelity_guard=guard, warnings=list(guard["warnings"]),
     )
     result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, module=module,
                            _workdir=workdir, _example=verify_batches[0])
@@ -207,6 +224,15 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
 BACKENDS = ("onnxruntime", "triton")
 QUANTIZERS = ("int8", "int4", "fp16")
+
+
+def _check_options(threads: Any, seq_len: Any) -> None:
+    from slimc.errors import OptionError
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise OptionError(f"threads={threads!r}: give a whole number >= 1, or omit it to use all cores.")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise OptionError(f"seq_len={seq_len!r}: give a whole number of tokens >= 1 (the default is 128).")
 
 
 def _check_backend(backend: str, target: str | None) -> None:
@@ -337,16 +363,25 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
     except SlimcError as exc:
         raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     checker = "full ONNX checker" if full_check and verify else "basic ONNX checker"
+    names = [o.name for o in stage.session.get_outputs()]
+    # Always checked, lossy passes and verify=False included: the outputs are at hand, and a model
+    # that answers NaN is never a compression result worth writing.
+    bad = introduced_nonfinite(previous.outputs, stage.outputs, names)
+    if bad is not None:
+        raise PassFailedError(
+            f"{where} made output '{bad.output}' NaN or inf on {bad.count} of {bad.total} values where the model "
+            "before it was finite (on the first evaluation batches). Nothing was written; try milder options, "
+            "or report it if the options were reasonable."
+        )
     if not (pass_.exact and verify):
         return stage, f"{checker}, loads in ORT" + ("" if pass_.exact else " (lossy pass: fidelity in the receipt)")
-    names = [o.name for o in stage.session.get_outputs()]
     diff = outputs_match(previous.outputs, stage.outputs, names)
     if not diff.ok:
         raise PassFailedError(
             f"{where} declares itself exact but changed output '{diff.output}' by {diff.max_abs:.3g} "
             f"({diff.max_scaled:.1f}x the tolerance). This is a bug in the pass; please report it."
         )
-    return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {len(batches)} batches)"
+    return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {len(batches)} batch{'es' if len(batches) != 1 else ''})"
 
 
 def _notes(loaded: LoadedModel, calib, evalset) -> list[str]:

@@ -21,7 +21,6 @@ their reductions.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from slimc import progress
+from slimc import progress, workdir
 from slimc.backends.onnxruntime import create_session, run
 from slimc.errors import DataError
 from slimc.onnx_io import save_onnx
@@ -105,7 +104,7 @@ def collect(
     _require_data(dataset, desc)
     requests = list(dict.fromkeys(requests))
     values = _activations(model, requests)
-    with tempfile.TemporaryDirectory(prefix="slimc-calib-") as tmp:
+    with workdir.new("calib") as tmp:
         path = Path(tmp) / "model.onnx"
         save_onnx(model, path)  # weights over ~1.8 GB go to external data beside it
         proto = onnx.load(str(path), load_external_data=False)
@@ -362,7 +361,7 @@ def cosine(
     for r in requests:
         if r.weights is not None and r.weights not in graph_inputs:
             raise ValueError(f"calibration: weights {r.weights!r} is not a graph input.")
-    with tempfile.TemporaryDirectory(prefix="slimc-calib-") as tmp:
+    with workdir.new("calib") as tmp:
         path = Path(tmp) / "model.onnx"
         save_onnx(model, path)
         proto = onnx.load(str(path), load_external_data=False)

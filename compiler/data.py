@@ -15,12 +15,17 @@ Sources accepted by :func:`load`:
   ``s = max(H/h, W/w)`` so the shorter side fits, center-cropped to H×W (or stretched when
   ``image_preprocess["resize"] == "stretch"``), ``x = (pixel·scale − mean) / std`` with
   ``scale = 1/255`` unless the mean is given in 0–255 pixel units; NCHW (or the model's NHWC).
-- ``.npz`` / ``.npy`` / dict of arrays / one array → split along axis 0 into batches.
+- ``.npz`` / ``.npy`` / dict of arrays / one array → split into batches along each input's batch
+  axis (`InputSpec.batch_axis`: ``state [2, batch, 128]`` splits along axis 1); 0-d arrays and
+  inputs without a batch axis go whole into every batch; arrays that are one example of a model
+  with no dynamic batch axis (``theta [2, 2, 3]`` with ``size [4]``) are one batch.
 - list (or any iterable) of dicts, tuples (positional) or arrays → one batch each.
+- no data → `slimc.data_synthetic.synthetic` (its docstring has the value rules).
 
 Every batch is checked against the model's :class:`InputSpec`\\ s: names, rank, static dims,
 symbolic dims shared between inputs, dtype castability (int32 → int64 is fine, float → int64 is
-not) and value ranges (token ids in ``[0, high)``, masks in {0, 1}). A mismatch is a
+not; string inputs take str arrays), value ranges (token ids in ``[0, high)``, masks in {0, 1}) and
+finiteness (no NaN or inf in float inputs; lazily built batches are checked as each is built). A mismatch is a
 :class:`DataError` naming the input, what the model expects and what it got.
 """
 
@@ -104,6 +109,8 @@ def _shape_str(shape: Sequence[Any]) -> str:
 
 
 def _advice(spec: InputSpec) -> str:
+    if np.dtype(spec.dtype) == np.dtype(object):
+        return f"Pass string arrays of shape {_shape_str(spec.shape)}."
     if spec.kind == "image":
         return "Pass a folder of images (slimc resizes and normalizes them) or arrays of the expected shape."
     if spec.kind in TEXT_KINDS:
@@ -151,7 +158,25 @@ def _check_values(arr: np.ndarray, spec: InputSpec, label: str) -> None:
         raise DataError(f"{label}: an attention mask holds only 0 and 1, got values {np.unique(arr)[:8]}.")
 
 
-def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, tuple[int, str]]) -> np.ndarray:
+def _check_finite(arr: np.ndarray, label: str, first_sample: int | None) -> None:
+    """NaN or inf in data poisons calibration statistics (a NaN mean, a NaN scale) and every metric."""
+    if not np.issubdtype(arr.dtype, np.floating) or np.isfinite(arr).all():  # one cheap pass per batch
+        return
+    bad = np.argwhere(~np.isfinite(arr))[0]
+    value = arr[tuple(bad)]
+    kind = "NaN" if np.isnan(value) else ("+inf" if value > 0 else "-inf")
+    index = [int(i) for i in bad]
+    if index and first_sample is not None:
+        index[0] += first_sample  # counted over the whole data, as the user wrote it
+    which = "sample" if first_sample is not None else "sample (in this batch)"
+    raise DataError(
+        f"{label}: {which} {index[0] if index else 0} holds {kind} (first at index {tuple(index)}). Calibration "
+        "and evaluation data must be finite: drop or fix that sample."
+    )
+
+
+def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, tuple[int, str]],
+                 first_sample: int | None = None) -> np.ndarray:
     expected = _shape_str(spec.shape)
     if np.dtype(spec.dtype) == object:  # an ONNX string tensor: numpy str/bytes or objects that all are
         arr = _strings(arr, spec, label)
@@ -175,13 +200,21 @@ def _check_array(arr: np.ndarray, spec: InputSpec, label: str, dims: dict[str, t
                 )
     # An empty array is a valid tensor (empty axes, zero boxes); a batch with no data at all is
     # refused by the loaders (no complete batch).
+    if arr.dtype == object:  # a string input, checked above
+        return arr
+    _check_finite(arr, label, first_sample)  # before the cast: NaN cast to an integer dtype is arbitrary
     arr = _cast(arr, spec, label)
     _check_values(arr, spec, label)
     return arr
 
 
-def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where: str = "batch") -> Batch:
-    """Check one batch against the specs; return it with arrays as numpy in the inputs' dtypes."""
+def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where: str = "batch",
+                   first_sample: int | None = None) -> Batch:
+    """Check one batch against the specs; return it with arrays as numpy in the inputs' dtypes.
+
+    ``first_sample``: the index of the batch's first sample in the whole data, so that an error
+    (NaN, inf) names the sample as the user counts it; without it the sample is counted in the batch.
+    """
     names = [spec.name for spec in inputs]
     missing = [n for n in names if n not in batch]
     extra = [n for n in batch if n not in names]
@@ -193,7 +226,7 @@ def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where:
         )
     dims: dict[str, tuple[int, str]] = {}
     checked = {
-        spec.name: _check_array(to_numpy(batch[spec.name]), spec, f"{where}, input {spec.name!r}", dims)
+        spec.name: _check_array(to_numpy(batch[spec.name]), spec, f"{where}, input {spec.name!r}", dims, first_sample)
         for spec in inputs
     }
     if checked and all(a.size == 0 for a in checked.values()):  # one empty input may be data; all is a mistake
@@ -212,68 +245,7 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-# ---------------------------------------------------------------- synthetic
-
-
-def _random_value(spec: InputSpec, rng: np.random.Generator, sizes: dict[str, int] | None) -> np.ndarray:
-    shape, dtype = spec.concrete_shape(sizes), np.dtype(spec.dtype)
-    if spec.kind == "tokens":
-        return rng.integers(0, spec.high or 100, size=shape).astype(dtype)
-    if spec.kind in ("attention_mask", "bool"):
-        return np.ones(shape, dtype)
-    if spec.kind == "position_ids" and shape:
-        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype)
-    if spec.kind in ("image", "float"):
-        return rng.standard_normal(shape).astype(dtype)
-    return np.zeros(shape, dtype)  # token_type_ids, int: 0 is a valid index for any table
-
-
-def synthetic(
-    inputs: Sequence[InputSpec], n_batches: int = 4, seed: int = 0, sizes: dict[str, int] | None = None
-) -> Dataset:
-    """Random but valid inputs (see module docstring for the value rules); same seed, same data."""
-    rng = np.random.default_rng(seed)
-    batches = [{spec.name: _random_value(spec, rng, sizes) for spec in inputs} for _ in range(n_batches)]
-    shapes = ", ".join(f"{spec.name}{list(spec.concrete_shape(sizes))}" for spec in inputs)
-    return Dataset(batches, f"synthetic: {n_batches} random batches of {shapes} (seed {seed})", synthetic=True)
-
-
 # ---------------------------------------------------------------- arrays and objects
-
-
-def _static_batch(inputs: Sequence[InputSpec]) -> int | None:
-    """A model exported with a fixed batch size forces it on every batch."""
-    for spec in inputs:
-        if spec.shape and isinstance(spec.shape[0], int):
-            return spec.shape[0]
-    return None
-
-
-def _groups(n: int, inputs: Sequence[InputSpec], batch_size: int) -> list[range]:
-    """Sample index ranges per batch; with a static batch dim an incomplete last batch is dropped."""
-    fixed = _static_batch(inputs)
-    size = fixed or batch_size
-    groups = [range(i, min(i + size, n)) for i in range(0, n, size)]
-    return [g for g in groups if fixed is None or len(g) == fixed]
-
-
-def from_arrays(
-    arrays: Mapping[str, Any], inputs: Sequence[InputSpec], *, batch_size: int = DEFAULT_BATCH_SIZE,
-    name: str = "arrays", where: str = "data",
-) -> Dataset:
-    """Arrays keyed by input name (all samples), split along axis 0 into batches."""
-    arrays = {k: to_numpy(v) for k, v in arrays.items()}
-    lengths = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
-    if len(set(lengths.values())) > 1:
-        raise DataError(f"{where} {name}: arrays hold different numbers of samples along axis 0: {lengths}.")
-    n = next(iter(lengths.values()), 1)
-    groups = _groups(n, inputs, batch_size)
-    batches = [
-        validate_batch({k: a[g.start:g.stop] if a.ndim else a for k, a in arrays.items()}, inputs,
-                       f"{where} {name}, batch {i}")
-        for i, g in enumerate(groups)
-    ]
-    return Dataset(batches, f"{name}: {n} samples in {len(batches)} batches")
 
 
 def _positional(arrays: Sequence[Any], inputs: Sequence[InputSpec], where: str) -> dict[str, Any]:
@@ -291,6 +263,8 @@ def _is_array(obj: Any) -> bool:
 
 
 def _from_object(obj: Any, inputs: Sequence[InputSpec], batch_size: int, where: str) -> Dataset:
+    from slimc.data_batching import from_arrays
+
     if isinstance(obj, Mapping):
         return from_arrays(obj, inputs, batch_size=batch_size, name="dict", where=where)
     if _is_array(obj):
@@ -300,19 +274,24 @@ def _from_object(obj: Any, inputs: Sequence[InputSpec], batch_size: int, where: 
             f"{where}: cannot use a {type(obj).__name__}; pass a path (text file, image folder, .npz), "
             "a dict of arrays, a list of such dicts, a list of tuples, or an array."
         )
-    batches = []
+    batches, seen = [], 0  # seen: samples before this batch, so an error names the sample as the user counts it
     for i, item in enumerate(obj):  # a generator is consumed once here, so the Dataset re-iterates
         label = f"{where}, batch {i}"
         if isinstance(item, Mapping):
-            batches.append(validate_batch(item, inputs, label))
+            batches.append(validate_batch(item, inputs, label, first_sample=seen))
         elif _is_array(item) or isinstance(item, (tuple, list)):
-            batches.append(validate_batch(_positional([item] if _is_array(item) else item, inputs, label), inputs, label))
+            named = _positional([item] if _is_array(item) else item, inputs, label)
+            batches.append(validate_batch(named, inputs, label, first_sample=seen))
         else:
             raise DataError(f"{label}: got a {type(item).__name__}; each batch must be a dict, a tuple or an array.")
+        first = next(iter(batches[-1].values()), np.zeros(()))
+        seen += first.shape[0] if first.ndim else 1
     return Dataset(batches, f"{type(obj).__name__} of {len(batches)} batches")
 
 
 def _npz(path: Path, inputs: Sequence[InputSpec], batch_size: int, where: str) -> Dataset:
+    from slimc.data_batching import from_arrays
+
     try:
         if path.suffix.lower() == ".npy":
             arrays = _positional([np.load(path, allow_pickle=False)], inputs, f"{where} {path.name}")
@@ -390,6 +369,8 @@ def load(
     if max_batches is not None:
         dataset = dataset.head(max_batches)
     if len(dataset) == 0:
+        from slimc.data_batching import _static_batch
+
         fixed = _static_batch(loaded.inputs)
         need = f" (the model takes batches of exactly {fixed})" if fixed else ""
         raise DataError(f"{where} {dataset.source} holds no complete batch{need}: give at least one sample.")
@@ -398,6 +379,14 @@ def load(
 
 def __getattr__(name: str) -> Any:
     # Text and image loaders live in their own modules; keep them reachable as slimc.data.X.
+    if name in ("from_arrays", "first_samples", "sample_axis"):
+        from slimc import data_batching
+
+        return getattr(data_batching, name)
+    if name in ("synthetic",):
+        from slimc import data_synthetic
+
+        return getattr(data_synthetic, name)
     if name in ("from_text",):
         from slimc import data_text
 

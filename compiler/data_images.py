@@ -17,14 +17,14 @@ from slimc.data import (
     Batch,
     Dataset,
     DEFAULT_BATCH_SIZE,
-    _groups,
     IMAGE_SUFFIXES,
     _LazyBatches,
     _shape_str,
     to_numpy,
     validate_batch,
 )
-from slimc.errors import DataError
+from slimc.data_batching import _groups
+from slimc.errors import DataError, first_line
 from slimc.model import InputSpec, LoadedModel
 
 
@@ -56,7 +56,7 @@ def _image_layout(spec: InputSpec, pre: dict[str, Any], fallback: tuple[int, int
     last = isinstance(shape[3], int) and shape[3] in (1, 3) and not (isinstance(shape[1], int) and shape[1] in (1, 3))
     channels = shape[3 if last else 1] if isinstance(shape[3 if last else 1], int) else 3
     static = shape[1:3] if last else shape[2:4]
-    size = pre.get("size") or (tuple(static) if all(isinstance(d, int) for d in static) else fallback)
+    size = (tuple(static) if all(isinstance(d, int) for d in static) else None) or pre.get("size") or fallback
     if size is None:
         raise DataError(
             f"{label}: input {spec.name!r} has dynamic height/width {_shape_str(spec.shape)} and the model states "
@@ -71,11 +71,22 @@ def _pixels(image: Any, mode: str, Image: Any, label: str) -> Any:
         try:
             with Image.open(image) as im:
                 return im.convert(mode)  # a new image: still valid once the file is closed
-        except OSError as exc:
-            raise DataError(f"{label}: cannot read image {image}: {exc}") from None
+        except Image.DecompressionBombError:
+            raise DataError(
+                f"{label}: image {image} has more pixels than Pillow decodes safely (limit "
+                f"{Image.MAX_IMAGE_PIXELS:,}), so it is not read. Resize it to about the model's input size first."
+            ) from None
+        except MemoryError:
+            raise DataError(f"{label}: image {image} is too large to decode in memory; resize it first.") from None
+        # Pillow's decoders raise OSError, ValueError, SyntaxError (bad headers), EOFError, struct.error ...
+        except Exception as exc:  # noqa: BLE001 - any failure to decode is the file's fault, not a bug
+            raise DataError(f"{label}: cannot read image {image}: {first_line(exc)}. Remove it or re-save it "
+                            "as PNG/JPEG.") from None
     if isinstance(image, Image.Image):
         return image.convert(mode)
     arr = to_numpy(image)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise DataError(f"{label}: an image array holds NaN or inf; pixel values must be finite.")
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
     return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).convert(mode)
@@ -116,7 +127,8 @@ def from_images(
         hwc = [_preprocess(images.images[i], size, channels, stretch, Image, label) for i in index_range]
         x = (np.stack([a.reshape(*size, channels) for a in hwc]) * scale - mean) / std
         x = x if last else x.transpose(0, 3, 1, 2)
-        return validate_batch({spec.name: x}, loaded.inputs, f"{label}, images {index_range.start}-{index_range.stop - 1}")
+        return validate_batch({spec.name: x}, loaded.inputs, f"{label}, images {index_range.start}-{index_range.stop - 1}",
+                              first_sample=index_range.start)
 
     groups = _groups(len(images), loaded.inputs, batch_size)
     dataset = Dataset(_LazyBatches(groups, build), f"{images.source}: {len(images)} images at {size[0]}x{size[1]}"

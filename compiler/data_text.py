@@ -14,10 +14,10 @@ from slimc.data import (
     Batch,
     Dataset,
     DEFAULT_BATCH_SIZE,
-    _groups,
     TEXT_KINDS,
     validate_batch,
 )
+from slimc.data_batching import _groups
 from slimc.errors import DataError
 from slimc.model import InputSpec, LoadedModel
 

@@ -47,6 +47,15 @@ class LatencyGuardError(SlimcError):
     """A compressed model measured slower than its input; the pass refused it (``force=true`` keeps it)."""
 
 
+class OptionError(SlimcError):
+    """An argument of `compile()` or a command-line option has an invalid value (``threads=-3``,
+    ``seq_len=0``, a malformed ``max_loss``)."""
+
+
+class FidelityGuardError(SlimcError):
+    """The result's measured fidelity fails the ``max_loss`` bound the caller set: it is refused, nothing is written."""
+
+
 class BackendError(SlimcError):
     """The backend could not build or run the model."""
 

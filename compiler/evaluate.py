@@ -7,6 +7,9 @@ Generic metrics, for every floating output ``r`` (reference) and ``c`` (candidat
   axis 0), averaged; ``cosine_min`` the worst sample. Two all-zero samples count as cosine 1;
 - ``sqnr_db = 10 log10(Σ r² / Σ (r − c)²)``. Identical outputs give +inf, which JSON cannot
   hold: ``sqnr_db`` is then ``None`` and ``exact`` is True (``exact`` says Σ (r − c)² = 0).
+- ``nonfinite``: elements where ``r − c`` is NaN/inf (then the errors are ``None``);
+  ``nonfinite_introduced`` (over all outputs, only when not 0): elements where ``c`` is NaN/inf
+  but ``r`` is finite — the candidate broke them.
 
 The flat keys describe the main (first) output; ``worst`` holds the worst value of each over
 all compared outputs (max errors, min cosine, min SQNR). Integer, boolean and string outputs
@@ -56,7 +59,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of 2-D arrays; two all-zero rows are identical (1), one zero row is 0."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    cos = np.clip((a * b).sum(-1) / np.where(den > 0, den, 1.0), -1.0, 1.0)
+    with np.errstate(invalid="ignore"):  # NaN rows give NaN, counted as non-finite elsewhere
+        cos = np.clip((a * b).sum(-1) / np.where(den > 0, den, 1.0), -1.0, 1.0)
     # Identical rows are exactly 1 (rounding would give 0.9999999999999998); a zero row vs another is 0.
     return np.where((a == b).all(axis=-1), 1.0, np.where(den > 0, cos, 0.0))
 
@@ -94,6 +98,7 @@ class _OutputStats:
     signal: float = 0.0  # Σ r²
     noise: float = 0.0  # Σ (r − c)²
     nonfinite: int = 0  # elements where r − c is NaN or ±inf
+    introduced: int = 0  # elements where c is NaN or ±inf but r is finite: the candidate broke them
     cosine: _Mean = dataclasses.field(default_factory=_Mean)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -101,6 +106,8 @@ class _OutputStats:
         diff = r - c
         finite = np.isfinite(diff)
         self.nonfinite += int(diff.size - finite.sum())
+        if not finite.all():
+            self.introduced += int(np.count_nonzero(~np.isfinite(c) & np.isfinite(r)))
         if finite.any():
             self.max_abs = max(self.max_abs, float(np.abs(diff[finite]).max()))
         self.abs_sum += float(np.abs(diff).sum())
@@ -305,6 +312,9 @@ class Fidelity:
         out: dict[str, Any] = {**main, **(self._task.result() if self._task else {})}
         if len(compared) > 1:
             out["worst"] = _worst(compared)
+        introduced = sum(s.introduced for s in self.stats if s is not None)
+        if introduced:  # over all outputs: the fidelity guard refuses such a result
+            out["nonfinite_introduced"] = introduced
         if self.discrete:
             out["non_floating"] = {self._name(k): {"elements_differing": d, "elements": n, "exact": d == 0}
                                    for k, (d, n) in sorted(self.discrete.items())}

@@ -34,7 +34,7 @@ from slimc import progress
 from slimc.backends import targets as registry
 from slimc.backends.targets import TargetError
 from slimc.errors import DataError, OutputPathError, SlimcError, first_line
-from slimc.onnx_io import copy_model
+from slimc.onnx_io import copy_model, from_proto
 
 MIN_OPSET = 11  # below this ORT and most converters lack the ops of modern exports
 
@@ -125,7 +125,7 @@ def _pin(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> ir.Model:
         inputs[name].shape = ir.Shape(list(dims))
     # Every value's shape follows; Shape/Size of pinned values fold into constants.
     proto = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model), data_prop=True)
-    inferred = ir.serde.deserialize_model(proto)
+    inferred = from_proto(proto, like=model)  # external weights stay on disk
     Cleanup(cse=False, dedupe_initializers=False).apply(inferred, PassContext())
     return inferred
 
@@ -148,7 +148,7 @@ def _convert_opset(model: ir.Model, opset: int) -> ir.Model:
     except onnx.checker.ValidationError as exc:
         raise TargetError(f"--opset {opset}: the converted model is not valid ONNX ({first_line(exc, 400)}); ONNX's "
                           f"version converter does not handle this model. Try an opset closer to {current}.") from None
-    return ir.serde.deserialize_model(converted)
+    return from_proto(converted, like=model)
 
 
 # Reductions that took ``axes`` as an input and gained ``noop_with_empty_axes`` in opset 18 (ReduceSum: 13).
@@ -293,27 +293,43 @@ def check_batch_fits(batch: dict[str, np.ndarray], shapes: dict[str, tuple[int, 
                             f"{'x'.join(map(str, np.shape(batch[name])))}; make them agree: {hint}.")
 
 
-def save_artifact(files: Sequence[Path], path: Path, suffix: str) -> list[Path]:
-    """Copy the artifact's files beside ``path`` (renamed to its stem), then move them in place together."""
+def save_artifact(files: Sequence[Path], path: Path, suffix: str, protect: Sequence[Path] = ()) -> list[Path]:
+    """Copy the artifact's files beside ``path`` (renamed to its stem), then move them in place together.
+
+    Runtimes find companions by name (``model.xml`` next to ``model.bin``), so they cannot get
+    unique names: instead the old main file is removed first and the new one renamed in last,
+    under the folder lock. A kill in between leaves no main file, never a main file beside
+    another run's companions. A companion that is a file of the input model (``protect``) is refused.
+    """
     import os
-    import tempfile
+
+    from slimc import atomic
+    from slimc.onnx_io import check_output_path
 
     path = Path(path)
     stem = path.name[: -len(suffix)]
     main_stem = files[0].name[: -len(suffix)] if files[0].name.endswith(suffix) else files[0].stem
-    tmpdir = Path(tempfile.mkdtemp(prefix=".slimc-", dir=path.parent))
+    names = [stem + f.name[len(main_stem):] for f in files]
+    for name in names[1:]:
+        check_output_path(path.parent / name, tuple(protect), suffix=Path(name).suffix)
+    tmpdir = None
     try:
-        names = [stem + f.name[len(main_stem):] for f in files]
+        tmpdir = atomic.partial_dir(path.parent)
         for f, name in zip(files, names):
             shutil.copyfile(f, tmpdir / name)
+        atomic.follow_umask(*(tmpdir / name for name in names))
         written = []
-        for name in names[1:] + names[:1]:  # the main file last: it appears only when the rest is there
-            os.replace(tmpdir / name, path.parent / name)
-            written.append(path.parent / name)
+        with atomic.folder_lock(path.parent):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            for name in names[1:] + names[:1]:  # the main file last: it appears only when the rest is there
+                os.replace(tmpdir / name, path.parent / name)
+                written.append(path.parent / name)
         return written[-1:] + written[:-1]
     except OSError as exc:
         raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmpdir)
+        if tmpdir is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmpdir)
 

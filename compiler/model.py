@@ -19,39 +19,57 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from slimc import input_rules
+
 # Input kinds. "tokens" need `high` (vocabulary size); the others have fixed value rules.
-INPUT_KINDS = ("tokens", "attention_mask", "token_type_ids", "position_ids", "image", "float", "int", "bool")
+INPUT_KINDS = ("tokens", "attention_mask", "token_type_ids", "position_ids", "image", "float", "int", "bool", "string")
 TASKS = ("causal-lm", "encoder", "image-classifier", "classifier", "generic")
 
-# Sizes used for symbolic dims when slimc has to invent inputs (synthetic data, MAC counts).
-DEFAULT_DIM_SIZES = {"batch": 2, "seq": 16}
+# Sizes used for dynamic dims when slimc has to invent inputs (synthetic data, MAC counts): the batch
+# axis, a token input's sequence axis, and any other dim the graph leaves open ("dim").
+DEFAULT_DIM_SIZES = {"batch": 2, "seq": 16, "dim": 16}
 
 
 @dataclasses.dataclass
 class InputSpec:
-    """One graph input. ``shape`` holds ints for static dims and names for symbolic ones."""
+    """One graph input. ``shape`` holds ints for static dims and names (or None) for dynamic ones.
+
+    ``batch_axis`` indexes samples (None: not batched, passed whole; see `slimc.input_rules`);
+    ``dim_defaults`` sizes dynamic axes the model sizes itself (image height/width from metadata),
+    ``dim_source`` says where they came from; ``values`` are the values a configuration input may
+    take (synthetic data uses the first); ``needs_data`` says why no value can be invented for it.
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
     kind: str = "float"
-    high: int | None = None  # exclusive upper bound of valid token ids
+    high: int | None = None  # exclusive upper bound of valid token ids / indices
+    batch_axis: int | None = 0
+    dim_defaults: dict[int, int] = dataclasses.field(default_factory=dict)
+    dim_source: str = ""
+    values: tuple[Any, ...] | None = None
+    needs_data: str | None = None
 
     def concrete_shape(self, sizes: dict[str, int] | None = None) -> tuple[int, ...]:
-        """Shape with symbolic dims replaced: by ``sizes[name]``, else batch=2 / seq=16 / 1."""
+        """Shape with dynamic dims replaced: by ``dim_defaults``, a named dim by ``sizes[name]``,
+        the batch axis by ``sizes["batch"]``, a token input's axis 1 by ``sizes["seq"]``, any other
+        by ``sizes["dim"]`` (defaults in `DEFAULT_DIM_SIZES`)."""
         sizes = {**DEFAULT_DIM_SIZES, **(sizes or {})}
         out = []
         for i, d in enumerate(self.shape):
             if isinstance(d, int):
                 out.append(d)
+            elif i in self.dim_defaults:
+                out.append(self.dim_defaults[i])
             elif d is not None and d in sizes:
                 out.append(sizes[d])
-            elif i == 0:
+            elif i == self.batch_axis:
                 out.append(sizes["batch"])
             elif i == 1 and self.kind in ("tokens", "attention_mask", "token_type_ids", "position_ids"):
                 out.append(sizes["seq"])
             else:
-                out.append(1)
+                out.append(sizes["dim"])
         return tuple(out)
 
 
@@ -78,7 +96,7 @@ _POSITIONS = re.compile(r"position", re.I)
 
 
 # Ops that move token ids around without changing their values.
-_ID_PRESERVING = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
+_ID_PRESERVING = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Cast", "Transpose")
 
 
 def _embedding_rows(value: ir.Value, depth: int = 4) -> int | None:
@@ -101,37 +119,94 @@ def _embedding_rows(value: ir.Value, depth: int = 4) -> int | None:
     return None
 
 
+def _dims(value: ir.Value) -> tuple[int | str | None, ...]:
+    # A negative dim value is not ONNX; converters write -1 for "dynamic" (slimc.normalize fixes the graph).
+    def one(d):
+        if isinstance(d, int):
+            return d if d >= 0 else None
+        name = d.value if isinstance(d, ir.SymbolicDim) else None
+        return None if name in input_rules.ANONYMOUS_DIMS else name
+
+    return tuple(one(d) for d in (value.shape or ()))
+
+
+def _kind(value: ir.Value, dtype: np.dtype, rank: int) -> tuple[str, int | None]:
+    name = value.name or ""
+    if dtype == np.bool_:
+        return "bool", None
+    if np.issubdtype(dtype, np.integer):
+        if _MASK.search(name):
+            return "attention_mask", None
+        if _TOKEN_TYPES.search(name):
+            return "token_type_ids", _embedding_rows(value)
+        if _POSITIONS.search(name):
+            return "position_ids", None
+        high = _embedding_rows(value)
+        if high is not None:
+            return "tokens", high
+        return "int", input_rules.onehot_depth(value)
+    if dtype == np.dtype(object):
+        return "string", None
+    return ("image" if rank == 4 else "float"), None
+
+
 def infer_input_specs(model: ir.Model) -> list[InputSpec]:
-    """Describe every graph input from its name, dtype, shape and consumers.
+    """Describe every graph input from its name, dtype, shape, consumers and the model's metadata.
 
     Integer inputs that index an embedding table are token ids bounded by its row count;
-    names decide masks, token types and positions; 4-D floats are images.
+    names decide masks, token types and positions; 4-D floats are images. Batch axes, image
+    sizes and value rules follow `slimc.input_rules`.
     """
     specs = []
     for value in model.graph.inputs:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-        shape = tuple(
-            d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
-            for d in (value.shape or ())
-        )
-        name = value.name or ""
-        kind, high = "float", None
-        if dtype == np.bool_:
-            kind = "bool"
-        elif np.issubdtype(dtype, np.integer):
-            if _MASK.search(name):
-                kind = "attention_mask"
-            elif _TOKEN_TYPES.search(name):
-                kind, high = "token_type_ids", _embedding_rows(value)
-            elif _POSITIONS.search(name):
-                kind = "position_ids"
-            else:
-                high = _embedding_rows(value)
-                kind = "tokens" if high is not None else "int"
-        elif len(shape) == 4:
-            kind = "image"
-        specs.append(InputSpec(name=name, dtype=dtype, shape=shape, kind=kind, high=high))
+        shape = _dims(value)
+        kind, high = _kind(value, dtype, len(shape))
+        spec = InputSpec(name=value.name or "", dtype=dtype, shape=shape, kind=kind, high=high)
+        integer = np.issubdtype(dtype, np.integer)
+        if kind == "string":
+            spec.needs_data = "it is a string tensor, and slimc cannot invent plausible text for it"
+        elif kind in ("int", "float", "bool") and (use := input_rules.parameter_use(value, integer)):
+            spec.needs_data = f"it sets {use}, which random values would break"
+        if kind == "int" and (values := input_rules.compared_constants(value)):
+            spec.values, spec.needs_data = values, None
+        elif kind == "int" and not shape and high is None and spec.needs_data is None:
+            spec.needs_data = ("it is a 0-d integer, a setting such as a sample rate or a step count, and the graph "
+                               "does not show which values it accepts")
+        specs.append(spec)
+    for spec, axis in zip(specs, input_rules.batch_axes([s.shape for s in specs])):
+        spec.batch_axis = axis
+    _size_images(specs, model)
     return specs
+
+
+def _size_images(specs: list[InputSpec], model: ir.Model) -> None:
+    """Height/width of 4-D image inputs the graph leaves dynamic: the metadata's size, else the default."""
+    stated = input_rules.metadata_image_size(model)
+    for spec in specs:
+        if spec.kind != "image":
+            continue
+        axes = input_rules.image_axes(spec.shape)
+        if all(isinstance(spec.shape[a], int) for a in axes):
+            continue
+        if stated is not None:
+            (h, w), key = stated
+            source = f"from metadata {key}"
+        else:
+            h = w = input_rules.DEFAULT_IMAGE_SIZE
+            source = "by default (the model states no image size)"
+        spec.dim_defaults = {a: n for a, n in zip(axes, (h, w)) if not isinstance(spec.shape[a], int)}
+        spec.dim_source = f"height x width {h}x{w} {source}"
+
+
+def pin_sizes(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Size synthetic inputs as ``--static-shapes`` pins them (all axes but the batch axis, which is split)."""
+    for spec in specs:
+        dims = shapes.get(spec.name)
+        if dims is None or len(dims) != len(spec.shape):
+            continue
+        spec.dim_defaults = {a: int(n) for a, n in enumerate(dims) if a != spec.batch_axis}
+        spec.dim_source = "from --static-shapes " + "x".join(map(str, dims))
 
 
 def infer_task(model: ir.Model, inputs: list[InputSpec]) -> str:

@@ -8,6 +8,8 @@ Grammar (whitespace is free)::
     value    := number | true | false | none | 'quoted' | "quoted" | bare-word
               | "[" [value ("," value)*] "]" | "{" [NAME ":" value ("," ...)*] "}"
 
+Lists and mappings nest at most `MAX_NESTING` levels deep, and a quote must be closed: a spec
+that breaks either rule is a `PassConfigError`, never a crash or a silently truncated value.
 Values are coerced to the option's declared type (int, float, bool, str, Literal choices,
 lists, dicts, optionals); anything that does not fit raises `PassConfigError` naming the pass,
 the option, the expected type and the valid options with their defaults.
@@ -16,6 +18,8 @@ the option, the expected type and the valid options with their defaults.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 import typing
 from typing import Any
@@ -24,7 +28,10 @@ from slimc import passes
 from slimc.errors import PassConfigError
 from slimc.pipeline import Pass
 
-_TOKEN = re.compile(r"\s*(?:(?P<str>'[^']*'|\"[^\"]*\")|(?P<punct>[()\[\]{},=:])|(?P<word>[^\s()\[\]{},=:]+))")
+# A bare word holds no quote: a quote that is never closed must not be read as a word (it would
+# lose its last character as if it were the closing quote).
+_TOKEN = re.compile(r"\s*(?:(?P<str>'[^']*'|\"[^\"]*\")|(?P<punct>[()\[\]{},=:])|(?P<word>[^\s()\[\]{},=:'\"]+))")
+MAX_NESTING = 16  # lists in lists in ...: no pass option needs more than 2
 
 
 def _tokenize(text: str) -> list[str]:
@@ -33,10 +40,18 @@ def _tokenize(text: str) -> list[str]:
     while pos < len(text):
         match = _TOKEN.match(text, pos)
         if match is None or match.end() == pos:
-            raise PassConfigError(f"cannot parse pass spec at '{text[pos:]}'.")
+            rest = text[pos:].lstrip()
+            if rest[:1] in ("'", '"'):
+                raise PassConfigError(f"in pass spec: the quote {rest[0]} at '{_cut(rest)}' is never closed; "
+                                      f"close it ({rest[0]}...{rest[0]}) or drop it.")
+            raise PassConfigError(f"cannot parse pass spec at '{_cut(rest)}'.")
         tokens.append(match.group(match.lastgroup))
         pos = match.end()
     return tokens
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _Parser:
@@ -52,7 +67,7 @@ class _Parser:
         tok = self.peek()
         if tok is None or (expected is not None and tok != expected):
             want = f"'{expected}'" if expected else "more input"
-            raise PassConfigError(f"in pass spec '{self.text}': expected {want}, got {tok or 'end of text'}.")
+            raise PassConfigError(f"in pass spec '{_cut(self.text, 200)}': expected {want}, got {tok or 'end of text'}.")
         self.i += 1
         return tok
 
@@ -62,7 +77,7 @@ class _Parser:
             self.take(",")
             items.append(self.item())
         if self.peek() is not None:
-            raise PassConfigError(f"in pass spec '{self.text}': unexpected '{self.peek()}'.")
+            raise PassConfigError(f"in pass spec '{_cut(self.text, 200)}': unexpected '{self.peek()}'.")
         return items
 
     def item(self) -> tuple[str, dict[str, Any]]:
@@ -80,12 +95,15 @@ class _Parser:
             self.take(")")
         return name, options
 
-    def value(self) -> Any:
+    def value(self, depth: int = 0) -> Any:
         tok = self.take()
+        if tok in ("[", "{") and depth >= MAX_NESTING:  # a recursive parser: deep nesting must not reach Python's stack limit
+            raise PassConfigError(f"in pass spec: lists or mappings nested more than {MAX_NESTING} levels deep; "
+                                  "no pass option takes more than a list of lists.")
         if tok == "[":
             items = []
             while self.peek() != "]":
-                items.append(self.value())
+                items.append(self.value(depth + 1))
                 if self.peek() != "]":
                     self.take(",")
             self.take("]")
@@ -95,7 +113,7 @@ class _Parser:
             while self.peek() != "}":
                 key = self.take()
                 self.take(":")
-                mapping[key] = self.value()
+                mapping[key] = self.value(depth + 1)
                 if self.peek() != "}":
                     self.take(",")
             self.take("}")
@@ -141,11 +159,17 @@ def parse_pipeline(spec: str | list | tuple) -> list[Pass]:
     return built
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # Resolving string annotations compiles each one: once per pass class is enough.
+    return typing.get_type_hints(cls)
+
+
 def build_pass(name: str, options: dict[str, Any]) -> Pass:
     """Instantiate pass ``name`` with ``options`` coerced to its declared option types."""
     cls = passes.get(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {}
     for key, raw in options.items():
         if key not in fields:
@@ -208,6 +232,8 @@ def _coerce_scalar(value: Any, annotation: Any) -> Any:
         raise ValueError(f"expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan passes every range check (all comparisons are False)
+                raise ValueError(f"expected a finite number, got {value!r}")
             return float(value)
         raise ValueError(f"expected a number, got {value!r}")
     if annotation is str:
@@ -232,7 +258,7 @@ def type_name(annotation: Any) -> str:
 
 def option_table(cls: type) -> list[tuple[str, str, Any]]:
     """(name, type, default) of every option of pass class ``cls``."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (

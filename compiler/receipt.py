@@ -31,6 +31,8 @@ class Receipt:
     version: str = ""
     target: dict[str, Any] | None = None  # slimc.export: the artifact, verified in its runtime
     backend: dict[str, Any] | None = None  # the torch/Triton backend: lowering, agreement with ORT, latency
+    fidelity_guard: dict[str, Any] | None = None  # slimc.fidelity_guard: collapse threshold and max_loss checks
+    warnings: list[str] = dataclasses.field(default_factory=list)  # loud: shown first in the table
 
     @property
     def speedup(self) -> float | None:
@@ -41,9 +43,11 @@ class Receipt:
         data["passes"] = [p.to_json() for p in self.passes]
         return json_safe(data)
 
-    def save(self, path: str | Path) -> None:
-        from slimc.onnx_io import write_text_atomic
+    def save(self, path: str | Path, protect: tuple[Path, ...] = ()) -> None:
+        """Write the JSON receipt atomically; refuses to replace a file in ``protect`` (the input model's)."""
+        from slimc.onnx_io import check_output_path, write_text_atomic
 
+        check_output_path(Path(path), tuple(protect), suffix=Path(path).suffix)
         write_text_atomic(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
 
     def __str__(self) -> str:
@@ -71,7 +75,11 @@ def _si(n: float, unit: str = "") -> str:
 
 
 def _ratio(before: float, after: float) -> str:
-    return f"{before / after:.2f}x smaller" if after and before != after else ("same" if before == after else "-")
+    if before == after:
+        return "same"
+    if not after or not before:
+        return "-"
+    return f"{before / after:.2f}x smaller" if after < before else f"{after / before:.2f}x larger"
 
 
 def _row(label: str, before: str, after: str, change: str) -> str:
@@ -81,10 +89,12 @@ def _row(label: str, before: str, after: str, change: str) -> str:
 def render(r: Receipt) -> str:
     """A plain-text table for terminals and logs."""
     b, a = r.before, r.after
-    sizes = ", ".join(f"{k}={v}" for k, v in a.get("macs_sizes", {}).items()) or "static shapes"
+    sizes = (", ".join(f"{k}={v}" for k, v in a.get("macs_sizes", {}).items())
+             or ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in a.get("macs_inputs", {}).items()) or "static shapes")
     lines = [
         f"slimc receipt: {r.source}  (task: {r.task})",
         f"  passes: {', '.join(p.name for p in r.passes) or '(none)'}",
+        *[f"  !!! WARNING: {w}" for w in r.warnings],
         "",
         _row("", "before", "after", "change"),
         _row("parameters", _si(b["params"]), _si(a["params"]), _ratio(b["params"], a["params"])),
@@ -98,6 +108,7 @@ def render(r: Receipt) -> str:
     lines += _latency_lines(r.latency)
     lines += _op_change_lines(b["op_histogram"], a["op_histogram"])
     lines += ["", _fidelity_header(r.fidelity)] + _metric_lines(r.fidelity.get("metrics", {}))
+    lines += _guard_lines(r.fidelity_guard)
     lines += ["", "  passes:"]
     for p in r.passes:
         lines.append(f"    {p.name} ({p.seconds:.1f} s): {p.summary}")
@@ -110,6 +121,14 @@ def render(r: Receipt) -> str:
     if r.notes:
         lines += ["", "  notes:"] + [f"    - {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def _guard_lines(guard: dict[str, Any] | None) -> list[str]:
+    if not guard:
+        return []
+    checks = "; ".join(f"{c['metric']} {_fmt(c['value']) if c['value'] is not None else 'not measured'} "
+                       f"(needs {c['bound']}, {c['source']})" for c in guard["checks"])
+    return [f"  fidelity guard: {guard['status'].upper() if guard['status'] == 'collapsed' else guard['status']}: {checks}"]
 
 
 def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
@@ -138,7 +157,7 @@ def _target_lines(t: dict[str, Any] | None) -> list[str]:
         m = t.get(key) or {}
         shown = {k: m[k] for k in ("max_abs_error", "cosine", "sqnr_db", "top1_agreement", "perplexity_ratio",
                                     "embedding_cosine") if k in m}
-        lines.append(f"    fidelity {label}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()) or "-"))
+        lines.append(f"    fidelity {label}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in _shown(shown, m).items()) or "-"))
     lines += [f"    note: {n}" for n in t.get("notes") or []]
     lat = t.get("latency")
     if lat and "error" in lat:
@@ -163,14 +182,15 @@ def _backend_lines(b: dict[str, Any] | None) -> list[str]:
     lines = ["", f"  backend triton: torch.fx GraphModule, {low['nodes']} ONNX nodes lowered; kernels: {kernels}",
              f"    kernels run as: {b['kernel_impl']}",
              f"    trainable parameters: {_si(low['trainable_parameters'])}; buffers: {_si(low['buffers'])} elements",
-             f"    agreement with {agree.get('reference', 'ONNX Runtime')} ({agree['batches']} batches): max abs diff "
+             f"    agreement with {agree.get('reference', 'ONNX Runtime')} ({agree['batches']} batch{'es' if agree['batches'] != 1 else ''}): max abs diff "
              f"{agree['max_abs_diff']:.3g}, relative L2 {agree['relative_l2']:.3g} ({agree['criterion']}: passed)"]
     if "relative_l2_vs_deployed_ort" in agree:
         lines.append(f"    relative L2 vs the deployed ORT model (accuracy_level=4): {agree['relative_l2_vs_deployed_ort']:.3g}")
     shown = {k: v for k, v in (b.get("fidelity") or {}).items() if k in ("max_abs_error", "cosine", "sqnr_db",
                                                                           "top1_agreement", "perplexity_ratio")}
     if shown:
-        lines.append("    fidelity vs the input model in ORT: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        lines.append("    fidelity vs the input model in ORT: " + ", ".join(f"{k}={_fmt(v)}" for k, v in
+                                                                           _shown(shown, b.get("fidelity") or {}).items()))
     lines += [f"    left generic: {what}: {why}" for what, why in list(low["left_generic"].items())[:10]]
     lat = b.get("latency")
     if lat and "error" in lat:
@@ -205,13 +225,15 @@ def _fidelity_header(f: dict[str, Any]) -> str:
     return f"  fidelity vs the input model, on {kind}: {f.get('data', '')}"
 
 
+def _shown(shown: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """``sqnr_db`` of identical outputs is None in the JSON (no inf there); the table says +inf."""
+    if "sqnr_db" in shown and shown["sqnr_db"] is None and metrics.get("exact"):
+        return {**shown, "sqnr_db": math.inf}
+    return shown
+
+
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:
-    lines = []
-    for key, value in metrics.items():
-        if key == "sqnr_db" and value is None and metrics.get("exact"):
-            value = math.inf  # evaluate() writes None for JSON; the table says what it means
-        lines.append(f"    {key}: {_fmt(value)}")
-    return lines
+    return [f"    {key}: {_fmt(value)}" for key, value in _shown(metrics, metrics).items()]
 
 
 def _fmt(v: Any) -> str:

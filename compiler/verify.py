@@ -1,4 +1,5 @@
-"""Verification after every pass: full ONNX checker, loads in ORT, exact passes stay exact.
+"""Verification after every pass: full ONNX checker, loads in ORT, exact passes stay exact, and
+no pass (lossy ones included) turns finite outputs into NaN or inf.
 
 ``outputs_match`` is the exactness criterion for passes that declare ``exact = True``: every
 output element satisfies ``|got - ref| <= atol + rtol * max|ref|`` (a tolerance relative to
@@ -79,3 +80,31 @@ def outputs_match(
             if scaled > worst.max_scaled:
                 worst = OutputDiff(diff, scaled, name)
     return worst
+
+
+@dataclasses.dataclass
+class NonFinite:
+    """Where a candidate run gives NaN/inf although the reference run is finite."""
+
+    output: str
+    count: int  # elements over all batches
+    total: int  # elements of that output over all batches
+
+
+def introduced_nonfinite(
+    reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], names: list[str]
+) -> NonFinite | None:
+    """The first output where ``candidate`` is NaN/inf at an element where ``reference`` is finite.
+
+    Non-finite values the reference already has are the model's own, not the pass's; outputs that
+    changed shape or are not floating are left to the other checks.
+    """
+    counts: dict[str, list[int]] = {}
+    for ref_batch, got_batch in zip(reference, candidate):
+        for name, ref, got in zip(names, ref_batch, got_batch):
+            if ref.shape != got.shape or not np.issubdtype(got.dtype, np.floating):
+                continue
+            bad = int(np.count_nonzero(~np.isfinite(got) & np.isfinite(ref)))
+            seen = counts.setdefault(name, [0, 0])
+            seen[0], seen[1] = seen[0] + bad, seen[1] + got.size
+    return next((NonFinite(n, c, t) for n, (c, t) in counts.items() if c), None)

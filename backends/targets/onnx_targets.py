@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,18 @@ def _ort_runner(path: Path, threads: int | None) -> Runner:
     return Runner(run=lambda batch: ort_backend.run(session, batch), bind=bind, runtime=f"onnxruntime {ort.__version__}")
 
 
+@contextlib.contextmanager
+def _quiet_logging():
+    """ORT's tools log INFO lines ("Created config in <work folder>") through a handler on the root
+    logger: keep them off the user's stderr; warnings still show."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 class OnnxTarget(Target):
     """The prepared ONNX file itself (opset conversion and static shapes happen before any target)."""
 
@@ -42,13 +55,10 @@ class OnnxTarget(Target):
     extra = ""
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
-        out = out_dir / f"{stem}.onnx"
-        shutil.copyfile(onnx_path, out)
-        data = onnx_path.with_name(onnx_path.name + ".data")
-        if data.exists():
-            shutil.copyfile(data, out_dir / (out.name + ".data"))
-            return [out, out_dir / (out.name + ".data")]
-        return [out]
+        from slimc.onnx_io import external_files, load_onnx, save_onnx
+
+        model = load_onnx(onnx_path)  # written anew: its external-data file is named after the new file
+        return save_onnx(model, out_dir / f"{stem}.onnx", external_data=bool(external_files(model)))
 
     def load(self, files: Sequence[Path], threads: int | None, source) -> Runner:
         return _ort_runner(files[0], threads)
@@ -64,7 +74,9 @@ class OrtMobileTarget(Target):
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-        if onnx_path.with_name(onnx_path.name + ".data").exists():
+        from slimc.onnx_io import external_files, load_onnx
+
+        if external_files(load_onnx(onnx_path)):
             raise TargetError("target 'ort-mobile': the model keeps its weights in external data (> 1.8 GB); the ORT "
                               "format holds at most 2 GB. Compress it further (int8 / int4) before exporting to mobile.")
         src = out_dir / "src"
@@ -73,7 +85,7 @@ class OrtMobileTarget(Target):
         shutil.copyfile(onnx_path, model)
         log = io.StringIO()
         try:
-            with contextlib.redirect_stdout(log):
+            with contextlib.redirect_stdout(log), _quiet_logging():
                 # target_platform="arm": QDQ nodes stay int8 for NNAPI / QNN / XNNPACK, no x86-only layouts
                 convert_onnx_models_to_ort(model, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed],
                                            target_platform="arm")

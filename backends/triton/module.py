@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from slimc import workdir
 from slimc.backends.triton.lower import LoweringReport, lower
 from slimc.errors import BackendError, OutputPathError, first_line
 
@@ -158,10 +158,12 @@ def save(program, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike):
-    """A ``.pt2`` written by slimc: the kernels' custom ops are registered, then ``torch.export.load``."""
+    """A ``.pt2`` written by slimc: the kernels' custom ops are registered, then the archive is read
+    as every ``.pt2`` is (`slimc.frontends.pt2.read_program`: no pickles, no code from the file)."""
     import slimc.kernels  # noqa: F401 - registers torch.ops.slimc.*
+    from slimc.frontends.pt2 import read_program
 
-    return torch.export.load(str(path))
+    return read_program(Path(path))
 
 
 @contextlib.contextmanager
@@ -294,7 +296,7 @@ def _exact_nbits_reference(model: ir.Model):
     for node in exact.graph:
         if node.op_type == "MatMulNBits":
             node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
-    with tempfile.TemporaryDirectory(prefix="slimc-nbits-") as tmp:
+    with workdir.new("nbits") as tmp:
         save_onnx(exact, Path(tmp) / "exact.onnx")
         session = ort_backend.create_session(Path(tmp) / "exact.onnx")
         yield lambda batch: ort_backend.run(session, batch)

@@ -37,7 +37,9 @@ def load(
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, ir.Model):
-        return _bare(source, "onnx_ir.Model")
+        from slimc.onnx_io import external_files
+
+        return _bare(source, "onnx_ir.Model", external_files(source))
     if _is_onnx_proto(source):
         return _bare(ir.serde.deserialize_model(source), "onnx.ModelProto")
     if isinstance(source, (str, os.PathLike)):
@@ -53,9 +55,18 @@ def load(
 
 
 def _bare(model: ir.Model, source: str, paths: tuple[Path, ...] = ()) -> LoadedModel:
-    """A graph with no front-end facts: input kinds and task are inferred from the graph."""
+    """A graph with no front-end facts: brought to slimc's form (`slimc.normalize`: Constant weights
+    become initializers), then input kinds, sizes and task are inferred from the graph."""
+    from slimc.normalize import normalize
+
+    from slimc.input_rules import metadata_image_size
+
+    notes = normalize(model)
     inputs = infer_input_specs(model)
-    return LoadedModel(model=model, inputs=inputs, task=infer_task(model, inputs), source=source, source_paths=paths)
+    stated = metadata_image_size(model)  # image folders are resized to the size the model states
+    preprocess = {"size": stated[0]} if stated is not None and any(s.kind == "image" for s in inputs) else None
+    return LoadedModel(model=model, inputs=inputs, task=infer_task(model, inputs), source=source, source_paths=paths,
+                       notes=notes, image_preprocess=preprocess)
 
 
 def _is_onnx_proto(source: Any) -> bool:
@@ -67,9 +78,10 @@ def _load_path(path: Path, example_inputs, *, input_names, dynamic, cache_dir) -
         raise ModelLoadError(f"{path}: no such file or folder.")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from slimc.onnx_io import load_onnx
+        from slimc.onnx_io import external_files, load_onnx
 
-        return _bare(load_onnx(path), str(path), (path,))
+        model = load_onnx(path)
+        return _bare(model, str(path), (path, *external_files(model)))  # outputs may touch none of them
     if path.is_dir() or suffix == ".gguf":
         from slimc.frontends import huggingface
 

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +75,9 @@ class _Source:
 
     @property
     def extra(self) -> dict[str, Any]:
-        """Keyword arguments every transformers ``from_pretrained`` call needs."""
-        return {"local_files_only": True, **({"gguf_file": self.gguf} if self.gguf else {})}
+        """Keyword arguments every transformers ``from_pretrained`` call needs. ``trust_remote_code=False``
+        stated, not defaulted: without it transformers asks on a terminal whether to run the folder's code."""
+        return {"local_files_only": True, "trust_remote_code": False, **({"gguf_file": self.gguf} if self.gguf else {})}
 
     @property
     def label(self) -> str:
@@ -151,6 +151,12 @@ def _load_config(source: _Source):
         raise ModelLoadError(f"reading {source.label} needs a missing package: {exc}") from None
     except Exception as exc:  # JSON errors, unknown model_type, corrupt GGUF header...
         first = first_line(exc)
+        if "custom code" in first or "trust_remote_code" in first:
+            raise UnsafeModelError(
+                f"{source.label} needs its own Python code (auto_map in config.json) to load; slimc never runs a model "
+                "folder's code. Load the model in Python yourself and pass the nn.Module to slimc.compile(), or "
+                "export it to ONNX."
+            ) from None
         raise ModelLoadError(
             f"cannot read the model config of {source.label}: {first}. Check that config.json is valid JSON "
             "from save_pretrained(), and that this transformers version knows its model_type."
@@ -201,8 +207,9 @@ def _read_cache(entry: Path):
     try:
         meta = json.loads((entry / "meta.json").read_text())
         model = onnx_io.load_onnx(entry / "model.onnx")
-        config = tf.AutoConfig.from_pretrained(entry / "hf", local_files_only=True)
-        tokenizer = tf.AutoTokenizer.from_pretrained(entry / "hf", local_files_only=True) if meta["tokenizer"] else None
+        safe = {"local_files_only": True, "trust_remote_code": False}
+        config = tf.AutoConfig.from_pretrained(entry / "hf", **safe)
+        tokenizer = tf.AutoTokenizer.from_pretrained(entry / "hf", **safe) if meta["tokenizer"] else None
     except Exception as exc:  # anything unreadable means "export again", never a failed load
         log.warning("ignoring unreadable cached export %s (%s); exporting again", entry, exc)
         return None
@@ -213,12 +220,12 @@ def _read_cache(entry: Path):
 
 def _write_cache(entry: Path, model, meta: dict[str, Any], config, tokenizer) -> None:
     """Write the entry into a temporary folder and rename it into place (atomic for readers)."""
-    from slimc import onnx_io
+    from slimc import atomic, onnx_io
 
     tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".slimc-", dir=entry.parent))
+        tmp = atomic.partial_dir(entry.parent)
         config.save_pretrained(tmp / "hf")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "hf")

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from slimc.analysis import count_params
+from slimc.analysis import count_params, percent_fewer
 from slimc.errors import DataError, PassConfigError
 from slimc.passes.prune import importance
 from slimc.passes.prune.apply import apply_plan
@@ -176,7 +176,7 @@ class Prune(Pass):
             by_kind[p["kind"]][1] += p["after"]
         kinds = ", ".join(f"{k} {a}->{b}" for k, (a, b) in by_kind.items()) or "nothing"
         summary = (f"{len(pruned)} of {len(groups)} groups pruned ({kinds}); params {params0:,} -> {params1:,}"
-                   f" ({1 - params1 / max(params0, 1):.1%} fewer); importance={self.importance}")
+                   f" ({percent_fewer(params0, params1)}); importance={self.importance}")
         if compensated:
             summary += f", {compensated} consumers compensated ({self.compensate})"
         if self.change_interface and plan:

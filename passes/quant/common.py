@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
+from slimc import workdir
 from slimc.errors import DataError, LatencyGuardError, PassConfigError  # noqa: F401 - re-exported
 from slimc.passes.prune.graph import module_path  # noqa: F401 - the PyTorch module a node came from
 from slimc.passes.prune.rules import attr  # noqa: F401 - a node attribute's value, or a default
@@ -104,6 +104,7 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
     positions: ``seq=1`` times a decode-sized step, the calibration length times a prefill.
     """
     from slimc import data
+    from slimc.data_batching import first_samples
 
     batch = None
     if ctx is not None and ctx.calibration is not None and len(ctx.calibration):
@@ -112,11 +113,8 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
         batch = data.synthetic(ctx.loaded.inputs, n_batches=1, seed=ctx.seed + 2000, sizes={"seq": 64})[0]
     if batch is None:
         raise DataError("the latency guard needs an example input: pass calibration data.")
-    from slimc.backends.timing import latency_feed as one_sample
-
-    # one sample where axis 0 is a dynamic batch; fixed dims and 0-d inputs whole (what the model accepts)
-    feed = one_sample(batch, ctx.loaded.inputs if ctx is not None and ctx.loaded is not None else None)
-    feed = {k: np.asarray(v) for k, v in feed.items()}
+    inputs = ctx.loaded.inputs if ctx is not None and ctx.loaded is not None else None
+    feed = first_samples(batch, inputs, 1)
     if seq is not None:
         feed = {k: (v[:, :seq] if v.ndim >= 2 and not np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
     return feed
@@ -139,7 +137,7 @@ def measure(models: Mapping[str, ir.Model], feed: Mapping[str, np.ndarray], thre
     """Median ORT CPU latency (ms) of each model on ``feed``, measured interleaved in one run."""
     from slimc.onnx_io import save_onnx
 
-    with tempfile.TemporaryDirectory(prefix="slimc-guard-") as tmp:
+    with workdir.new("guard") as tmp:
         paths = {}
         for i, (name, model) in enumerate(models.items()):
             paths[name] = Path(tmp) / f"{i:02d}.onnx"
@@ -184,8 +182,11 @@ def guard(pass_name: str, before: ir.Model, after: ir.Model, feed: Mapping[str, 
 
 
 def to_proto(model: ir.Model):
-    """The IR as an `onnx.ModelProto` (for libraries that work on protos: ORT's quantizer, float16)."""
-    return ir.serde.serialize_model(model)
+    """The IR as an `onnx.ModelProto` holding every weight, external ones included (for libraries
+    that work on protos: ORT's quantizer, float16)."""
+    from slimc.onnx_io import model_proto
+
+    return model_proto(model)
 
 
 def replace_in_place(model: ir.Model, new: Any) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -46,7 +45,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from slimc import progress
+from slimc import progress, workdir
 from slimc.errors import DataError, PassConfigError, SlimcError
 from slimc.passes.quant import common
 from slimc.pipeline import Pass, PassContext, PassReport
@@ -249,7 +248,7 @@ class Int8(Pass):
         feed = common.latency_feed(ctx, model, self.latency_seq)
         conv_heavy = sum(w.node.op_type == "Conv" for w in weighted) > len(weighted) / 2
 
-        with tempfile.TemporaryDirectory(prefix="slimc-int8-") as tmp:
+        with workdir.new("int8") as tmp:
             work = _Work(Path(tmp), model, self, conv_heavy, user_excluded, mobile=mobile, threads=ctx.threads)
             if any(c.static for c in candidates):
                 work.calibrate(ranges_set, candidates)

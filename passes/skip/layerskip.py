@@ -37,7 +37,7 @@ from typing import Literal, Optional
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from slimc.analysis import count_params
+from slimc.analysis import count_params, percent_fewer
 from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
 from slimc.model import infer_input_specs, infer_task
@@ -174,7 +174,7 @@ class LayerSkip(Pass):
                        outputs_renamed=outputs, latency=latency, notes=_notes(chosen))
         labels = ", ".join(u.label for u in chosen)
         summary = (f"removed {n} of {len(units)} {self.unit} units by {self.score} ({labels}); params {params0:,} -> "
-                   f"{params1:,} ({1 - params1 / max(params0, 1):.1%} fewer)")
+                   f"{params1:,} ({percent_fewer(params0, params1)})")
         if latency:
             summary += f"; latency {latency['before_ms']:.2f} -> {latency['after_ms']:.2f} ms ({latency['speedup']:.2f}x)"
         return PassReport(name=self.name, modified=True, summary=summary, details=details, left_alone=left,

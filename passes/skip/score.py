@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from slimc import progress
+from slimc import progress, workdir
 from slimc.backends.onnxruntime import create_session, run
 from slimc.calibrate import CosineRequest, cosine
 from slimc.onnx_io import save_onnx
@@ -77,7 +76,7 @@ def greedy(model: ir.Model, candidates: Sequence[Unit], count: int, batches: Seq
            tokens: str | None = None, mask: str | None = None, threads: int | None = None) -> Greedy:
     """Choose ``count`` of ``candidates`` greedily by loss (perplexity when ``tokens`` names the
     token-id input of a causal LM, else the relative squared error of the outputs)."""
-    with tempfile.TemporaryDirectory(prefix="slimc-layerskip-") as tmp:
+    with workdir.new("layerskip") as tmp:
         gated = _Gated(model, candidates, Path(tmp) / "gated.onnx", threads)
         loss = _Perplexity(gated, batches, tokens, mask) if tokens else _RelativeError(gated, batches)
         baseline = loss(frozenset())

@@ -467,8 +467,12 @@ def _zip_size(model: ir.Model, level: int = 1) -> int | None:
     Level 1, not zip's default 6: on float weights 6 is 4x slower (about 4 MB/s on a busy 2-core
     machine, minutes for a 540 MB model) for a file only ~5% smaller.
     """
-    proto = ir.serde.serialize_model(model)
-    if proto.ByteSize() >= 2**31 - 1:
+    from slimc.onnx_io import PROTOBUF_LIMIT, model_proto, tensor_bytes
+
+    if tensor_bytes(model) >= PROTOBUF_LIMIT:  # decided before external weights are read into memory
+        return None
+    proto = model_proto(model)
+    if proto.ByteSize() >= PROTOBUF_LIMIT:
         return None
     data = proto.SerializeToString()
     del proto
