@@ -116,3 +116,16 @@ def test_random_inputs_the_model_cannot_run_on_are_refused_naming_the_input(tmp_
     assert "fails on the synthetic inputs" in message  # the run-time explanation
     feed = {"data": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "shape": np.array([4, 6], np.int64)}
     assert slimc.compile(str(path), passes=["cleanup"], evaluation=[feed], measure_latency=False).receipt.fidelity
+
+
+def test_string_inputs_and_an_empty_input_are_data(tmp_path):
+    """String tensors and an empty input (no rows) are valid evaluation data; string outputs are compared exactly."""
+    s = TensorProto.STRING
+    path = _save(tmp_path / "concat.onnx", [helper.make_node("Concat", ["a", "b"], ["y"], axis=0)],
+                 [helper.make_tensor_value_info("a", s, ["n"]), helper.make_tensor_value_info("b", s, ["m"])],
+                 [helper.make_tensor_value_info("y", s, [None])])
+    feed = {"a": np.array(["x", "yz"], dtype=object), "b": np.array([], dtype=object)}
+    result = slimc.compile(str(path), passes=["cleanup"], evaluation=[feed])
+    assert "exact" in result.receipt.verification[-1]["result"]
+    assert result.receipt.fidelity["metrics"]["non_floating"]["y"]["exact"] is True
+    assert "error" not in result.receipt.latency

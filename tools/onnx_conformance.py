@@ -227,10 +227,10 @@ TIMING_REFUSALS = ("LatencyGuardError: ",)
 
 def reason_key(reason: str) -> str:
     """The stable part of a refusal's reason for the expectations file: its error type and message up to
-    the first path, number or parenthesis (temp folders and measured values change between runs)."""
+    the first path or parenthesis (temporary folders change between runs), at most 100 characters."""
     kind, _, message = reason.partition(": ")
-    cut = re.search(r"[(/]|(?<![A-Za-z0-9.])[0-9]", message)
-    message = (message[: cut.start()] if cut else message)[:80].rstrip(" ,:;'\"")
+    cut = re.search(r"[(/]", message)
+    message = (message[: cut.start()] if cut else message)[:100].rstrip(" ,:;'\"")
     return f"{kind}: {message}" if message else kind
 
 
