@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import time
 import weakref
 from pathlib import Path
@@ -26,11 +25,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from slimc import __version__, progress
+from slimc import __version__, measure, progress
 from slimc import workdir as workdirs
 from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
-from slimc.errors import BackendError, DataError, PassFailedError, SlimcError, VerificationError
+from slimc.errors import BackendError, PassFailedError, SlimcError, VerificationError
 from slimc.model import LoadedModel
 from slimc.onnx_io import check_output_path, copy_model, save_onnx
 from slimc.pass_spec import parse_pipeline
@@ -164,7 +163,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
     workdir = workdirs.new("run")
     work = Path(workdir.name)
-    explain = (lambda exc: _synthetic_failure(exc, loaded.inputs, evalset)) if evalset.synthetic else None
+    explain = (lambda exc: measure.synthetic_failure(exc, loaded.inputs, evalset)) if evalset.synthetic else None
     baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True,
                       explain=explain)
     full_check = baseline.full_check
@@ -193,9 +192,9 @@ def compile(  # noqa: A001 - the public verb of a compiler
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
     # The passes succeeded and are verified: from here on a measurement that fails is reported as
     # not measured in the receipt, never allowed to lose the result.
-    latency = _measured("latency", lambda: _latency(baseline, current, verify_batches[0], loaded.inputs, threads)) \
-        if measure_latency else None
-    fidelity = _measured("fidelity", lambda: _fidelity(baseline, current, evalset, loaded))
+    latency = measure.measured("latency", lambda: measure.latency(baseline, current, verify_batches[0], loaded.inputs,
+                                                                  threads)) if measure_latency else None
+    fidelity = measure.measured("fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded))
     guard = fidelity_guard.check(fidelity, loaded.task, bounds)  # refuses before the (slow) export
     for warning in guard["warnings"]:
         log.warning("warning: %s", warning)
@@ -344,23 +343,6 @@ def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_ch
     return Stage(label=label, path=path, session=session, outputs=outputs, full_check=passed_full)
 
 
-def _synthetic_failure(exc: BackendError, inputs, evalset) -> DataError:
-    """The input model fails on the random inputs slimc made: say so, name the inputs, ask for data."""
-    message = str(exc)
-    named = [s.name for s in inputs if s.name and re.search(rf"\b{re.escape(s.name)}\b", message)]
-    # Inputs that steer shapes rather than carry data: integers, booleans, scalars and short vectors
-    # (Resize scales/sizes, Reshape shapes, Slice steps, OneHot depth, divisors, axes).
-    params = [s.name for s in inputs if s.kind in ("int", "bool") or len(s.shape) <= 1]
-    suspects = named or params or [s.name for s in inputs]
-    return DataError(
-        f"the input model fails on the synthetic inputs slimc made for it (random values, no --eval data given): "
-        f"{message}. Random values do not fit input(s) {', '.join(map(repr, suspects))} (shapes, scales, sizes, "
-        f"indices, counts or divisors need real values; slimc fed {evalset.source}). Pass real inputs: --eval "
-        "(evaluation=) with a .npz of arrays keyed by input name, and --calib (calibration=) for int8/int4/prune "
-        "(see docs/data.md); --static-shapes also sizes the synthetic inputs."
-    )
-
-
 def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str]) -> PassReport:
     start = time.perf_counter()
     try:
@@ -402,51 +384,6 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
         )
     on = f"{len(batches)} batch" + ("es" if len(batches) != 1 else "")
     return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {on})"
-
-
-def _measured(what: str, measure) -> dict[str, Any]:
-    """``measure()``, or ``{"error": reason}`` when it fails: a measurement never loses a verified result."""
-    try:
-        return measure()
-    except Exception as exc:  # noqa: BLE001 - any failure to measure is reported, not raised
-        from slimc.errors import first_line
-
-        reason = first_line(exc) if isinstance(exc, SlimcError) else f"{type(exc).__name__}: {first_line(exc)}"
-        log.warning("%s not measured: %s", what, reason)
-        return {"error": reason}
-
-
-def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], inputs, threads) -> dict[str, Any]:
-    """Both models timed on one sample of a verified batch (`latency_feed`); the whole batch when the
-    cut feed does not run (axis 0 was not a batch axis after all) and the receipt says so."""
-    from slimc.backends.timing import comparison, latency_feed
-
-    sessions = {"before": baseline.session, "after": current.session}
-    single = latency_feed(batch, inputs, current.batch_size)
-    try:
-        stats = ort_backend.measure_latency(sessions, single)
-    except Exception as exc:  # noqa: BLE001 - the whole batch ran in verification: time that instead
-        if all(np.shape(single[k]) == np.shape(batch[k]) for k in batch):
-            raise
-        log.info("latency on one sample failed (%s); timing the whole verification batch", exc)
-        single = dict(batch)
-        stats = ort_backend.measure_latency(sessions, single)
-    return comparison(stats, single, ort_backend.machine_description(threads))
-
-
-def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel) -> dict[str, Any]:
-    from slimc import evaluate
-
-    names = [o.name for o in current.session.get_outputs()]
-    metrics = evaluate.evaluate(
-        baseline.run,
-        current.run,
-        evalset,
-        loaded.task,
-        output_names=names,
-        inputs=loaded.inputs,
-    )
-    return {"data": evalset.source, "synthetic": bool(evalset.synthetic), "batches": len(evalset), "metrics": metrics}
 
 
 def _notes(loaded: LoadedModel, calib, evalset) -> list[str]:

@@ -229,9 +229,12 @@ def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where:
         spec.name: _check_array(to_numpy(batch[spec.name]), spec, f"{where}, input {spec.name!r}", dims, first_sample)
         for spec in inputs
     }
-    if checked and all(a.size == 0 for a in checked.values()):  # one empty input may be data; all is a mistake
-        shapes = ", ".join(f"{k} {a.shape}" for k, a in checked.items())
-        raise DataError(f"{where}: every input is an empty array ({shapes}). {_advice(inputs[0])}")
+    # An empty tensor is valid data (no boxes, no axes, an empty string list), but text with no tokens
+    # or an image with no pixels is a mistake.
+    for spec in inputs:
+        if checked[spec.name].size == 0 and spec.kind in (*TEXT_KINDS, "image"):
+            raise DataError(f"{where}, input {spec.name!r}: got an empty array of shape {checked[spec.name].shape}. "
+                            f"{_advice(spec)}")
     return checked
 
 

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -220,6 +221,39 @@ def run_all(cases: list[Case], passes: tuple[str, ...] = PASSES, progress: bool 
     return results
 
 
+# A refusal by a latency guard depends on this machine's timings: the same case may run elsewhere.
+TIMING_REFUSALS = ("LatencyGuardError: ",)
+
+
+def reason_key(reason: str) -> str:
+    """The stable part of a refusal's reason for the expectations file: its error type and message up to
+    the first path or parenthesis (temporary folders change between runs), at most 100 characters."""
+    kind, _, message = reason.partition(": ")
+    cut = re.search(r"[(/]", message)
+    message = (message[: cut.start()] if cut else message)[:100].rstrip(" ,:;'\"")
+    return f"{kind}: {message}" if message else kind
+
+
+def expectations(results: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Every refusal by pass and case as `reason_key`, except the timing-dependent ones."""
+    out = {}
+    for name, r in results["passes"].items():
+        out[name] = {case: reason_key(d["reason"]) for case, d in sorted(r["not_ok"].items())
+                     if d["status"] == "refused" and not d["reason"].startswith(TIMING_REFUSALS)}
+    return out
+
+
+def check(outcome: Outcome, listed: str | None) -> str | None:
+    """Why ``outcome`` breaks the expectations (None: it keeps them). A crash or a wrong result always
+    does; a refusal must be listed with a reason it contains, unless a latency guard made it."""
+    if outcome.status == "ok":
+        return None
+    if outcome.status == "refused" and (outcome.reason.startswith(TIMING_REFUSALS) or (listed and listed in outcome.reason)):
+        return None
+    want = f" (listed: {listed!r})" if listed else " (not listed)"
+    return f"{outcome.status}: {outcome.reason}{want}"
+
+
 def table(results: dict[str, Any]) -> str:
     """The counts as a Markdown table."""
     lines = [f"{results['cases']} node tests that ONNX Runtime runs correctly.", "",
@@ -239,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     parser.add_argument("--markdown", type=Path, default=None, help="the counts table as Markdown")
+    parser.add_argument("--write-expected", type=Path, default=None,
+                        help="write every refusal (pass -> case -> reason) as the test's expectations file")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     root = node_tests_dir(args.cache)
@@ -256,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     from slimc.tools import write_results
 
     write_results(results, table(results), args.out, args.markdown)
+    if args.write_expected is not None:
+        args.write_expected.parent.mkdir(parents=True, exist_ok=True)
+        args.write_expected.write_text(json.dumps(expectations(results), indent=1, sort_keys=True) + "\n")
     return 0
 
 

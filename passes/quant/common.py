@@ -198,3 +198,26 @@ def replace_in_place(model: ir.Model, new: Any) -> None:
     model.graph = new.graph  # opset imports live on the graph in onnx_ir
     model.functions.clear()
     model.functions.update(new.functions)
+
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute (per-channel scales) exists from opset 13
+
+
+def per_channel_opset(proto: Any) -> tuple[Any, bool, str | None]:
+    """``(model, per_channel, note)``: a model below opset 13 is converted to opset 13 (onnx's version
+    converter) so per-channel weights are valid; where it does not convert, weights go per tensor."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        return proto, True, None
+    import onnx
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(proto, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter lacks adapters for some ops: per tensor instead
+        return proto, False, (f"weights per tensor: opset {opset} has no per-channel DequantizeLinear (axis needs opset "
+                              f"{PER_CHANNEL_OPSET}) and onnx's version converter could not raise it "
+                              f"({type(exc).__name__}: {str(exc)[:200]})")
+    return converted, True, (f"opset {opset} converted to {PER_CHANNEL_OPSET} (onnx's version converter) for "
+                             "per-channel weights")

@@ -408,8 +408,12 @@ def _angle_cone(value: ir.Value, cone: dict[int, ir.Node], depth: int) -> bool:
 
 
 def _tensor_constants(model: ir.Model) -> None:
-    """Rewrite ``Constant(value_float(s)=...)`` as tensor constants, which the converter converts."""
+    """Rewrite ``Constant(value_float(s)=...)`` as tensor constants and give ``ConstantOfShape`` its
+    default value explicitly, which the converter then converts."""
     for node in model.graph.all_nodes():
+        if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx") and "value" not in node.attributes:
+            # its default value is a float32 0 the converter cannot see: spell it out so it converts
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.zeros(1, np.float32)))
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             continue
         for name in ("value_float", "value_floats"):

@@ -21,6 +21,7 @@ import functools
 import logging
 
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 log = logging.getLogger("slimc")
@@ -103,6 +104,10 @@ def _loads(signature: tuple, *, half: bool, check: bool) -> bool:
         if half and attr.type == onnx.AttributeProto.INT and attr.i == int(_FLOAT) and (
                 attr.name == "dtype" or (attr.name == "to" and op_type == "Cast")):
             attr.i = int(_HALF)
+        if half and attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == int(_FLOAT):
+            # and its float tensor attributes (ConstantOfShape's value, Constant's value)
+            half_tensor = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(attr.t).astype("float16"), attr.t.name)
+            attr.t.CopyFrom(half_tensor)
         node.attribute.append(attr)
     graph = onnx.helper.make_graph([node], "probe", [info(n, e) for n, e in zip(in_names, inputs) if e is not None],
                                    [info(n, e) for n, e in zip(out_names, outputs) if e is not None])

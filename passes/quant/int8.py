@@ -46,7 +46,7 @@ import onnx
 import onnx_ir as ir
 
 from slimc import progress, workdir
-from slimc.errors import DataError, PassConfigError
+from slimc.errors import DataError, PassConfigError, SlimcError
 from slimc.passes.quant import common
 from slimc.pipeline import Pass, PassContext, PassReport
 
@@ -290,6 +290,8 @@ class Int8(Pass):
                 work.set_holdout(holdout, ctx)
                 fidelity = {c.name: work.metrics(built[c.name]) for c in candidates}
             chosen = self._choose(candidates, speed, fidelity)
+            if work.opset_note:
+                notes.append(work.opset_note)
             details: dict[str, Any] = {
                 "candidates": [{"name": c.name, "static": list(c.static), "dynamic": list(c.dynamic),
                                 "ms": round(times[c.name], 3), "speedup": round(speed[c.name], 3),
@@ -298,6 +300,7 @@ class Int8(Pass):
                 "float_ms": round(times["float"], 3),
                 "chosen": chosen.name,
                 "reduce_range": work.reduce_range,
+                "per_channel": work.per_channel,
                 "calibration": None if not work.ranges else {
                     "method": self.calibrate, "batches": len(ranges_set), "tensors": len(work.ranges.data), "data": ranges_set.source},
             }
@@ -335,6 +338,7 @@ class Int8(Pass):
         n_quant = sum(counts.values())
         summary = (f"{chosen.name}: {n_quant} ops quantized, {len(user_excluded) + len(fallback)} weighted nodes left in float; "
                    f"{guard.speedup:.2f}x vs float ({guard.after_ms:.2f} vs {guard.before_ms:.2f} ms, input {guard.feed})")
+        summary += "".join(f"; {n}" for n in notes if n.startswith(("opset ", "weights per tensor")))
         return PassReport(self.name, True, summary, details=details, left_alone=left_alone)
 
 
@@ -350,8 +354,12 @@ class _Work:
         default = False if mobile else needs_reduced_range()  # the 7-bit workaround is for x86 without VNNI
         self.reduce_range = opts.reduce_range if opts.reduce_range is not None else default
         self._counter = 0
+        self.per_channel, self.opset_note = opts.per_channel, None
+        proto = common.to_proto(model)
+        if opts.per_channel:
+            proto, self.per_channel, self.opset_note = common.per_channel_opset(proto)
         with progress.step("int8: shape inference"):
-            self.proto = save_and_reload_model_with_shape_infer(common.to_proto(model))
+            self.proto = save_and_reload_model_with_shape_infer(proto)
         self.float_path = self._save(self.proto, "float")
         self.ranges = None
         self.weighted = {w.node.name: w for w in common.weighted_ops(model, WEIGHTED)}
@@ -409,7 +417,7 @@ class _Work:
             static_names = [n for n, w in self.weighted.items() if w.node.op_type in cand.static]
             static_excluded = excluded + [n for n in self.weighted if n not in static_names]
             quantizer = QDQQuantizer(
-                model, self.opts.per_channel, self.reduce_range, QuantType.QInt8, QuantType.QUInt8, self.ranges, None,
+                model, self.per_channel, self.reduce_range, QuantType.QInt8, QuantType.QUInt8, self.ranges, None,
                 static_excluded + _activation_matmuls(model), self._static_ops(cand.static),
                 {"ActivationSymmetric": False, "WeightSymmetric": True},
             )
@@ -417,7 +425,7 @@ class _Work:
             model = quantizer.model.model
         if cand.dynamic:
             quantizer = ONNXQuantizer(
-                model, self.opts.per_channel, self.reduce_range, QuantizationMode.IntegerOps, False, QuantType.QInt8,
+                model, self.per_channel, self.reduce_range, QuantizationMode.IntegerOps, False, QuantType.QInt8,
                 QuantType.QUInt8, None, None, excluded, list(cand.dynamic), {"MatMulConstBOnly": True},
             )
             quantizer.quantize_model()
@@ -426,7 +434,17 @@ class _Work:
 
     def measure(self, built: dict[str, onnx.ModelProto], feed) -> dict[str, float]:
         """The float model and each built proto, timed together (`common.measure_files`)."""
+        from slimc.backends import onnxruntime as ort_backend
+        from slimc.errors import PassFailedError
+
         paths = {"float": self.float_path, **{name: self._save(proto, name) for name, proto in built.items()}}
+        for name, path in paths.items():  # a model slimc built that ORT rejects is slimc's bug, not the user's
+            if name != "float":
+                try:
+                    ort_backend.create_session(path, self.threads)
+                except SlimcError as exc:
+                    raise PassFailedError(f"int8 built an invalid model ({name}): {exc}. This is a bug in slimc; "
+                                          "please report it (per_channel=false may avoid it).") from None
         return common.measure_files(paths, feed, self.threads)
 
     # -------------------------------------------------------------- accuracy budget
