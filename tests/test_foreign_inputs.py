@@ -136,7 +136,7 @@ def test_compared_scalar_takes_a_constant_the_model_tests_it_against(tmp_path):
 def test_parameter_and_string_inputs_ask_for_data():
     from slimc.model import infer_input_specs
 
-    with pytest.raises(DataError, match=r"input 'shape': it sets the target shape of Reshape.*--eval"):
+    with pytest.raises(DataError, match=r"input 'shape': it sets the target shape of a Reshape node.*--eval"):
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(reshape_by_input())))
     with pytest.raises(DataError, match=r"input 'words': it is a string tensor.*--eval"):
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(string_matcher())))
