@@ -170,7 +170,7 @@ def parameter_use(value: ir.Value, integer: bool) -> str | None:
         what = PARAMETER_SLOTS.get((node.op_type, index)) or (
             INTEGER_PARAMETER_SLOTS.get((node.op_type, index)) if integer else None)
         if what is not None:
-            return f"{what} of {node.op_type} node {node.name or '(unnamed)'}"
+            return f"{what} of " + (f"{node.op_type} node {node.name!r}" if node.name else f"a {node.op_type} node")
     return None
 
 

@@ -162,36 +162,40 @@ def infer_input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = _dims(value)
         kind, high = _kind(value, dtype, len(shape))
-        spec = InputSpec(name=value.name or "", dtype=dtype, shape=shape, kind=kind, high=high)
-        integer = np.issubdtype(dtype, np.integer)
-        if kind == "string":
-            spec.needs_data = "it is a string tensor, and slimc cannot invent plausible text for it"
-        elif kind in ("int", "float", "bool") and (use := input_rules.parameter_use(value, integer)):
-            spec.needs_data = f"it sets {use}, which random values would break"
-        if kind == "int" and (values := input_rules.compared_constants(value)):
-            spec.values, spec.needs_data = values, None
-        elif kind == "int" and not shape and high is None and spec.needs_data is None:
-            spec.needs_data = ("it is a 0-d integer, a setting such as a sample rate or a step count, and the graph "
-                               "does not show which values it accepts")
-        specs.append(spec)
+        specs.append(_value_rules(InputSpec(name=value.name or "", dtype=dtype, shape=shape, kind=kind, high=high), value))
     for spec, axis in zip(specs, input_rules.batch_axes([s.shape for s in specs])):
         spec.batch_axis = axis
-    _size_images(specs, model)
+    stated = input_rules.metadata_image_size(model)
+    size_images(specs, stated[0] if stated else None, f"from metadata {stated[1]}" if stated else "")
     return specs
 
 
-def _size_images(specs: list[InputSpec], model: ir.Model) -> None:
-    """Height/width of 4-D image inputs the graph leaves dynamic: the metadata's size, else the default."""
-    stated = input_rules.metadata_image_size(model)
+def _value_rules(spec: InputSpec, value: ir.Value) -> InputSpec:
+    """The values synthetic data may take for ``spec`` (`slimc.input_rules`), or why none can be invented."""
+    if spec.kind == "string":
+        spec.needs_data = "it is a string tensor, and slimc cannot invent plausible text for it"
+    elif spec.kind in ("int", "float", "bool"):
+        use = input_rules.parameter_use(value, np.issubdtype(spec.dtype, np.integer))
+        spec.needs_data = f"it sets {use}, which random values would break" if use else None
+    if spec.kind == "int" and (values := input_rules.compared_constants(value)):
+        spec.values, spec.needs_data = values, None
+    elif spec.kind == "int" and not spec.shape and spec.high is None and spec.needs_data is None:
+        spec.needs_data = ("it is a 0-d integer, a setting such as a sample rate or a step count, and the graph "
+                           "does not show which values it accepts")
+    return spec
+
+
+def size_images(specs: list[InputSpec], size: tuple[int, int] | None, source: str) -> None:
+    """Height/width of 4-D image inputs the graph leaves dynamic: ``size`` (the model states it, ``source``
+    says where), else `input_rules.DEFAULT_IMAGE_SIZE`."""
     for spec in specs:
         if spec.kind != "image":
             continue
         axes = input_rules.image_axes(spec.shape)
         if all(isinstance(spec.shape[a], int) for a in axes):
             continue
-        if stated is not None:
-            (h, w), key = stated
-            source = f"from metadata {key}"
+        if size is not None:
+            (h, w) = size
         else:
             h = w = input_rules.DEFAULT_IMAGE_SIZE
             source = "by default (the model states no image size)"

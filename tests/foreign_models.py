@@ -145,3 +145,22 @@ def string_matcher() -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "strings", [helper.make_tensor_value_info("words", TensorProto.STRING, ["n"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def looped_mlp(steps: int = 3, width: int = 4) -> onnx.ModelProto:
+    """x[batch, width] through ``steps`` iterations of a Loop whose body applies a main-graph weight
+    (an outer-scope Constant, as converters write recurrent models)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["acc_in", "w"], ["m"]), helper.make_node("Tanh", ["m"], ["acc_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)])
+    nodes = [_const("w", _weights(width, width)), _const("steps", np.array(steps, np.int64)),
+             _const("go", np.array(True)),
+             helper.make_node("Loop", ["steps", "go", "x"], ["y"], body=body)]
+    graph = helper.make_graph(nodes, "looped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

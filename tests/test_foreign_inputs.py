@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from foreign_models import (
-    CONSTANT_CNN_PARAMS, byte_classifier, constant_cnn, constant_mlp, reshape_by_input, sized_detector,
+    CONSTANT_CNN_PARAMS, byte_classifier, constant_cnn, constant_mlp, looped_mlp, reshape_by_input, sized_detector,
     sized_detector_macs, streaming_vad, string_matcher,
 )
 
@@ -136,7 +136,7 @@ def test_compared_scalar_takes_a_constant_the_model_tests_it_against(tmp_path):
 def test_parameter_and_string_inputs_ask_for_data():
     from slimc.model import infer_input_specs
 
-    with pytest.raises(DataError, match=r"input 'shape': it sets the target shape of Reshape.*--eval"):
+    with pytest.raises(DataError, match=r"input 'shape': it sets the target shape of a Reshape node.*--eval"):
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(reshape_by_input())))
     with pytest.raises(DataError, match=r"input 'words': it is a string tensor.*--eval"):
         data.synthetic(infer_input_specs(ir.serde.deserialize_model(string_matcher())))
@@ -189,6 +189,19 @@ def test_if_model_runs_every_pass_with_its_data(tmp_path, passes):
     feed = {i.name: feed[i.name].astype(np.float16 if "16" in i.type else feed[i.name].dtype)
             for i in session.get_inputs()}
     assert session.run(None, feed)[0].shape == (3, 1)
+
+
+@pytest.mark.parametrize("passes", ["cleanup", "int8(mode=dynamic, force=true)", "fp16"])
+def test_loop_body_reading_a_lifted_outer_weight_survives_every_pass(tmp_path, passes):
+    original = looped_mlp()
+    result = slimc.compile(_save(original, tmp_path), passes, measure_latency=False)
+    out = tmp_path / "out.onnx"
+    result.save(out)
+    onnx.checker.check_model(str(out), full_check=True)
+    assert [n.op_type for n in onnx.load(out).graph.node if n.op_type not in ("Cast",)] == ["Loop"]
+    x = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    np.testing.assert_allclose(ort.InferenceSession(str(out)).run(None, {"x": x})[0], _run(original, {"x": x})[0],
+                               atol=2e-2)
 
 
 def test_if_model_without_data_says_which_inputs_it_invented(tmp_path):

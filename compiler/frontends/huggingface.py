@@ -33,7 +33,7 @@ from typing import Any
 
 from slimc import progress
 from slimc.errors import ModelLoadError, UnsafeModelError, first_line
-from slimc.model import LoadedModel, infer_input_specs
+from slimc.model import LoadedModel, infer_input_specs, size_images
 
 try:
     import torch
@@ -396,6 +396,9 @@ def _describe(source: _Source, model, config, kind: str, notes: list[str], token
         match = _GGUF_TYPE.search(source.gguf)
         notes.append(GGUF_NOTE.format(storage=match.group(1).upper() if match else "quantized"))
     image = _image_preprocess(config, source.folder, notes) if kind == "image-classifier" else None
+    if image and image.get("size"):  # synthetic images at the size the preprocessor states
+        size = image["size"]
+        size_images(inputs, (size, size) if isinstance(size, int) else tuple(size), "from the preprocessor config")
     return LoadedModel(
         model=model,
         inputs=inputs,
