@@ -198,3 +198,13 @@ def test_hostile_pass_specs_exit_2_without_a_traceback(cnn_file, tmp_path, capsy
     assert main([str(cnn_file), "--passes", spec, "-o", str(tmp_path / "o.onnx")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_output_piped_into_a_closed_reader_is_not_an_internal_error():
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m slimc.tools.cli passes | head -1"
+    run = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert "internal error" not in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 0 and run.stdout.strip()

@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimc: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed the pipe (`slimc passes | head`): not slimc's failure
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
     except Exception:  # a bug: say so, with the traceback for the report
         print("slimc: internal error (a bug in slimc; please report it with this traceback):", file=sys.stderr)
         traceback.print_exc()
