@@ -150,7 +150,9 @@ class DependencyGraph:
         self.unsupported: dict[str, int] = defaultdict(int)
         self._arrays: dict[ir.Value, np.ndarray] = {}
         self.clones = unshare_constants(self.graph)
+        self.node: ir.Node | None = None  # the node whose rule runs (names the reason of a block)
         for node in self.graph:
+            self.node = node
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if rule is None:
                 self.unsupported[f"{node.domain + '::' if node.domain else ''}{node.op_type}"] += 1
@@ -160,6 +162,7 @@ class DependencyGraph:
                 rule(self, node)
             except Conflict as exc:
                 block_node(self, node, f"{node.op_type} couples incompatible index maps ({exc})")
+        self.node = None
         for value in self.graph.inputs:
             self.block_value(value, f"graph input '{value.name}'", HARD if keep_interface else "interface")
         for value in self.graph.outputs:
@@ -181,8 +184,16 @@ class DependencyGraph:
         return self.slots[value]
 
     def tie(self, a: int | None, b: int | None) -> None:
+        """Couple two slots. A static axis whose counterpart has no proven size (a dynamic or
+        unknown dim) cannot be coupled, so pruning it would leave the other side unchanged: it
+        is blocked instead (soundness: an unproven correspondence is never ignored)."""
         if a is not None and b is not None:
             self.atoms.union(a, b)
+            return
+        for atom in (a, b):
+            if atom is not None and self.atoms.size(atom) > 1:
+                where = self.node.name or self.node.op_type if self.node is not None else "?"
+                self.block(atom, f"its counterpart axis at {where} has no proven size")
 
     def block(self, atom: int | None, reason: str, kind: str | None = HARD) -> None:
         if atom is not None:

@@ -72,7 +72,13 @@ def broadcast(g: DependencyGraph, node: ir.Node, inputs, out: ir.Value) -> None:
         offset = len(out_axes) - len(in_axes)
         for i, a in enumerate(in_axes):
             b = out_axes[i + offset] if i + offset >= 0 else None
-            if a is None or g.atoms.size(a) == 1:
+            if a is None:
+                # an input axis of unproven size broadcast into a static one: it may be that size
+                # at run time, and it would then keep every index the output loses
+                if b is not None and g.atoms.size(b) > 1:
+                    g.block(b, f"broadcast from an axis of unproven size at {node.name}")
+                continue
+            if g.atoms.size(a) == 1:
                 continue
             if b is None:
                 g.block(a, f"broadcast against a dynamic axis at {node.name}")
@@ -133,7 +139,10 @@ def _batch_dims(g, node, operands, out_batch) -> None:
         offset = len(out_batch) - n
         for i in range(n):
             a, b = axes[i], out_batch[i + offset]
-            if a is not None and g.atoms.size(a) > 1:
+            if a is None:
+                if b is not None and g.atoms.size(b) > 1:
+                    g.block(b, f"broadcast from an axis of unproven size at {node.name}")
+            elif g.atoms.size(a) > 1:
                 if b is None:
                     g.block(a, f"broadcast against a dynamic axis at {node.name}")
                 else:
