@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc.passes.prune.graph import STRUCTURAL, Contraction, DependencyGraph, ShapeSite
+from slimc.passes.prune.symbolic import couple, mixed_atoms
 
 Rule = Callable[[DependencyGraph, ir.Node], None]
 RULES: dict[str, Rule] = {}
@@ -72,6 +73,8 @@ def broadcast(g: DependencyGraph, node: ir.Node, inputs, out: ir.Value) -> None:
         offset = len(out_axes) - len(in_axes)
         for i, a in enumerate(in_axes):
             b = out_axes[i + offset] if i + offset >= 0 else None
+            if i + offset >= 0:
+                couple(g, node, value, i, out, i + offset)
             if a is None:
                 # an input axis of unproven size broadcast into a static one: it may be that size
                 # at run time, and it would then keep every index the output loses
@@ -128,6 +131,15 @@ def matmul(g: DependencyGraph, node: ir.Node) -> None:
     _contract(g, node, a, len(aa) - 1, b, len(ba) - 2)
     g.tie(aa[-2], oa[-2])
     g.tie(ba[-1], oa[-1])
+    # axes with static atoms folded into a dynamic size (symbolic.py): carried to the output, or blocked
+    for atom in mixed_atoms(g, a, len(aa) - 1) + mixed_atoms(g, b, len(ba) - 2):
+        g.block(atom, f"folded into a contracted axis at {node.name}")
+    couple(g, node, a, len(aa) - 2, out, len(oa) - 2)
+    couple(g, node, b, len(ba) - 1, out, len(oa) - 1)
+    for value, axes in ((a, aa), (b, ba)):
+        for i in range(len(axes) - 2):
+            if i + len(oa) - len(axes) >= 0:
+                couple(g, node, value, i, out, i + len(oa) - len(axes))
     if g.contractions and g.contractions[-1].node is node:
         c = g.contractions[-1]
         c.out_axis = len(ba) - 1 if c.weight is b else len(aa) - 2
@@ -292,6 +304,8 @@ def along_axis(g: DependencyGraph, node: ir.Node) -> None:
     for axis in fixed:
         if xa:
             g.block(xa[axis % len(xa)], f"mixed along this axis by {node.op_type} {node.name}")
+            for atom in mixed_atoms(g, x, axis % len(xa)):
+                g.block(atom, f"mixed along this axis by {node.op_type} {node.name}")
 
 
 @rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Pad", "Resize")
