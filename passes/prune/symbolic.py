@@ -85,18 +85,29 @@ def _factors(g, value: ir.Value) -> list | None:
     return [f for f in out if f[0] != (1, ())]
 
 
-def _fold(g, out, j, items, pos, target) -> int | None:
-    """Take factors from ``pos`` whose product is the symbolic size ``target``; returns the new pos."""
+def _fold(g, out, j, items, pos, target) -> tuple[int, list] | None:
+    """Take factors from ``pos`` whose product is the symbolic size ``target``; returns the new
+    position and the factor list (a symbolic factor may have been split)."""
     acc, taken = (1, ()), []
-    while acc != target and pos < len(items) and div(target, mul(acc, items[pos][0])) is not None:
-        acc = mul(acc, items[pos][0])
+    while acc != target and pos < len(items):
+        size, atom = items[pos]
+        if div(target, mul(acc, size)) is None:
+            # a symbolic input axis (batch*seq) that the output splits (batch, seq): it holds no
+            # atom, so only the sizes have to agree, and the rest of it stays for the next axes
+            part = div(target, acc)
+            rest = div(size, part) if part is not None and atom is None else None
+            if rest is None or rest == (1, ()):
+                break
+            items = items[:pos] + [(part, None), (rest, None)] + items[pos + 1:]
+            continue
+        acc = mul(acc, size)
         taken.append(items[pos])
         pos += 1
     if acc != target:
         return None
     if any(a is not None for _, a in taken):
         g.mixed.setdefault(out, {})[j] = taken
-    return pos
+    return pos, items
 
 
 def regroup(g, node: ir.Node, x: ir.Value, out: ir.Value) -> bool:
@@ -131,8 +142,10 @@ def regroup(g, node: ir.Node, x: ir.Value, out: ir.Value) -> bool:
         elif od[j] == (1, ()):
             j += 1
         else:
-            pos = _fold(g, out, j, items, pos, od[j])
-            if pos is None:
+            folded = _fold(g, out, j, items, pos, od[j])
+            if folded is not None:
+                pos, items = folded
+            else:
                 why = f"output axis {j} ({text(od[j])}) is not a product of input axes"
             j += 1
     if why is None and pos != len(items):
@@ -146,6 +159,13 @@ def regroup(g, node: ir.Node, x: ir.Value, out: ir.Value) -> bool:
     return True
 
 
+def same_space(g, a: int, b: int) -> bool:
+    """Two slots index the same space: one atom, or products of the same leaves in the same order."""
+    if g.atoms.find(a) == g.atoms.find(b):
+        return True
+    return [g.atoms.find(x) for x in g.atoms.flat_product([a])] == [g.atoms.find(x) for x in g.atoms.flat_product([b])]
+
+
 def check_target(g, node: ir.Node, target: ir.Value, out: ir.Value, what: str) -> None:
     """Prove every entry of a Reshape/Expand target, or block the slots it sizes."""
     elems, oa = g.shapes.elements(target), g.axes(out) or []
@@ -156,7 +176,7 @@ def check_target(g, node: ir.Node, target: ir.Value, out: ir.Value, what: str) -
         if origin is not None:
             src = g.axes(origin[0])
             src_atom = src[origin[1]] if src is not None and origin[1] < len(src) else None
-            if atom is not None and src_atom is not None and g.atoms.find(atom) == g.atoms.find(src_atom):
+            if atom is not None and src_atom is not None and same_space(g, atom, src_atom):
                 continue
             if atom is None and src_atom is None:
                 continue
