@@ -12,7 +12,8 @@ blocks written the way ``torch.onnx.export`` decomposes ``scaled_dot_product_att
 - q and k scaled separately by ``sqrt(scale)`` or the scores scaled once; an additive mask built
   with ``Where`` and SDPA's ``IsNaN``/``Where`` clean-up after the softmax;
 - grouped-query attention repeated with ``Expand`` to a run-time target, then ``Reshape``;
-- and, for half of the graphs, every ``value_info`` stripped (the engine infers shapes itself).
+- and ``value_info`` kept, stripped, or with random dims made unknown (ranks kept), as torch's
+  exporter leaves them after run-time reshapes: the engine infers shapes itself.
 
 Each graph is checked once with every prunable group pruned together (random keep masks): the
 pruned model passes the ONNX checker, runs in ONNX Runtime at batch 3 / seq 5, and equals the
@@ -87,8 +88,14 @@ def build(spec) -> onnx.ModelProto:
         y = ffn(b, x, hidden, blk[1], blk[2]) if blk[0] == "ffn" else sdpa(b, x, hidden, blk)
         x = b.op("Add", [x, y])
     model = b.model(["batch", "seq", hidden], x)
-    if strip:
+    if strip == "all":
         del model.graph.value_info[:]
+    elif strip == "dims":  # as torch's exporter leaves them: ranks kept, some dims unknown
+        rng = np.random.default_rng(seed)
+        for info in model.graph.value_info:
+            if rng.random() < 0.5:
+                for dim in info.type.tensor_type.shape.dim:
+                    dim.Clear()
     return model
 
 
@@ -97,7 +104,8 @@ sdpa_block = st.tuples(st.just("attn"), st.integers(1, 2), st.integers(1, 2), st
                        st.sampled_from(["split", "joint"]), st.booleans())
 ffn_block = st.tuples(st.just("ffn"), st.integers(2, 5), st.sampled_from(["relu", "silu", "swiglu"]))
 specs = st.tuples(st.integers(0, 2**16), st.sampled_from([4, 6]),
-                  st.lists(st.one_of(sdpa_block, ffn_block), min_size=1, max_size=2), st.booleans())
+                  st.lists(st.one_of(sdpa_block, ffn_block), min_size=1, max_size=2),
+                  st.sampled_from(["keep", "all", "dims", "dims"]))
 
 
 def _run(model: ir.Model, feed) -> list[np.ndarray]:
