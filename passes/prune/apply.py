@@ -93,7 +93,10 @@ def _rewrite_shape(g: DependencyGraph, site: ShapeSite, plan) -> None:
     shape = node.inputs[index]
 
     def rewritten(source: ir.Value, updates: dict[int, int]) -> np.ndarray:
-        array = np.asarray(source.const_value.numpy()).copy()
+        if source.const_value is None:  # a piece folded from constants (layout_rules.folded)
+            array = np.asarray([e[0][0] for e in g.shapes.elements(source)], np.int64)
+        else:
+            array = np.asarray(source.const_value.numpy()).copy()
         for pos, n in updates.items():
             array.reshape(-1)[pos] = n
         return array

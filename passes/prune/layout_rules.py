@@ -18,6 +18,27 @@ from slimc.passes.prune.symbolic import check_target, couple, regroup
 
 __all__ = ["RULES", "block_node"]  # the full rule table, once this module has registered its rules
 
+_FOLDABLE = {"Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Constant"}
+
+
+def folded(g: DependencyGraph, value: ir.Value | None, depth: int = 4) -> list[int] | None:
+    """The values of a small integer tensor computed from constants alone (TorchScript writes
+    ``Constant -> Unsqueeze -> Concat``): such a piece can be replaced by a rewritten constant."""
+    if value is None or depth == 0:
+        return None
+    if value.const_value is not None:
+        return ints(value)
+    node = value.producer()
+    if node is None or node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx"):
+        return None
+    if any(folded(g, v, depth - 1) is None for v in node.inputs if v is not None):
+        return None
+    elems = g.shapes.elements(value)
+    if elems is None or any(static(e) is None or o is not None for e, o in elems):
+        return None
+    return [static(e) for e, _ in elems]
+
+
 def shape_entries(g: DependencyGraph, value: ir.Value | None) -> list[tuple[int | None, int, int]] | None:
     """Entries of a shape tensor: (constant or None, which Concat input holds it, index there).
 
@@ -34,7 +55,7 @@ def shape_entries(g: DependencyGraph, value: ir.Value | None) -> list[tuple[int 
         return None
     out: list[tuple[int | None, int, int]] = []
     for k, piece in enumerate(node.inputs):
-        known = ints(piece)
+        known = ints(piece) if piece is not None and piece.const_value is not None else folded(g, piece)
         if known is not None:
             out.extend((x, k, i) for i, x in enumerate(known))
         elif piece is not None and (d := g.shapes.dims(piece)) is not None and len(d) == 1 and static(d[0]) is not None:
