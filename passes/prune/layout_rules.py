@@ -48,8 +48,9 @@ def shape_entries(g: DependencyGraph, value: ir.Value | None) -> list[tuple[int 
     """
     if value is None:
         return None
-    if value.const_value is not None:
-        return [(x, -1, i) for i, x in enumerate(ints(value))]
+    whole = ints(value)
+    if whole is not None:
+        return [(x, -1, i) for i, x in enumerate(whole)]
     node = value.producer()
     if node is None or node.op_type != "Concat":
         return None

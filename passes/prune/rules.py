@@ -42,9 +42,20 @@ def block_node(g: DependencyGraph, node: ir.Node, reason: str, kind: str | None 
 
 def ints(value: ir.Value | None) -> list[int] | None:
     """A constant integer input as a list (None if absent or computed at run time)."""
-    if value is None or value.const_value is None:
+    array = const_array(value)
+    return None if array is None else [int(x) for x in array.reshape(-1)]
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The data of an initializer or of a ``Constant`` node's output (None if computed at run time)."""
+    if value is None:
         return None
-    return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
+    if value.const_value is not None:
+        return np.asarray(value.const_value.numpy())
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
+        return np.asarray(node.attributes["value"].value.numpy())
+    return None
 
 
 def attr(node: ir.Node, name: str, default=None):

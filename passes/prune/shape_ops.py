@@ -333,3 +333,12 @@ def reduce(S, node):
 @handler("Where")
 def where(S, node):
     S._set(node.outputs[0], broadcast_dims([S.dims(v) for v in node.inputs]))
+
+
+@handler("Cast", "Identity")
+def cast(S, node):
+    """Same dims; a shape tensor keeps its elements and their origins (sizes cast to int64)."""
+    S._set(node.outputs[0], S.dims(node.inputs[0]))
+    elems = S.elements(node.inputs[0])
+    if elems is not None:
+        S.elems[node.outputs[0]] = list(elems)

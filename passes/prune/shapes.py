@@ -241,8 +241,10 @@ def broadcast_dims(shapes: list) -> list | None:
         if not real:
             out.append((1, ()))
         elif any(d is None for d in real) or len(set(real)) > 1:
-            statics = {d for d in real if static(d) is not None}
-            out.append(statics.pop() if len(statics) == 1 else None)
+            # an unknown dim broadcasts with a known one: the known one (or 1, which ONNX's
+            # inference assumes away as well); two different known dims stay unknown
+            known = {d for d in real if d is not None}
+            out.append(known.pop() if len(known) == 1 else None)
         else:
             out.append(real[0])
     return out
