@@ -75,3 +75,9 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """
     line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
     return line if len(line) <= limit else line[:limit] + "..."
+
+
+class NothingToDoError(SlimcError):
+    """A pass was asked for something it cannot do at all on this model (nothing of the requested
+    kind exists, or everything is blocked); the message gives the reasons. Options such as
+    ``allow_noop=true`` accept the unchanged model instead."""

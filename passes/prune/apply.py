@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc.passes.prune.graph import DependencyGraph, ShapeSite
+from slimc.passes.prune.rules import const_array
 
 _counter = itertools.count()
 
@@ -93,7 +94,10 @@ def _rewrite_shape(g: DependencyGraph, site: ShapeSite, plan) -> None:
     shape = node.inputs[index]
 
     def rewritten(source: ir.Value, updates: dict[int, int]) -> np.ndarray:
-        array = np.asarray(source.const_value.numpy()).copy()
+        if source.const_value is None:  # a piece folded from constants (layout_rules.folded)
+            array = np.asarray([e[0][0] for e in g.shapes.elements(source)], np.int64)
+        else:
+            array = const_array(source).copy()
         for pos, n in updates.items():
             array.reshape(-1)[pos] = n
         return array
@@ -113,8 +117,7 @@ def _rewrite_shape(g: DependencyGraph, site: ShapeSite, plan) -> None:
 
 def _rewrite_slice(g: DependencyGraph, site: ShapeSite, plan) -> None:
     node = site.node
-    starts = np.asarray(node.inputs[1].const_value.numpy()).copy()
-    ends = np.asarray(node.inputs[2].const_value.numpy()).copy()
+    starts, ends = const_array(node.inputs[1]).copy(), const_array(node.inputs[2]).copy()
     changed = False
     for k, axis in enumerate(site.data["axes"]):
         if axis not in site.data["cuts"]:
@@ -157,7 +160,7 @@ def _rewrite_gather(g: DependencyGraph, site: ShapeSite, plan) -> None:
     m = g.atoms.keep_mask(site.data["atom"], plan)
     if m is None:
         return
-    idx = np.asarray(node.inputs[1].const_value.numpy())
+    idx = const_array(node.inputs[1])
     position = np.cumsum(m) - 1
     flat = idx.reshape(-1)
     n = m.shape[0]

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc.passes.prune.atoms import PROD, Atoms, Conflict
+from slimc.passes.prune.shapes import Shapes, static
 
 HARD = None  # a blocker with no kind can never be overridden
 STRUCTURAL = "structural"  # not a channel at all (kernel and spatial axes): never listed as a group
@@ -86,10 +87,6 @@ class Group:
         return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
-def _static(dim) -> int | None:
-    return dim if isinstance(dim, int) else None
-
-
 def module_path(node: ir.Node) -> str:
     """The PyTorch module a node came from (torch.export metadata), or the node's name."""
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
@@ -139,6 +136,7 @@ class DependencyGraph:
     def __init__(self, model: ir.Model, *, keep_interface: bool = True):
         # the complete table: importing layout_rules registers its rules next to rules.py's
         from slimc.passes.prune.layout_rules import RULES, block_node
+        from slimc.passes.prune.symbolic import guard_mixed
 
         self.model = model
         self.graph = model.graph
@@ -150,7 +148,12 @@ class DependencyGraph:
         self.unsupported: dict[str, int] = defaultdict(int)
         self._arrays: dict[ir.Value, np.ndarray] = {}
         self.clones = unshare_constants(self.graph)
+        # shapes are inferred here, not read: files from other exporters declare few or none
+        self.shapes = Shapes(self.graph, model.opset_imports.get("", 18))
+        self.mixed: dict[ir.Value, dict[int, list]] = {}  # dynamic axes with static atoms folded in (symbolic.py)
+        self.node: ir.Node | None = None  # the node whose rule runs (names the reason of a block)
         for node in self.graph:
+            self.node = node
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             if rule is None:
                 self.unsupported[f"{node.domain + '::' if node.domain else ''}{node.op_type}"] += 1
@@ -160,6 +163,8 @@ class DependencyGraph:
                 rule(self, node)
             except Conflict as exc:
                 block_node(self, node, f"{node.op_type} couples incompatible index maps ({exc})")
+            guard_mixed(self, node)
+        self.node = None
         for value in self.graph.inputs:
             self.block_value(value, f"graph input '{value.name}'", HARD if keep_interface else "interface")
         for value in self.graph.outputs:
@@ -172,17 +177,23 @@ class DependencyGraph:
         if value is None:
             return None
         if value not in self.slots:
-            shape = value.shape
-            if shape is None and value.const_value is not None:
-                shape = value.const_value.shape
-            self.slots[value] = None if shape is None else [
-                None if _static(d) is None else self.atoms.new(d) for d in shape
+            dims = self.shapes.dims(value)
+            self.slots[value] = None if dims is None else [
+                None if static(d) is None else self.atoms.new(static(d)) for d in dims
             ]
         return self.slots[value]
 
     def tie(self, a: int | None, b: int | None) -> None:
+        """Couple two slots. A static axis whose counterpart has no proven size (a dynamic or
+        unknown dim) cannot be coupled, so pruning it would leave the other side unchanged: it
+        is blocked instead (soundness: an unproven correspondence is never ignored)."""
         if a is not None and b is not None:
             self.atoms.union(a, b)
+            return
+        for atom in (a, b):
+            if atom is not None and self.atoms.size(atom) > 1:
+                where = self.node.name or self.node.op_type if self.node is not None else "?"
+                self.block(atom, f"its counterpart axis at {where} has no proven size")
 
     def block(self, atom: int | None, reason: str, kind: str | None = HARD) -> None:
         if atom is not None:
@@ -191,6 +202,9 @@ class DependencyGraph:
     def block_value(self, value: ir.Value | None, reason: str, kind: str | None = HARD) -> None:
         for atom in self.axes(value) or []:
             self.block(atom, reason, kind)
+        for factors in (self.mixed.get(value) or {}).values() if value is not None else ():
+            for _, atom in factors:
+                self.block(atom, reason, kind)
 
     def array(self, value: ir.Value) -> np.ndarray:
         """A constant's data as numpy, converted once per analysis (protobuf-backed tensors

@@ -13,10 +13,33 @@ import onnx_ir as ir
 
 from slimc.passes.prune.graph import DependencyGraph, ShapeSite
 from slimc.passes.prune.rules import RULES, _ranked, attr, block_node, broadcast, ints, rule
+from slimc.passes.prune.shapes import static
+from slimc.passes.prune.symbolic import check_target, couple, regroup
 
 __all__ = ["RULES", "block_node"]  # the full rule table, once this module has registered its rules
 
-def shape_entries(value: ir.Value | None) -> list[tuple[int | None, int, int]] | None:
+_FOLDABLE = {"Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape", "Constant"}
+
+
+def folded(g: DependencyGraph, value: ir.Value | None, depth: int = 4) -> list[int] | None:
+    """The values of a small integer tensor computed from constants alone (TorchScript writes
+    ``Constant -> Unsqueeze -> Concat``): such a piece can be replaced by a rewritten constant."""
+    if value is None or depth == 0:
+        return None
+    if value.const_value is not None:
+        return ints(value)
+    node = value.producer()
+    if node is None or node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx"):
+        return None
+    if any(folded(g, v, depth - 1) is None for v in node.inputs if v is not None):
+        return None
+    elems = g.shapes.elements(value)
+    if elems is None or any(static(e) is None or o is not None for e, o in elems):
+        return None
+    return [static(e) for e, _ in elems]
+
+
+def shape_entries(g: DependencyGraph, value: ir.Value | None) -> list[tuple[int | None, int, int]] | None:
     """Entries of a shape tensor: (constant or None, which Concat input holds it, index there).
 
     Handles a constant (input index -1) and a ``Concat`` of 1-D pieces (constants and run-time
@@ -25,18 +48,19 @@ def shape_entries(value: ir.Value | None) -> list[tuple[int | None, int, int]] |
     """
     if value is None:
         return None
-    if value.const_value is not None:
-        return [(x, -1, i) for i, x in enumerate(ints(value))]
+    whole = ints(value)
+    if whole is not None:
+        return [(x, -1, i) for i, x in enumerate(whole)]
     node = value.producer()
     if node is None or node.op_type != "Concat":
         return None
     out: list[tuple[int | None, int, int]] = []
     for k, piece in enumerate(node.inputs):
-        known = ints(piece)
+        known = ints(piece) if piece is not None and piece.const_value is not None else folded(g, piece)
         if known is not None:
             out.extend((x, k, i) for i, x in enumerate(known))
-        elif piece is not None and piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
-            out.extend((None, k, 0) for _ in range(piece.shape[0]))
+        elif piece is not None and (d := g.shapes.dims(piece)) is not None and len(d) == 1 and static(d[0]) is not None:
+            out.extend((None, k, 0) for _ in range(static(d[0])))
         else:
             return None
     return out
@@ -51,82 +75,41 @@ def transpose(g: DependencyGraph, node: ir.Node) -> None:
     perm = attr(node, "perm") or list(reversed(range(len(xa))))
     for i, p in enumerate(perm):
         g.tie(xa[p], oa[i])
+        couple(g, node, node.inputs[0], p, node.outputs[0], i)
 
 
-def _runs(axes: list[int | None], dims: list) -> tuple[list[list[int]], list[tuple[str, ...]]]:
-    """Split axes at dynamic ones: the static runs, and the names of each block of dynamic axes."""
-    runs, current, blocks, names = [], [], [], []
-    for a, d in zip(axes, dims):
-        if a is None:
-            names.append(str(d))
+def _record(g: DependencyGraph, node: ir.Node, out: ir.Value, what: str) -> None:
+    """Record the target's constant entries for rewriting; a static slot sized by a constant that
+    cannot be located (a target computed some other way) is blocked: it could not follow."""
+    entries = shape_entries(g, node.inputs[1])
+    oa = g.axes(out) or []
+    if entries is not None and len(entries) != len(oa):
+        entries = None
+    elems = g.shapes.elements(node.inputs[1])
+    offset = len(oa) - len(elems) if elems is not None else 0
+    for i, atom in enumerate(oa):
+        if atom is None or g.atoms.size(atom) < 2 or (entries is not None and entries[i][0] is not None):
             continue
-        if names or not runs:
-            if names:
-                blocks.append(tuple(names))
-                names = []
-            runs.append(current)
-            current = []
-        current.append(a)
-    if names:
-        blocks.append(tuple(names))
-        runs.append(current)
-        current = []
-    runs.append(current)
-    return runs, blocks
-
-
-def regroup(g: DependencyGraph, node: ir.Node, x: ir.Value, out: ir.Value) -> bool:
-    """Reshape-like ops: static runs between blocks of dynamic axes are products of the same atoms.
-
-    ``[b, s, 768] -> [b, s, 12, 64]`` and ``[b, s, 768] -> [b*s, 768]`` keep the static runs
-    aligned; with more than one dynamic block the blocks must carry the same names, so a
-    reshape that reorders batch and sequence is never taken for a no-op.
-    """
-    axes = _ranked(g, node, x, out)
-    if axes is None:
-        return False
-    xdims = list(x.shape) if x.shape is not None else list(x.const_value.shape)
-    (rin, bin_), (rout, bout) = _runs(axes[0], xdims), _runs(axes[1], list(out.shape))
-    same = len(bin_) == len(bout) and (len(bin_) <= 1 or (bin_ == bout and "None" not in str(bin_)))
-    if not same or len(rin) != len(rout):
-        block_node(g, node, f"{node.op_type} moves static axes across dynamic ones")
-        return False
-    for a, b in zip(rin, rout):
-        if int(np.prod([g.atoms.size(t) for t in a])) != int(np.prod([g.atoms.size(t) for t in b])):
-            block_node(g, node, f"{node.op_type} moves elements across a dynamic axis")
-            return False
-        g.atoms.unify_products(a, b)
-    return True
-
-
-def _check_entries(g, node, out_axes, entries, what: str) -> None:
-    """Static target axes whose size is computed at run time cannot be rewritten: block them."""
-    for i, atom in enumerate(out_axes):
-        if atom is None or g.atoms.size(atom) == 1:
-            continue
-        if entries is None or i >= len(entries) or (entries[i][0] is None):
-            g.block(atom, f"{what} size of axis {i} at {node.name} is computed at run time")
+        e = elems[i - offset] if elems is not None and 0 <= i - offset < len(elems) else None
+        if e is not None and e[1] is None and static(e[0]) == g.atoms.size(atom):
+            g.block(atom, f"{what} at {node.name} holds this size in a constant it cannot rewrite")
+    if entries is not None:
+        g.sites.append(ShapeSite(node, "shape", {"input": 1, "entries": entries}))
 
 
 @rule("Reshape")
 def reshape(g: DependencyGraph, node: ir.Node) -> None:
     x, shape = node.inputs[:2]
     out = node.outputs[0]
-    if out.shape is None or not regroup(g, node, x, out):
-        if out.shape is None:
-            block_node(g, node, "Reshape with unknown output shape")
+    if not regroup(g, node, x, out):
+        check_target(g, node, shape, out, "Reshape target")  # blocks the slots its run-time entries read
         return
-    entries = shape_entries(shape)
-    _check_entries(g, node, g.axes(out), entries, "Reshape target")
-    if entries is not None:
-        g.sites.append(ShapeSite(node, "shape", {"input": 1, "entries": entries}))
+    check_target(g, node, shape, out, "Reshape target")
+    _record(g, node, out, "Reshape target")
 
 
 @rule("Flatten", "Squeeze", "Unsqueeze")
 def reshape_like(g: DependencyGraph, node: ir.Node) -> None:
-    if node.outputs[0].shape is None:
-        block_node(g, node, f"{node.op_type} with unknown output shape")
-        return
     regroup(g, node, node.inputs[0], node.outputs[0])
 
 
@@ -136,12 +119,11 @@ def expand(g: DependencyGraph, node: ir.Node) -> None:
     out = node.outputs[0]
     axes = _ranked(g, node, x, out)
     if axes is None:
+        check_target(g, node, shape, out, "Expand")
         return
     broadcast(g, node, [x], out)
-    entries = shape_entries(shape)
-    _check_entries(g, node, axes[1], entries, "Expand")
-    if entries is not None:
-        g.sites.append(ShapeSite(node, "shape", {"input": 1, "entries": entries}))
+    check_target(g, node, shape, out, "Expand")
+    _record(g, node, out, "Expand")
 
 
 def _tie_all_but(g: DependencyGraph, whole: list, parts: list[list], axis: int) -> None:
@@ -266,7 +248,12 @@ def gather(g: DependencyGraph, node: ir.Node) -> None:
 
 @rule("Shape", "Size")
 def shape_of(g: DependencyGraph, node: ir.Node) -> None:
-    xa = g.axes(node.inputs[0]) or []
+    """A size read at run time is fine where it only sizes a target the rules prove (`shapes`:
+    it then follows the pruning by itself); used in any other way, the axis is blocked."""
+    x = node.inputs[0]
+    xa = g.axes(x) or []
     start, end = (attr(node, "start", 0), attr(node, "end", len(xa))) if node.op_type == "Shape" else (0, len(xa))
-    for atom in xa[slice(start, end)]:
-        g.block(atom, f"size read at run time by {node.op_type} {node.name}")
+    for axis in range(len(xa))[slice(start, end)]:
+        used = g.shapes.escaped.get((x, axis)) if node.op_type == "Shape" else f"{node.op_type} {node.name}"
+        if used is not None:
+            g.block(xa[axis], f"size read at run time by {node.op_type} {node.name} and used by {used}")

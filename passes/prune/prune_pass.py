@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from slimc.analysis import count_params, percent_fewer
-from slimc.errors import DataError, PassConfigError
+from slimc.errors import DataError, NothingToDoError, PassConfigError
 from slimc.passes.prune import importance
 from slimc.passes.prune.apply import apply_plan
 from slimc.passes.prune.compensate import compensate as run_compensation
@@ -78,6 +78,7 @@ class Prune(Pass):
     compensate: Literal["none", "bias", "least_squares"] = "none"
     calibration_batches: int = 32
     change_interface: bool = False
+    allow_noop: bool = False
 
     name = "prune"
     exact = False
@@ -154,6 +155,20 @@ class Prune(Pass):
             plan[grp.atom] = mask
         return plan
 
+    def _asked(self) -> bool:
+        return self.ratio > 0 or any(r > 0 for r in (self.ratios_by_kind or {}).values())
+
+    def _nothing(self, groups: list[Group], left: list[tuple[str, str]]) -> str:
+        """Why nothing of the requested kind can be pruned, for the error or the report."""
+        targets = self._targets()
+        if not any(grp.kind in targets for grp in groups):
+            found = sorted({grp.kind for grp in groups})
+            return (f"the model has no {' / '.join(targets)} group (groups found: {', '.join(found) or 'none'}"
+                    + ("; a model whose attention has a single KV head has none" if "kv_heads" in targets else "") + ")")
+        reasons = "; ".join(f"{what}: {why}" for what, why in left[:5])
+        more = f"; and {len(left) - 5} more" if len(left) > 5 else ""
+        return f"every {' / '.join(targets)} group is left alone ({reasons}{more})"
+
     # ------------------------------------------------------------ the pass
 
     def _statistics(self, model: ir.Model, groups: list[Group], ctx: PassContext) -> dict:
@@ -180,6 +195,15 @@ class Prune(Pass):
         rng = np.random.default_rng(ctx.seed)
         scores = {grp.id: importance.scores(g, grp, self.importance, stats, rng) for grp in chosen}
         plan = self.select(chosen, scores)
+        left += [(f"{grp.kind} group {grp.name} ({grp.size})", f"ratio {self._ratio(grp)} removes no index of {grp.size}")
+                 for grp in chosen if grp.atom not in plan]
+        if not plan and self._asked():
+            g.reshare()  # the analysis split shared constants; give the model back as it came
+            why = self._nothing(groups, left)
+            if not self.allow_noop:
+                raise NothingToDoError(f"prune: nothing to prune for target={self.target}: {why}. Pass allow_noop=true to "
+                                       "accept the unchanged model, or see `slimc inspect --groups` for every group and its reasons.")
+            left.append(("prune", f"nothing pruned: {why}"))
         compensated, comp_left = (0, [])
         if plan and self.compensate != "none":
             compensated, comp_left = run_compensation(g, plan, stats, self.compensate)
@@ -201,7 +225,8 @@ class Prune(Pass):
             by_kind[p["kind"]][1] += p["after"]
         kinds = ", ".join(f"{k} {a}->{b}" for k, (a, b) in by_kind.items()) or "nothing"
         summary = (f"{len(pruned)} of {len(groups)} groups pruned ({kinds}); params {params0:,} -> {params1:,}"
-                   f" ({percent_fewer(params0, params1)}); importance={self.importance}")
+from slimc.analysis import count_params, percent_fewer
+from slimc.errors import DataError, NothingToDoError, PassConfigError
         if compensated:
             summary += f", {compensated} consumers compensated ({self.compensate})"
         if self.change_interface and plan:

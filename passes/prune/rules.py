@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc.passes.prune.graph import STRUCTURAL, Contraction, DependencyGraph, ShapeSite
+from slimc.passes.prune.symbolic import couple, mixed_atoms
 
 Rule = Callable[[DependencyGraph, ir.Node], None]
 RULES: dict[str, Rule] = {}
@@ -41,9 +42,20 @@ def block_node(g: DependencyGraph, node: ir.Node, reason: str, kind: str | None 
 
 def ints(value: ir.Value | None) -> list[int] | None:
     """A constant integer input as a list (None if absent or computed at run time)."""
-    if value is None or value.const_value is None:
+    array = const_array(value)
+    return None if array is None else [int(x) for x in array.reshape(-1)]
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The data of an initializer or of a ``Constant`` node's output (None if computed at run time)."""
+    if value is None:
         return None
-    return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
+    if value.const_value is not None:
+        return np.asarray(value.const_value.numpy())
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
+        return np.asarray(node.attributes["value"].value.numpy())
+    return None
 
 
 def attr(node: ir.Node, name: str, default=None):
@@ -72,7 +84,15 @@ def broadcast(g: DependencyGraph, node: ir.Node, inputs, out: ir.Value) -> None:
         offset = len(out_axes) - len(in_axes)
         for i, a in enumerate(in_axes):
             b = out_axes[i + offset] if i + offset >= 0 else None
-            if a is None or g.atoms.size(a) == 1:
+            if i + offset >= 0:
+                couple(g, node, value, i, out, i + offset)
+            if a is None:
+                # an input axis of unproven size broadcast into a static one: it may be that size
+                # at run time, and it would then keep every index the output loses
+                if b is not None and g.atoms.size(b) > 1:
+                    g.block(b, f"broadcast from an axis of unproven size at {node.name}")
+                continue
+            if g.atoms.size(a) == 1:
                 continue
             if b is None:
                 g.block(a, f"broadcast against a dynamic axis at {node.name}")
@@ -122,6 +142,15 @@ def matmul(g: DependencyGraph, node: ir.Node) -> None:
     _contract(g, node, a, len(aa) - 1, b, len(ba) - 2)
     g.tie(aa[-2], oa[-2])
     g.tie(ba[-1], oa[-1])
+    # axes with static atoms folded into a dynamic size (symbolic.py): carried to the output, or blocked
+    for atom in mixed_atoms(g, a, len(aa) - 1) + mixed_atoms(g, b, len(ba) - 2):
+        g.block(atom, f"folded into a contracted axis at {node.name}")
+    couple(g, node, a, len(aa) - 2, out, len(oa) - 2)
+    couple(g, node, b, len(ba) - 1, out, len(oa) - 1)
+    for value, axes in ((a, aa), (b, ba)):
+        for i in range(len(axes) - 2):
+            if i + len(oa) - len(axes) >= 0:
+                couple(g, node, value, i, out, i + len(oa) - len(axes))
     if g.contractions and g.contractions[-1].node is node:
         c = g.contractions[-1]
         c.out_axis = len(ba) - 1 if c.weight is b else len(aa) - 2
@@ -133,7 +162,10 @@ def _batch_dims(g, node, operands, out_batch) -> None:
         offset = len(out_batch) - n
         for i in range(n):
             a, b = axes[i], out_batch[i + offset]
-            if a is not None and g.atoms.size(a) > 1:
+            if a is None:
+                if b is not None and g.atoms.size(b) > 1:
+                    g.block(b, f"broadcast from an axis of unproven size at {node.name}")
+            elif g.atoms.size(a) > 1:
                 if b is None:
                     g.block(a, f"broadcast against a dynamic axis at {node.name}")
                 else:
@@ -283,6 +315,8 @@ def along_axis(g: DependencyGraph, node: ir.Node) -> None:
     for axis in fixed:
         if xa:
             g.block(xa[axis % len(xa)], f"mixed along this axis by {node.op_type} {node.name}")
+            for atom in mixed_atoms(g, x, axis % len(xa)):
+                g.block(atom, f"mixed along this axis by {node.op_type} {node.name}")
 
 
 @rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Pad", "Resize")
