@@ -225,8 +225,7 @@ class Prune(Pass):
             by_kind[p["kind"]][1] += p["after"]
         kinds = ", ".join(f"{k} {a}->{b}" for k, (a, b) in by_kind.items()) or "nothing"
         summary = (f"{len(pruned)} of {len(groups)} groups pruned ({kinds}); params {params0:,} -> {params1:,}"
-from slimc.analysis import count_params, percent_fewer
-from slimc.errors import DataError, NothingToDoError, PassConfigError
+                   f" ({percent_fewer(params0, params1)}); importance={self.importance}")
         if compensated:
             summary += f", {compensated} consumers compensated ({self.compensate})"
         if self.change_interface and plan:
