@@ -25,7 +25,7 @@ token inputs, named ``batch`` / ``seq`` as slimc's own front end names them.
 Building a variant can fail (an exporter that cannot export an architecture); that failure is the
 variant's ``error`` and the matrix records it instead of a cell. The PyPI files are found with
 ``importlib.util.find_spec`` without importing their packages (their own dependencies, OpenCV and
-the like, are not needed): install them with ``pip install --no-deps rapidocr-onnxruntime silero-vad``.
+the like, are not needed): ``scripts/install.sh dev`` installs them.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ SHIPPED = {
     },
     "silero_vad": {"silero/vad": "data/silero_vad.onnx"},
 }
-INSTALL_SHIPPED = "pip install --no-deps rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3"
+INSTALL_SHIPPED = "scripts/install.sh dev, or pip install --no-deps rapidocr-onnxruntime==1.4.4 silero-vad"
 
 
 @dataclasses.dataclass(frozen=True)

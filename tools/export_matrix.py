@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import fnmatch
 import json
+import re
 import sys
 import tempfile
 import time
@@ -39,16 +40,17 @@ PASSES = {
     "prune": "prune(ratio=0.3)",
     "sparsify": "sparsify",
     "layerskip": "layerskip(count=1, protect_last=0)",  # the zoo has two blocks; the default protects both
-    # force: the matrix asks whether int8 can be applied; whether it pays off here is bench_quant's question
+    # force: the matrix asks whether a quantizer applies; whether it pays off here is bench_quant's question
     "int8": "int8(force=true)",
     "smoothquant": "smoothquant",
-    "int4": "int4",
+    "int4": "int4(force=true)",
     "fp16": "fp16",
 }
 TARGET_NAMES = ("onnx", "ort-mobile", "openvino", "ncnn", "tflite", "executorch")
 # Runtimes that plan for one shape: the cell pins batch 1 and sequence SEQ, as their users must.
 STATIC_TARGETS = ("ncnn", "tflite", "executorch")
 SEQ = 16
+WRAPPED = re.compile(r"^pass '[^']+'(?: \([^)]*\))? failed: ([A-Za-z_][\w.]*): ")
 CALIBRATION_BATCHES = 2
 SIZE_PASSES = ("int8", "smoothquant", "int4", "fp16", "sparsify")
 
@@ -99,6 +101,13 @@ def compile_args(column: str) -> dict[str, Any]:
     return {"passes": PASSES[column]}
 
 
+def wrapped_crash(reason: str) -> str | None:
+    """The exception type a `PassFailedError` wraps when a pass crashed ("pass 'x' failed: KeyError: ..."),
+    else None: typed, but it says nothing a user can act on, so the matrix counts it as FAILED."""
+    match = WRAPPED.match(reason)
+    return match.group(1) if match else None
+
+
 def run_cell(variant: str, path: Path, column: str, work: Path) -> Outcome:
     """Compile ``path`` for ``column`` and classify what happened (see the module docstring)."""
     from slimc.errors import SlimcError, first_line
@@ -108,13 +117,22 @@ def run_cell(variant: str, path: Path, column: str, work: Path) -> Outcome:
         detail = _compile_and_check(path, column, work)
         outcome = Outcome(variant, column, "ok", detail=detail)
     except SlimcError as exc:
-        outcome = Outcome(variant, column, "refused", first_line(exc, 400), error_type=type(exc).__name__)
+        reason, inner = first_line(exc, 400), wrapped_crash(first_line(exc, 400))
+        if inner is None:
+            outcome = Outcome(variant, column, "refused", reason, error_type=type(exc).__name__)
+        else:
+            outcome = Outcome(variant, column, "FAILED", reason, error_type=f"{type(exc).__name__}({inner})",
+                              where=_innermost(exc.__cause__ or exc))
     except Exception as exc:  # the point of the matrix: anything but a SlimcError is a bug to report
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
         outcome = Outcome(variant, column, "FAILED", first_line(exc, 400), error_type=type(exc).__name__,
-                          where=f"{frame.filename}:{frame.lineno}")
+                          where=_innermost(exc))
     outcome.seconds = round(time.perf_counter() - start, 2)
     return outcome
+
+
+def _innermost(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _compile_and_check(path: Path, column: str, work: Path) -> str:
@@ -212,9 +230,9 @@ def _corpus_module():
 
 
 def _select(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
-    if not patterns:
-        return list(names)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    """The names matching any pattern, in the patterns' order (so a long run does what matters first)."""
+    chosen = [n for p in (patterns or ["*"]) for n in names if fnmatch.fnmatchcase(n, p)]
+    return list(dict.fromkeys(chosen))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         outcomes = [Outcome(**cell) for cell in result["cells"]]
+        for o in outcomes:  # runs recorded before wrapped crashes were told apart
+            if o.status == "refused" and wrapped_crash(o.reason):
+                o.status, o.error_type = "FAILED", f"{o.error_type}({wrapped_crash(o.reason)})"
         return _write(result, markdown(outcomes, result["columns"], result["machine"]), args)
     exports = _corpus_module()
     cols = args.columns or columns()

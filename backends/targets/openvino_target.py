@@ -79,7 +79,8 @@ class OpenVinoTarget(Target):
             missing = [name for name, _ in inputs if name not in batch]
             if missing:
                 raise TargetError(f"target 'openvino': the IR takes {', '.join(missing)}, which the data does not give.")
-            return {name: np.ascontiguousarray(np.asarray(batch[name]).astype(dtype, copy=False)) for name, dtype in inputs}
+            # asarray(order="C"), not ascontiguousarray, which makes a 0-d input (a scalar flag) 1-d
+            return {name: np.asarray(np.asarray(batch[name]).astype(dtype, copy=False), order="C") for name, dtype in inputs}
 
         def run(batch):
             result = request.infer(feed(batch))

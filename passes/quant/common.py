@@ -112,8 +112,7 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
         batch = data.synthetic(ctx.loaded.inputs, n_batches=1, seed=ctx.seed + 2000, sizes={"seq": 64})[0]
     if batch is None:
         raise DataError("the latency guard needs an example input: pass calibration data.")
-    # A 0-d input (a sample rate, a mode flag) is a configuration value with no batch axis: passed whole.
-    feed = {k: np.asarray(v)[:1] if np.ndim(v) else np.asarray(v) for k, v in batch.items()}
+    feed = {k: np.asarray(v)[:1] for k, v in batch.items()}
     if seq is not None:
         feed = {k: (v[:, :seq] if v.ndim >= 2 and not np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
     return feed
