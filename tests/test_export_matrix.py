@@ -200,3 +200,19 @@ def test_openvino_runs_a_model_with_a_scalar_input(tmp_path):
     result = slimc.compile(str(path), "cleanup", target="openvino", measure_latency=False)
     assert result.exported is not None and result.exported.target == "openvino"
     assert result.receipt.target is not None
+
+
+def test_target_runners_read_outputs_and_errors_of_other_converters():
+    """Regressions from the matrix: Paddle's OCR recogniser through ncnn (output dims left symbolic) crashed
+    with "cannot reshape array of size 6625 into shape (0,6625)"; OpenVINO's run-time errors were reported
+    by their first line, a source location ("Exception from src/inference/...cpp:224:")."""
+    from slimc.backends.targets.ncnn_target import _reshaped
+    from slimc.backends.targets.openvino_target import _run_message
+
+    assert _reshaped(np.zeros((40, 6625)), [0, 6625]).shape == (40, 6625)
+    assert _reshaped(np.zeros((2, 3, 4)), [2, 12]).shape == (2, 12)
+    assert _reshaped(np.zeros((2, 3)), [0, 0]).shape == (2, 3)  # ambiguous: ncnn's own shape
+    error = RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:224:\n"
+                         "Check 'is_dynamic' failed at src/plugins/intel_cpu/src/infer_request.cpp:669:\n"
+                         "The input tensor size is not equal to the model input type: got [1] expecting [].\n")
+    assert _run_message(error) == "The input tensor size is not equal to the model input type: got [1] expecting []."
