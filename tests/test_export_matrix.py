@@ -32,24 +32,26 @@ from slimc.tools import export_matrix  # noqa: E402
 
 # Refusals the matrix expects, first match wins. Each says what the user must do instead.
 REFUSALS: dict[tuple[str, str], str] = {
-    # Edge runtimes that plan for one shape: every zoo input is pinned, but ncnn/pnnx and
-    # ExecuTorch cannot represent com.microsoft's fused ops.
-    ("*/ort-fused", "target:ncnn"): "cannot represent",
-    ("*/ort-fused", "target:executorch"): "cannot represent",
-    ("*/ort-fused", "target:openvino"): "cannot represent",
-    ("*/ort-fused", "target:ort-mobile"): "cannot represent",
-    # Two blocks in the zoo transformers: layerskip(count=1, protect_last=0) keeps the first; the CNNs
-    # and the hand-built graphs have no residual blocks it can remove.
+    # pnnx cannot map SDPA's mask (IsNaN, Where) or the embeddings' Gather of run-time positions to ncnn layers.
+    **{(f"{arch}/*", "target:ncnn"): "pnnx" for arch in exports.TRANSFORMERS},
+    ("control-flow/*", "target:ncnn"): "pnnx",  # pnnx takes no 0-d input
+    ("control-flow/*", "target:executorch"): "If: no torch lowering",
+    ("paddle/ocr-det", "target:executorch"): "lowering failed",  # a shape read from a tensor's values
+    # ResNet's zoo config has one block per stage; layerskip protects the first.
+    ("resnet/*", "layerskip"): "protected by protect_first",
 }
 # Cells that fail today, each fixed on another branch (the reason names it).
+_SDPA = "engine branch: SDPA's run-time Reshape of K (issue 15)"
+_INPUTS = "inputs branch: synthetic inputs for Paddle's dynamic image sizes and Silero's sample rate (issue 15)"
 PENDING: dict[tuple[str, str], str] = {
-    ("*/dynamo-sdpa", "prune"): "engine branch: SDPA's run-time Reshape of K (issue 15)",
-    ("*/dynamo-noopt", "prune"): "engine branch: SDPA's run-time Reshape of K (issue 15)",
-    ("*/torchscript", "prune"): "engine branch: SDPA's run-time Reshape of K (issue 15)",
-    ("*/no-shapes", "prune"): "engine branch: values without shapes (issue 15)",
-    ("paddle/*", "*"): "inputs branch: dynamic image sizes give negative dims in synthetic inputs (issue 15)",
-    ("silero/*", "*"): "inputs branch: synthetic inputs feed a random sample rate to the If (issue 15)",
+    **{(f"{arch}/{kind}", "prune"): _SDPA for arch in exports.TRANSFORMERS
+       for kind in ("dynamo-sdpa", "dynamo-noopt", "torchscript", "no-shapes")},
+    ("paddle/ocr-cls", "*"): _INPUTS,  # negative dims in synthetic inputs
+    ("paddle/ocr-rec", "target:openvino"): _INPUTS,  # 1x1 images: AvgPool kernel larger than the image
+    ("paddle/ocr-rec", "target:executorch"): _INPUTS,
+    ("silero/*", "*"): _INPUTS,
     ("control-flow/*", "int8"): "inputs branch: a 0-d input in the latency guard's feed (issue 15)",
+    ("control-flow/*", "int4"): "inputs branch: a 0-d input in the latency guard's feed (issue 15)",
 }
 
 

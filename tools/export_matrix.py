@@ -195,7 +195,9 @@ def markdown(outcomes: Sequence[Outcome], cols: Sequence[str], machine: str) -> 
     def cell(o: Outcome) -> str:
         if o.status == "ok":
             return o.text()
-        key = f"{o.error_type}: {o.reason}" if o.error_type else o.reason
+        # Node names differ between otherwise equal failures ("Name:'node_MatMul_94'"): one note for all.
+        reason = re.sub(r"Name:'[^']*'", "Name:'…'", o.reason)
+        key = f"{o.error_type}: {reason}" if o.error_type else reason
         number = notes.setdefault(key, len(notes) + 1)
         return f"{o.status} [{number}]"
 
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", nargs="+", help="passes and target:NAME columns (default: all installed)")
     parser.add_argument("--corpus", type=Path, help="folder for the exported files, kept and reused by later runs (default: a temporary one)")
     parser.add_argument("--from-json", type=Path, help="only render the table of an earlier run's JSON (even unfinished)")
+    parser.add_argument("--merge", action="store_true", help="add this run's cells to --json's earlier ones (replacing equal cells)")
     args = parser.parse_args(argv)
     if args.from_json:
         result = json.loads(args.from_json.read_text())
@@ -257,17 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     exports = _corpus_module()
     cols = args.columns or columns()
     result = {"machine": machine_description(None).split(", onnxruntime")[0], "columns": cols, "cells": []}
+    earlier = json.loads(args.json.read_text())["cells"] if args.merge and args.json and args.json.exists() else []
 
     def record(o: Outcome) -> None:
         print(f"{o.variant:26s} {o.column:18s} {o.text()[:150]}", flush=True)
         result["cells"].append(dataclasses.asdict(o))
-        write_json(result, args.json)  # kept after every cell: a long run can be rendered before it ends
+        done = {(c["variant"], c["column"]) for c in result["cells"]}
+        kept = [c for c in earlier if (c["variant"], c["column"]) not in done and c["column"] in (*cols, "*")]
+        write_json({**result, "cells": kept + result["cells"]}, args.json)  # after every cell: a long run can be rendered early
 
     with tempfile.TemporaryDirectory(prefix="slimc-matrix-") as tmp:
         corpus = exports.Corpus(args.corpus or Path(tmp) / "corpus", reuse=args.corpus is not None)
         outcomes: list[Outcome] = []
         for name in _select(exports.all_variant_names(), args.variants):
             outcomes += run_matrix([corpus.get(name)], cols, Path(tmp) / "cells", on_cell=record)
+    done = {(o.variant, o.column) for o in outcomes}
+    outcomes = [Outcome(**c) for c in earlier if (c["variant"], c["column"]) not in done and c["column"] in (*cols, "*")] + outcomes
+    result["cells"] = [dataclasses.asdict(o) for o in outcomes]
     return _write(result, markdown(outcomes, cols, result["machine"]), args)
 
 
