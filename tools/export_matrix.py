@@ -162,8 +162,8 @@ def _compile_and_check(path: Path, column: str, work: Path) -> str:
 
 def _detail(column: str, receipt) -> str:
     before, after = receipt.before, receipt.after
-    if column == "prune" and before.get("macs"):
-        return f"-{100 * (1 - after['macs'] / before['macs']):.0f}% MACs"
+    if column == "prune":  # no MACs counted: shape inference could not resolve the graph's shapes
+        return f"-{100 * (1 - after['macs'] / before['macs']):.0f}% MACs" if before.get("macs") else "MACs not counted"
     if column in SIZE_PASSES and before.get("bytes_on_disk"):
         return f"size x{after['bytes_on_disk'] / before['bytes_on_disk']:.2f}"
     return ""
