@@ -12,7 +12,7 @@ dynamo-noopt   dynamo with SDPA and ``optimize=False``: onnxscript's optimiser n
 torchscript    the TorchScript exporter (``dynamo=False``), SDPA attention, ``dynamic_axes``
 ort-fused      ONNX Runtime's transformer optimizer over a TorchScript export with eager attention: fused
                ``com.microsoft`` Attention, SkipLayerNormalization, FastGelu... (transformers only)
-no-shapes      the dynamo-sdpa file with every ``value_info`` (and output dims) removed
+no-shapes      the dynamo-sdpa file with every ``value_info`` removed and its outputs' dims unknown
 control-flow   hand-built: an ``If`` on a scalar int64 input choosing between two MatMul branches
 paddle         PaddlePaddle-converted OCR CNNs shipped by ``rapidocr-onnxruntime`` (weights in Constants)
 silero         Silero VAD shipped by ``silero-vad``: an ``If`` on a 0-d sample rate and a recurrent state
@@ -233,11 +233,13 @@ def ort_fused(arch: str, source: Path, path: Path) -> None:
 
 
 def strip_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with no ``value_info`` and shapeless graph outputs, as some converters write files."""
+    """The model with no ``value_info`` and its outputs' dims unknown (rank kept: the checker requires a
+    shape on graph outputs), as converters that skip shape inference write files."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     del model.graph.value_info[:]
     for output in model.graph.output:
-        output.type.tensor_type.ClearField("shape")
+        for dim in output.type.tensor_type.shape.dim:
+            dim.Clear()
     return model
 
 
