@@ -65,8 +65,12 @@ class ExportOptions:
 
     @property
     def batch_size(self) -> int | None:
-        """The batch axis the pinned shapes fix (axis 0 of every pinned input), None when free."""
-        return min(d[0] for d in self.static_shapes.values()) if self.static_shapes else None
+        """The batch axis the pinned shapes fix (axis 0 of every pinned input), None when free.
+
+        A pinned 0-d input (a scalar configuration value) has no batch axis and fixes nothing.
+        """
+        batches = [dims[0] for dims in (self.static_shapes or {}).values() if len(dims)]
+        return min(batches) if batches else None
 
 
 def parse_static_shapes(text: str) -> dict[str, tuple[int, ...]]:

@@ -152,9 +152,13 @@ def dynamic_inputs(proto: onnx.ModelProto, why: str) -> dict[str, str]:
 
 
 def split_batch(batch: Batch, size: int) -> list[dict[str, np.ndarray]]:
-    """``batch`` cut along axis 0 into pieces of ``size`` samples (the last may be smaller)."""
-    n = min(int(np.shape(v)[0]) for v in batch.values()) if batch else 0
-    return [{k: np.asarray(v)[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+    """``batch`` cut along axis 0 into pieces of ``size`` samples (the last may be smaller).
+
+    A 0-d array (a scalar configuration input) has no samples to cut: every piece gets it whole.
+    """
+    n = min((int(np.shape(v)[0]) for v in batch.values() if np.ndim(v)), default=0)
+    return [{k: np.asarray(v)[i : i + size] if np.ndim(v) else np.asarray(v) for k, v in batch.items()}
+            for i in range(0, n, size)]
 
 
 def chunked(run_one: Callable[[Batch], list[np.ndarray]], size: int | None) -> Callable[[Batch], list[np.ndarray]]:

@@ -139,7 +139,7 @@ class ExecuTorchTarget(Target):
             missing = [name for name, _ in inputs if name not in batch]
             if missing:
                 raise TargetError(f"target 'executorch': the program takes {', '.join(missing)}, which the data does not give.")
-            return [torch.as_tensor(np.ascontiguousarray(batch[name])).to(dtype) for name, dtype in inputs]
+            return [torch.as_tensor(np.asarray(batch[name], order="C")).to(dtype) for name, dtype in inputs]
 
         def run(batch):
             return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in method.execute(feed(batch))]

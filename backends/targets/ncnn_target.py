@@ -108,13 +108,23 @@ class NcnnTarget(Target):
 
         def run(batch):
             samples = [one(f) for f in feed(batch)]
-            return [np.stack([s[k].reshape(shape[1:]) for s in samples]) for k, shape in enumerate(shapes)]
+            return [np.stack([_reshaped(s[k], shape[1:]) for s in samples]) for k, shape in enumerate(shapes)]
 
         def bind(batch):
             first = feed(batch)[0]
             return lambda: one(first)
 
         return Runner(run=run, bind=bind, runtime=f"ncnn {ncnn.__version__}")
+
+
+def _reshaped(array: np.ndarray, dims: list[int]) -> np.ndarray:
+    """ncnn's Mat as the ONNX output's per-sample shape. A dim the ONNX output leaves symbolic (0 here,
+    e.g. a sequence length a converter did not tie to the inputs) is inferred; with more than one such
+    dim the shape is ambiguous and ncnn's own is kept."""
+    unknown = sum(d <= 0 for d in dims)
+    if unknown > 1:
+        return array
+    return array.reshape([d if d > 0 else -1 for d in dims])
 
 
 def _pnnx_type(elem: int) -> str:

@@ -15,6 +15,8 @@ written to the output path.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,10 +81,15 @@ class OpenVinoTarget(Target):
             missing = [name for name, _ in inputs if name not in batch]
             if missing:
                 raise TargetError(f"target 'openvino': the IR takes {', '.join(missing)}, which the data does not give.")
-            return {name: np.ascontiguousarray(np.asarray(batch[name]).astype(dtype, copy=False)) for name, dtype in inputs}
+            # asarray(order="C"), not ascontiguousarray, which makes a 0-d input (a scalar flag) 1-d
+            return {name: np.asarray(np.asarray(batch[name]).astype(dtype, copy=False), order="C") for name, dtype in inputs}
 
         def run(batch):
-            result = request.infer(feed(batch))
+            ready = feed(batch)
+            try:
+                result = request.infer(ready)
+            except RuntimeError as exc:
+                raise TargetError(f"target 'openvino': the CPU plugin cannot run the model: {_run_message(exc)}") from None
             return [np.array(result[o]) for o in outputs]
 
         def bind(batch):
@@ -90,6 +97,14 @@ class OpenVinoTarget(Target):
             return lambda: request.infer(ready)
 
         return Runner(run=run, bind=bind, runtime=f"openvino {ov.get_version().split('-')[0]}")
+
+
+def _run_message(exc: Exception) -> str:
+    """OpenVINO's run-time errors open with source locations ("Exception from src/...cpp:224:",
+    "Check '...' failed at ...:"); the message a user can act on is the line after them."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not re.match(r"(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)$", ln)]
+    return "; ".join((said or lines or [type(exc).__name__])[:2])[:600]
 
 
 def _op_message(exc: Exception) -> str:

@@ -112,7 +112,7 @@ class TfliteTarget(Target):
             for name, info in details.items():
                 if name not in batch:
                     raise TargetError(f"target 'tflite': the model takes {name!r}, which the data does not give.")
-                out[name] = np.ascontiguousarray(np.asarray(batch[name]).astype(info["dtype"], copy=False))
+                out[name] = np.asarray(np.asarray(batch[name]).astype(info["dtype"], copy=False), order="C")
             return out
 
         def run(batch):
