@@ -209,7 +209,12 @@ def run_all(cases: list[Case], passes: tuple[str, ...] = PASSES, progress: bool 
     import logging
 
     logging.getLogger("slimc").setLevel(logging.ERROR)
-    results: dict[str, Any] = {"cases": len(cases), "passes": {}}
+    import onnxruntime
+
+    from slimc import __version__
+
+    results: dict[str, Any] = {"cases": len(cases), "slimc": __version__, "onnxruntime": onnxruntime.__version__,
+                               "node_tests": f"onnx {ONNX_WHEEL_VERSION}", "passes": {}}
     for pass_spec in passes:
         counts: Counter = Counter()
         details: dict[str, dict[str, str]] = {}

@@ -92,8 +92,12 @@ def regroup(g: DependencyGraph, node: ir.Node, x: ir.Value, out: ir.Value) -> bo
         block_node(g, node, f"{node.op_type} moves static axes across dynamic ones")
         return False
     for a, b in zip(rin, rout):
-        if int(np.prod([g.atoms.size(t) for t in a])) != int(np.prod([g.atoms.size(t) for t in b])):
+        size = int(np.prod([g.atoms.size(t) for t in a]))
+        if size != int(np.prod([g.atoms.size(t) for t in b])):
             block_node(g, node, f"{node.op_type} moves elements across a dynamic axis")
+            return False
+        if size == 0:  # an empty tensor: no factorisation relates its axes (0 = 0 x 3 = 3 x 0)
+            block_node(g, node, f"{node.op_type} of an empty tensor (an axis of size 0)")
             return False
         g.atoms.unify_products(a, b)
     return True
