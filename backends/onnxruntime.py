@@ -54,7 +54,11 @@ def create_session(path: str | os.PathLike, threads: int | None = None) -> ort.I
 
 
 def prepare_feed(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Select and cast the batch's arrays to the session's declared input types."""
+    """Select and cast the batch's arrays to the session's declared input types, as copies.
+
+    ORT binds a numpy input without copying it, and some kernels write into their inputs (a float32
+    ``BatchNormalization(training_mode=1)`` between float16 casts updated the caller's running mean
+    and variance): the caller's data must come back as it was given."""
     feed = {}
     for meta in session.get_inputs():
         if meta.name not in batch:
@@ -64,7 +68,7 @@ def prepare_feed(session: ort.InferenceSession, batch: dict[str, np.ndarray]) ->
             )
         want = _ORT_TO_NUMPY.get(meta.type)
         array = np.asarray(batch[meta.name])
-        feed[meta.name] = array.astype(want, copy=False) if want is not None else array
+        feed[meta.name] = array.astype(want) if want is not None else array.copy()
     return feed
 
 

@@ -77,3 +77,24 @@ def test_the_probe_asks_the_runtime():
                                   opset_imports=[helper.make_opsetid("", 18)])
         ir_model = ir.serde.deserialize_model(model)
         assert bool(fp16_kernels.without_fp16_kernel(ir_model, list(ir_model.graph))) is blocked, op
+
+
+def test_the_callers_evaluation_arrays_come_back_unchanged(tmp_path):
+    """ORT binds numpy inputs without copying; a float32 BatchNormalization(training_mode=1) between
+    float16 casts wrote its running statistics into the caller's ``mean`` and ``var`` arrays."""
+    c = 3
+    inputs = [helper.make_tensor_value_info(n, F, shape) for n, shape in
+              (("x", [2, c, 4]), ("s", [c]), ("bias", [c]), ("mean", [c]), ("var", [c]))]
+    node = helper.make_node("BatchNormalization", ["x", "s", "bias", "mean", "var"], ["y", "running_mean", "running_var"],
+                            training_mode=1)
+    path = _save(tmp_path, [node], inputs, [helper.make_tensor_value_info("y", F, [2, c, 4]),
+                                            helper.make_tensor_value_info("running_mean", F, [c]),
+                                            helper.make_tensor_value_info("running_var", F, [c])], opset=15)
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((2, c, 4)).astype(np.float32), "s": np.ones(c, np.float32),
+            "bias": np.zeros(c, np.float32), "mean": rng.standard_normal(c).astype(np.float32),
+            "var": rng.random(c).astype(np.float32) + 0.5}
+    before = {k: v.copy() for k, v in feed.items()}
+    slimc.compile(str(path), passes=["fp16"], evaluation=[feed])
+    for name, array in feed.items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)

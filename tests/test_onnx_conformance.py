@@ -26,7 +26,7 @@ import pytest
 from slimc.tools import onnx_conformance as conf
 
 EXPECTED = Path(__file__).parent / "data" / "onnx_conformance_expected.json"
-SAMPLE = 20  # cases per pass in the default suite (a seeded sample; about a minute on 2 cores)
+SAMPLE = 40  # cases per pass in the default suite (a seeded sample; about a minute on 2 cores)
 
 
 @pytest.fixture(scope="session")

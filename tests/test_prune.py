@@ -261,3 +261,22 @@ def test_merged_biases_do_not_couple_but_tied_weights_do(tmp_path):
     assert count_params(model)[0] == params - (16 * 16 * 2 + 16 * 16 * 2 + 16 * 16 * 3 + 16)  # halves everywhere; the zero bias stays one (re-shared), the tie stays one
     x = rng.standard_normal((3, 16)).astype(np.float32)
     run_checked(model, {"x": x}, tmp_path, "tied")
+
+
+def test_a_reshape_of_an_empty_tensor_is_left_alone(tmp_path):
+    """Issue 17 (test_reshape_allowzero_reordered): axes of size 0 made the layout analysis divide by zero."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import slimc
+
+    nodes = [helper.make_node("Reshape", ["data", "shape"], ["y"], allowzero=1)]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [0, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4, 0])],
+        [onnx.numpy_helper.from_array(np.array([3, 4, 0], np.int64), "shape")]), opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "empty.onnx"
+    onnx.save(model, path)
+    result = slimc.compile(str(path), passes=["prune"], evaluation=[{"data": np.zeros((0, 3, 4), np.float32)}],
+                           measure_latency=False)
+    assert result.receipt.passes[0].name == "prune"

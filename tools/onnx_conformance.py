@@ -174,17 +174,21 @@ def run_case(case: Case, pass_spec: str) -> Outcome:
     import slimc
     from slimc.errors import SlimcError
 
+    given = {k: np.array(v, copy=True) for k, v in case.inputs.items()}
     try:
         result = slimc.compile(str(case.model), passes=[pass_spec], evaluation=[case.inputs], threads=1)
         with tempfile.TemporaryDirectory() as tmp:
             result.save(Path(tmp) / "out.onnx")
-            if pass_spec == "cleanup":
-                return _check_exact(case, Path(tmp) / "out.onnx")
+            outcome = _check_exact(case, Path(tmp) / "out.onnx") if pass_spec == "cleanup" else Outcome("ok")
     except SlimcError as exc:
-        return Outcome("refused", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        outcome = Outcome("refused", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     except Exception as exc:  # noqa: BLE001 - exactly what the conformance run counts
-        return Outcome("crash", f"{type(exc).__name__}: {str(exc)[:300]}")
-    return Outcome("ok")
+        outcome = Outcome("crash", f"{type(exc).__name__}: {str(exc)[:300]}")
+    changed = [k for k, v in given.items() if not close(case.inputs[k], v)]
+    if changed:  # slimc must hand the caller's data back as it was given
+        case.inputs.update(given)
+        return Outcome("wrong", f"slimc modified the caller's evaluation arrays {changed}")
+    return outcome
 
 
 def _check_exact(case: Case, path: Path) -> Outcome:
@@ -205,7 +209,12 @@ def run_all(cases: list[Case], passes: tuple[str, ...] = PASSES, progress: bool 
     import logging
 
     logging.getLogger("slimc").setLevel(logging.ERROR)
-    results: dict[str, Any] = {"cases": len(cases), "passes": {}}
+    import onnxruntime
+
+    from slimc import __version__
+
+    results: dict[str, Any] = {"cases": len(cases), "slimc": __version__, "onnxruntime": onnxruntime.__version__,
+                               "node_tests": f"onnx {ONNX_WHEEL_VERSION}", "passes": {}}
     for pass_spec in passes:
         counts: Counter = Counter()
         details: dict[str, dict[str, str]] = {}
