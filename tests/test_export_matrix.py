@@ -32,21 +32,23 @@ from slimc.tools import export_matrix  # noqa: E402
 
 # Refusals the matrix expects, first match wins. Each says what the user must do instead.
 REFUSALS: dict[tuple[str, str], str] = {
-    # pnnx cannot map SDPA's mask (IsNaN, Where) or the embeddings' Gather of run-time positions to ncnn layers.
-    **{(f"{arch}/*", "target:ncnn"): "pnnx" for arch in exports.TRANSFORMERS},
-    ("control-flow/*", "target:ncnn"): "pnnx",  # pnnx takes no 0-d input
-    ("control-flow/*", "target:executorch"): "If: no torch lowering",
-    ("paddle/ocr-det", "target:executorch"): "lowering failed",  # a shape read from a tensor's values
-    # TorchScript exports compute shapes from tensors' values (data-dependent for torch.export).
-    **{(f"{arch}/torchscript", "target:executorch"): "lowering failed"
-       for arch in ("bert", "gpt2", "llama", "vit", "mobilenet_v2")},
-    # ResNet's zoo config has one block per stage; layerskip protects the first.
-    ("resnet/*", "layerskip"): "protected by protect_first",
-    # ORT's fused ops: pnnx's ONNX Runtime has no com.microsoft domain; ExecuTorch has no lowering for them.
-    ("*/ort-fused", "target:ncnn"): "pnnx",
-    ("*/ort-fused", "target:executorch"): "no torch lowering",
     # ORT's optimizer writes its SimplifiedLayerNormalization into the ONNX domain, which the checker rejects.
     ("llama/ort-fused", "*"): "SimplifiedLayerNormalization",
+    # pnnx cannot map SDPA's mask (IsNaN, Where) or the embeddings' Gather of run-time positions to ncnn layers.
+    **{(f"{arch}/*", "target:ncnn"): "pnnx" for arch in ("bert", "gpt2", "llama")},
+    **{(f"vit/{kind}", "target:ncnn"): "pnnx" for kind in ("dynamo-sdpa", "dynamo-noopt", "no-shapes", "ort-fused")},
+    ("control-flow/*", "target:ncnn"): "pnnx",  # pnnx takes no 0-d input
+    ("control-flow/*", "target:executorch"): "If: no torch lowering",
+    # Shapes read from tensors' values are data-dependent for torch.export.
+    ("paddle/ocr-det", "target:executorch"): "lowering failed",
+    **{(f"{arch}/torchscript", "target:executorch"): "lowering failed"
+       for arch in ("bert", "gpt2", "llama", "vit", "mobilenet_v2")},
+    ("mobilenet_v2/dynamo-noopt", "target:executorch"): "lowering failed",
+    # ResNet's zoo config has one block per stage; layerskip protects the first.
+    ("resnet/dynamo", "layerskip"): "protected by protect_first",
+    ("resnet/dynamo-noopt", "layerskip"): "protected by protect_first",
+    # ORT's fused ops: pnnx's ONNX Runtime has no com.microsoft domain; ExecuTorch has no lowering for them.
+    ("*/ort-fused", "target:executorch"): "no torch lowering",
 }
 # Cells that fail today, each fixed on another branch (the reason names it).
 _SDPA = "engine branch: SDPA's run-time Reshape of K (issue 15)"
@@ -62,6 +64,7 @@ PENDING: dict[tuple[str, str], str] = {
     ("control-flow/*", "int4"): "inputs branch: a 0-d input in the latency guard's feed (issue 15)",
     # Not fixed on any branch yet (docs/support-matrix.md lists them): ORT's quantizer crashes on fused graphs.
     ("[bgv]*/ort-fused", "int8"): "bug: int8 on com.microsoft fused ops crashes in ORT's quantizer",
+    ("gpt2/dynamo-noopt", "fp16"): "bug: fp16 writes a float16 tensor into a SequenceAt the checker rejects",
 }
 
 

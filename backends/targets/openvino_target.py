@@ -16,7 +16,6 @@ written to the output path.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Sequence
 from pathlib import Path
 
