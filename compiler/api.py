@@ -284,7 +284,7 @@ def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_ch
     """Save ``model``, check it, load it in ORT and run the verification batches."""
     passed_full = full_check
     with progress.step(f"saving and checking {label}"):
-        save_onnx(model, path)
+        save_onnx(model, path, external_data=True if _has_external_data(model) else None)
         if full_check:
             try:
                 check_model_file(path, full=True)
@@ -299,6 +299,12 @@ def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_ch
         session = ort_backend.create_session(path, threads)
         outputs = [ort_backend.run(session, batch) for batch in batches]
     return Stage(label=label, path=path, session=session, outputs=outputs, full_check=passed_full)
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer is read from an external data file (the work copy then keeps external data:
+    ONNX Runtime memory-maps it, and the checker refuses the absolute paths an inline copy would carry)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str]) -> PassReport:
