@@ -30,11 +30,11 @@ from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
 from slimc.errors import PassFailedError, SlimcError, VerificationError
 from slimc.model import LoadedModel
-from slimc.onnx_io import check_output_path, copy_model, save_onnx
+from slimc.onnx_io import check_output_path, copy_model, save_onnx, tensor_bytes
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
 from slimc.receipt import Receipt
-from slimc.verify import check_model_file, outputs_match
+from slimc.verify import check_model_file, runs_match
 
 log = logging.getLogger("slimc")
 VERIFY_BATCHES = 2
@@ -42,12 +42,11 @@ VERIFY_BATCHES = 2
 
 @dataclasses.dataclass
 class Stage:
-    """One model state saved to the work folder and loaded in ORT."""
+    """One model state saved to the work folder and loaded in ORT (sharing the IR's weight arrays)."""
 
     label: str
     path: Path
     session: Any
-    outputs: list[list[np.ndarray]]
     full_check: bool = True  # False when only the basic checker passed (inputs only)
     batch_size: int | None = None  # a batch axis pinned by --static-shapes: batches are split to fit
 
@@ -149,7 +148,10 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
     workdir = tempfile.TemporaryDirectory(prefix="slimc-")
     work = Path(workdir.name)
-    baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True)
+    budget = _output_budget(loaded)
+    weight_bytes = tensor_bytes(loaded.model)
+    baseline = _stage("input", loaded.model, work / "00-input.onnx", threads, full_check=True)
+    _check_runs(baseline, verify_batches, budget)
     full_check = baseline.full_check
     before = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": baseline.bytes_on_disk}
     verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
@@ -158,24 +160,27 @@ def compile(  # noqa: A001 - the public verb of a compiler
     ctx = PassContext(loaded=loaded, calibration=calib, seed=seed, target=options.target if options else None,
                       threads=threads)
     current, reports = baseline, []
-    before_quantizer = baseline  # the stage a quantizing pass started from: its error is measured against it
+    # the stage a quantizing pass started from (its error is measured against it): kept only for the triton
+    # backend, so that other runs release each intermediate session (and its weights) when the next one is made
+    before_quantizer = baseline
     for index, pass_ in enumerate(pipeline, start=1):
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
-        if pass_.name in QUANTIZERS:
+        if pass_.name in QUANTIZERS and backend == "triton":
             before_quantizer = current
-        current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check, verify, reports)
+        current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check,
+                                          verify, reports, budget)
         verification.append({"pass": pass_.name, "result": result})
 
     if options is not None and options.changes_onnx:
         current = _prepared_stage(loaded, options, work / f"{len(pipeline) + 1:02d}-export.onnx", verify_batches,
-                                  evalset, threads, full_check and verify)
+                                  threads, full_check and verify)
         verification.append({"pass": "export (" + _describe(options) + ")", "result": "full ONNX checker, loads in ORT"})
 
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
-    latency = _latency(baseline, current, verify_batches[0], threads) if measure_latency else None
-    fidelity = _fidelity(baseline, current, evalset, loaded)
+    latency = _latency(baseline, current, verify_batches[0], threads, weight_bytes) if measure_latency else None
+    fidelity = _fidelity(baseline, current, evalset, loaded, budget)
     exported = None
     if options is not None and options.target != "onnx":
         exported = _export(options, baseline, current, work, evalset, loaded, threads, measure_latency)
@@ -201,6 +206,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
 
 BACKENDS = ("onnxruntime", "triton")
+# Weights from which latency sessions are built one at a time (two prepacked float copies would double them).
+LEAN_BYTES = 512 << 20
 QUANTIZERS = ("int8", "int4", "fp16")
 
 
@@ -234,7 +241,7 @@ def _describe(options) -> str:
     return ", ".join(parts)
 
 
-def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, evalset, threads, full_check) -> Stage:
+def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, threads, full_check) -> Stage:
     """The result with the export options applied (opset, static shapes), saved, checked and run."""
     from slimc.export import check_batch_fits, prepare
 
@@ -242,9 +249,9 @@ def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, ev
         check_batch_fits(batch, options.static_shapes)
     with progress.step("preparing the export (" + _describe(options) + ")"):
         loaded.model = prepare(loaded.model, options)
-    stage = _stage("export", loaded.model, path, [], threads, full_check=full_check)
+    stage = _stage("export", loaded.model, path, threads, full_check=full_check)
     stage.batch_size = options.batch_size
-    stage.outputs = [stage.run(b) for b in verify_batches]
+    _check_runs(stage, verify_batches, None)  # whole batches: a pinned batch axis splits them itself
     return stage
 
 
@@ -280,8 +287,8 @@ def _evaluation_set(evaluation: Any, loaded: LoadedModel, seq_len: int, seed: in
     return data.synthetic(loaded.inputs, n_batches=4, seed=seed + 1000, sizes={"seq": min(seq_len, 64)})
 
 
-def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_check: bool) -> Stage:
-    """Save ``model``, check it, load it in ORT and run the verification batches."""
+def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool) -> Stage:
+    """Save ``model``, check it and load it in ORT, the session sharing the IR's weight arrays."""
     passed_full = full_check
     with progress.step(f"saving and checking {label}"):
         save_onnx(model, path, external_data=True if _has_external_data(model) else None)
@@ -296,9 +303,29 @@ def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_ch
                 passed_full = False
         else:
             check_model_file(path, full=False)
-        session = ort_backend.create_session(path, threads)
-        outputs = [ort_backend.run(session, batch) for batch in batches]
-    return Stage(label=label, path=path, session=session, outputs=outputs, full_check=passed_full)
+        # float models: verification and fidelity sessions use the IR's arrays in place (no copy per session)
+        shared = ort_backend.shareable_initializers(model) if ort_backend.shares_weights(model) else None
+        session = ort_backend.create_session(path, threads, shared=shared)
+    return Stage(label=label, path=path, session=session, full_check=passed_full)
+
+
+def _check_runs(stage: Stage, batches, budget: int | None) -> None:
+    """Run the verification batches (in sub-batches within ``budget``), keeping no outputs."""
+    from slimc.evaluate import RowBudget
+
+    rows = RowBudget(budget)
+    for batch in batches:
+        for part in rows.split(batch):
+            rows.observe(stage.run(part), part)
+
+
+def _output_budget(loaded: LoadedModel) -> int | None:
+    """Output bytes per run before a batch is split into sub-batches of rows (an LM's [batch, seq, vocab]
+    logits); None for inputs with a fixed batch size, which cannot take fewer rows."""
+    from slimc.evaluate import OUTPUT_BUDGET_BYTES
+
+    dynamic = all(not s.shape or not isinstance(s.shape[0], int) for s in loaded.inputs)
+    return OUTPUT_BUDGET_BYTES if dynamic else None
 
 
 def _has_external_data(model: ir.Model) -> bool:
@@ -321,17 +348,23 @@ def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str])
     return report
 
 
-def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_check, verify, reports) -> tuple[Stage, str]:
+def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_check, verify, reports,
+                    budget) -> tuple[Stage, str]:
     where = f"pass '{pass_.name}'" + (f" (after {', '.join(r.name for r in reports[:-1])})" if len(reports) > 1 else "")
     try:
-        stage = _stage(pass_.name, model, path, batches, threads, full_check=full_check and verify)
+        stage = _stage(pass_.name, model, path, threads, full_check=full_check and verify)
+        if not (pass_.exact and verify):
+            _check_runs(stage, batches, budget)
     except SlimcError as exc:
         raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     checker = "full ONNX checker" if full_check and verify else "basic ONNX checker"
     if not (pass_.exact and verify):
         return stage, f"{checker}, loads in ORT" + ("" if pass_.exact else " (lossy pass: fidelity in the receipt)")
     names = [o.name for o in stage.session.get_outputs()]
-    diff = outputs_match(previous.outputs, stage.outputs, names)
+    try:  # both models side by side, sub-batch by sub-batch: no batch's outputs are kept
+        diff = runs_match(previous.run, stage.run, batches, names, max_output_bytes=budget)
+    except SlimcError as exc:
+        raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     if not diff.ok:
         raise PassFailedError(
             f"{where} declares itself exact but changed output '{diff.output}' by {diff.max_abs:.3g} "
@@ -340,18 +373,38 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
     return stage, f"{checker}, loads in ORT, exact (max abs diff {diff.max_abs:.2g} on {len(batches)} batches)"
 
 
-def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], threads) -> dict[str, Any]:
-    from slimc.backends.timing import comparison
+def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], threads, weight_bytes: int) -> dict[str, Any]:
+    """Both models timed in sessions of their own with ORT's defaults (prepacked weights, as deployed);
+    above ``LEAN_BYTES`` of weights one session at a time, the shared weight pages released first."""
+    from slimc.backends.timing import comparison, one_at_a_time
 
     single = {k: v[: current.batch_size or 1] for k, v in batch.items()}  # deployment latency: one sample
+    paths = {"before": baseline.path, "after": current.path}
     try:
-        stats = ort_backend.measure_latency({"before": baseline.session, "after": current.session}, single)
+        if weight_bytes < LEAN_BYTES:
+            sessions = {name: ort_backend.create_session(path, threads) for name, path in paths.items()}
+            stats = ort_backend.measure_latency(sessions, single)
+        else:
+            shared = [*getattr(baseline.session, "slimc_arrays", []), *getattr(current.session, "slimc_arrays", [])]
+
+            def build(path: Path):
+                ort_backend.return_freed_memory()  # the previous model's session was just dropped
+                ort_backend.release_mapped_pages(shared)  # not resident next to the session's own packed copy
+                session = ort_backend.create_session(path, threads)
+                feed = ort_backend.prepare_feed(session, single)
+                return lambda: session.run(None, feed)
+
+            stats = one_at_a_time({name: (lambda p=p: build(p)) for name, p in paths.items()})
+            ort_backend.return_freed_memory()
     except SlimcError as exc:
         return {"error": str(exc)}
-    return comparison(stats, single, ort_backend.machine_description(threads))
+    result = comparison(stats, single, ort_backend.machine_description(threads))
+    if weight_bytes >= LEAN_BYTES:
+        result["one_at_a_time"] = True
+    return result
 
 
-def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel) -> dict[str, Any]:
+def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel, budget: int | None) -> dict[str, Any]:
     from slimc import evaluate
 
     names = [o.name for o in current.session.get_outputs()]
@@ -362,6 +415,7 @@ def _fidelity(baseline: Stage, current: Stage, evalset, loaded: LoadedModel) -> 
         loaded.task,
         output_names=names,
         inputs=loaded.inputs,
+        max_output_bytes=budget,
     )
     return {"data": evalset.source, "synthetic": bool(evalset.synthetic), "batches": len(evalset), "metrics": metrics}
 

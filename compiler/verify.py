@@ -9,6 +9,7 @@ of the largest magnitude, not of each element).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,55 @@ def outputs_match(
             if scaled > worst.max_scaled:
                 worst = OutputDiff(diff, scaled, name)
     return worst
+
+
+def runs_match(
+    run_reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    run_candidate: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    batches: list[dict[str, np.ndarray]],
+    names: list[str],
+    *,
+    max_output_bytes: int | None = None,
+    rtol: float = EXACT_RTOL,
+    atol: float = EXACT_ATOL,
+) -> OutputDiff:
+    """`outputs_match` of two models run side by side on ``batches``, without keeping their outputs.
+
+    With ``max_output_bytes`` each batch is run in sub-batches of rows (`slimc.evaluate.RowBudget`);
+    the tolerance still scales with max|ref| over the whole batch, so the verdict is the same.
+    """
+    from slimc.evaluate import RowBudget
+
+    rows, worst = RowBudget(max_output_bytes), OutputDiff(0.0, 0.0, names[0] if names else "")
+    for batch in batches:
+        diffs: dict[str, list[float]] = {}  # output -> [max |ref - got|, max |ref|, integer output]
+        for part in rows.split(batch):
+            ref = run_reference(part)
+            rows.observe(ref, part)
+            got = run_candidate(part)
+            for name, r, g in zip(names, ref, got, strict=True):
+                part_diff = _part_diff(name, r, g)
+                if part_diff is None:
+                    return OutputDiff(float("inf"), float("inf"), name)
+                acc = diffs.setdefault(name, [0.0, 0.0, part_diff[2]])
+                acc[0], acc[1] = max(acc[0], part_diff[0]), max(acc[1], part_diff[1])
+        for name, (diff, scale, integer) in diffs.items():
+            scaled = diff * 1e9 if integer else diff / (atol + rtol * scale)
+            if scaled > worst.max_scaled:
+                worst = OutputDiff(diff, scaled, name)
+    return worst
+
+
+def _part_diff(name: str, ref: np.ndarray, got: np.ndarray) -> tuple[float, float, bool] | None:
+    """(max |ref - got|, max |ref|, integer?) over finite elements; None when the NaN/inf pattern differs."""
+    if ref.shape != got.shape:
+        raise VerificationError(f"output '{name}' changed shape from {ref.shape} to {got.shape}")
+    if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
+        return (float(np.max(ref != got)) if ref.size else 0.0), 0.0, True
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    finite = np.isfinite(ref64)
+    if not np.array_equal(finite, np.isfinite(got64)):
+        return None
+    if not finite.any():
+        return 0.0, 0.0, False
+    return float(np.max(np.abs(ref64 - got64)[finite])), float(np.max(np.abs(ref64[finite]))), False

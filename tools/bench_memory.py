@@ -77,9 +77,11 @@ def build_mlp(path: Path, size_bytes: int, hidden: int = HIDDEN, seed: int = 0) 
             if i < layers - 1:
                 nodes.append(helper.make_node("Relu", [x], [f"relu{i}"], name=f"relu{i}"))
                 x = f"relu{i}"
+    # intermediate shapes as an exporter writes them (the pruning engine proves groups from shapes)
+    info = [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", hidden]) for n in nodes[:-1] for o in n.output]
     graph = helper.make_graph(
         nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", hidden])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", hidden])], initializer=inits)
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", hidden])], initializer=inits, value_info=info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
     return total
@@ -97,7 +99,7 @@ def build_lm(folder: Path, vocab: int, seq: int, samples: int, seed: int = 0) ->
         "torch.manual_seed(0)\n"
         "cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,"
         " num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,"
-        " max_position_embeddings=max(seq, 128))\n"
+        " max_position_embeddings=max(seq, 128), use_cache=False, attn_implementation='eager')\n"
         "model = transformers.LlamaForCausalLM(cfg).eval()\n"
         "ids = torch.randint(0, vocab, (2, 16))\n"
         "r = c(model, [], example_inputs={'input_ids': ids, 'attention_mask': torch.ones_like(ids)},"
