@@ -182,6 +182,42 @@ def measure_latency(
     return interleaved(calls, warmup=warmup, repeats=repeats, rounds=rounds, budget_s=budget_s)
 
 
+# Weights from which latency sessions are built one at a time: two prepacked float copies would double them.
+LEAN_BYTES = 256 << 20
+
+
+def measure_latency_files(
+    paths: dict[str, str | os.PathLike],
+    batch: dict[str, np.ndarray],
+    threads: int | None = None,
+    *,
+    weight_bytes: int = 0,
+    mapped=(),
+    **protocol,
+) -> dict[str, Latency]:
+    """Latency of the model files at ``paths``, each in a session of its own with ORT's defaults
+    (prepacked weights, as deployed). Below ``LEAN_BYTES`` of ``weight_bytes`` the sessions live
+    together and the runs interleave (`measure_latency`); above, one session is built at a time
+    (`slimc.backends.timing.one_at_a_time`), after the resident pages of ``mapped`` arrays (weights
+    shared with other sessions) are released. ``protocol``: warmup, repeats, rounds, budget_s."""
+    from slimc.backends.timing import one_at_a_time
+
+    if weight_bytes < LEAN_BYTES:
+        return measure_latency({name: create_session(path, threads) for name, path in paths.items()}, batch, **protocol)
+
+    def build(path):
+        return_freed_memory()  # the previous model's session was just dropped
+        release_mapped_pages(mapped)  # not resident next to this session's own packed copy
+        session = create_session(path, threads)
+        feed = prepare_feed(session, batch)
+        return lambda: session.run(None, feed)
+
+    protocol.setdefault("warmup", 2)
+    stats = one_at_a_time({name: (lambda p=p: build(p)) for name, p in paths.items()}, **protocol)
+    return_freed_memory()
+    return stats
+
+
 def cpu_info() -> dict[str, str]:
     """The first ``model name`` and ``flags`` lines of /proc/cpuinfo ({} where there is none)."""
     info: dict[str, str] = {}

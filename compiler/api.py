@@ -164,6 +164,9 @@ def compile(  # noqa: A001 - the public verb of a compiler
     # backend, so that other runs release each intermediate session (and its weights) when the next one is made
     before_quantizer = baseline
     for index, pass_ in enumerate(pipeline, start=1):
+        # the weights the stage sessions touched leave this process's resident set while the pass works on
+        # its own views of them (a copied model maps the files again); they are read back when next run
+        ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
@@ -206,8 +209,6 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
 
 BACKENDS = ("onnxruntime", "triton")
-# Weights from which latency sessions are built one at a time (two prepacked float copies would double them).
-LEAN_BYTES = 512 << 20
 QUANTIZERS = ("int8", "int4", "fp16")
 
 
@@ -374,32 +375,19 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
 
 
 def _latency(baseline: Stage, current: Stage, batch: dict[str, np.ndarray], threads, weight_bytes: int) -> dict[str, Any]:
-    """Both models timed in sessions of their own with ORT's defaults (prepacked weights, as deployed);
-    above ``LEAN_BYTES`` of weights one session at a time, the shared weight pages released first."""
-    from slimc.backends.timing import comparison, one_at_a_time
+    """Both models timed in sessions of their own (`ort_backend.measure_latency_files`): the stage
+    sessions share weights without prepacking, which is not how the models would be deployed."""
+    from slimc.backends.timing import comparison
 
     single = {k: v[: current.batch_size or 1] for k, v in batch.items()}  # deployment latency: one sample
-    paths = {"before": baseline.path, "after": current.path}
+    shared = [*getattr(baseline.session, "slimc_arrays", []), *getattr(current.session, "slimc_arrays", [])]
     try:
-        if weight_bytes < LEAN_BYTES:
-            sessions = {name: ort_backend.create_session(path, threads) for name, path in paths.items()}
-            stats = ort_backend.measure_latency(sessions, single)
-        else:
-            shared = [*getattr(baseline.session, "slimc_arrays", []), *getattr(current.session, "slimc_arrays", [])]
-
-            def build(path: Path):
-                ort_backend.return_freed_memory()  # the previous model's session was just dropped
-                ort_backend.release_mapped_pages(shared)  # not resident next to the session's own packed copy
-                session = ort_backend.create_session(path, threads)
-                feed = ort_backend.prepare_feed(session, single)
-                return lambda: session.run(None, feed)
-
-            stats = one_at_a_time({name: (lambda p=p: build(p)) for name, p in paths.items()})
-            ort_backend.return_freed_memory()
+        stats = ort_backend.measure_latency_files({"before": baseline.path, "after": current.path}, single, threads,
+                                                  weight_bytes=weight_bytes, mapped=shared)
     except SlimcError as exc:
         return {"error": str(exc)}
     result = comparison(stats, single, ort_backend.machine_description(threads))
-    if weight_bytes >= LEAN_BYTES:
+    if weight_bytes >= ort_backend.LEAN_BYTES:
         result["one_at_a_time"] = True
     return result
 
