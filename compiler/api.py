@@ -34,6 +34,7 @@ from slimc.onnx_io import check_output_path, copy_model, save_onnx, tensor_bytes
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
 from slimc.receipt import Receipt
+from slimc.subbatch import run_all
 from slimc.verify import check_model_file, runs_match
 
 log = logging.getLogger("slimc")
@@ -151,7 +152,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     budget = _output_budget(loaded)
     weight_bytes = tensor_bytes(loaded.model)
     baseline = _stage("input", loaded.model, work / "00-input.onnx", threads, full_check=True)
-    _check_runs(baseline, verify_batches, budget)
+    run_all(baseline.run, verify_batches, budget)
     full_check = baseline.full_check
     before = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": baseline.bytes_on_disk}
     verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
@@ -252,7 +253,7 @@ def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, th
         loaded.model = prepare(loaded.model, options)
     stage = _stage("export", loaded.model, path, threads, full_check=full_check)
     stage.batch_size = options.batch_size
-    _check_runs(stage, verify_batches, None)  # whole batches: a pinned batch axis splits them itself
+    run_all(stage.run, verify_batches, None)  # whole batches: a pinned batch axis splits them itself
     return stage
 
 
@@ -310,20 +311,10 @@ def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool
     return Stage(label=label, path=path, session=session, full_check=passed_full)
 
 
-def _check_runs(stage: Stage, batches, budget: int | None) -> None:
-    """Run the verification batches (in sub-batches within ``budget``), keeping no outputs."""
-    from slimc.evaluate import RowBudget
-
-    rows = RowBudget(budget)
-    for batch in batches:
-        for part in rows.split(batch):
-            rows.observe(stage.run(part), part)
-
-
 def _output_budget(loaded: LoadedModel) -> int | None:
     """Output bytes per run before a batch is split into sub-batches of rows (an LM's [batch, seq, vocab]
     logits); None for inputs with a fixed batch size, which cannot take fewer rows."""
-    from slimc.evaluate import OUTPUT_BUDGET_BYTES
+    from slimc.subbatch import OUTPUT_BUDGET_BYTES
 
     dynamic = all(not s.shape or not isinstance(s.shape[0], int) for s in loaded.inputs)
     return OUTPUT_BUDGET_BYTES if dynamic else None
@@ -355,7 +346,7 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
     try:
         stage = _stage(pass_.name, model, path, threads, full_check=full_check and verify)
         if not (pass_.exact and verify):
-            _check_runs(stage, batches, budget)
+            run_all(stage.run, batches, budget)
     except SlimcError as exc:
         raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     checker = "full ONNX checker" if full_check and verify else "basic ONNX checker"

@@ -46,14 +46,13 @@ import numpy as np
 from slimc import progress
 from slimc.errors import DataError
 from slimc.model import TASKS, InputSpec
+from slimc.subbatch import RowBudget
 
 Batch = dict[str, np.ndarray]
 Outputs = Sequence[np.ndarray] | Mapping[str, np.ndarray]
 
 # Elements per float64 temporary (32 MB): rows of a [rows, vocab] block, or columns of one wide row.
 CHUNK_ELEMENTS = 1 << 22
-# Outputs of one model run that `compile` allows before splitting a batch into sub-batches of rows.
-OUTPUT_BUDGET_BYTES = 64 << 20
 
 
 def _blocks(rows: int, width: int) -> list[tuple[slice, slice]]:
@@ -380,30 +379,6 @@ def evaluate(
         source = getattr(dataset, "source", "the data")
         raise DataError(f"no batches to evaluate in {source}: give at least one sample of evaluation data.")
     return fidelity.result()
-
-
-class RowBudget:
-    """Splits batches into sub-batches of rows whose outputs fit ``budget`` bytes (None: no split)."""
-
-    def __init__(self, budget: int | None):
-        self.budget, self.row_bytes = budget, None
-
-    def split(self, batch: Batch) -> Iterable[Batch]:
-        arrays = {k: np.asarray(v) for k, v in batch.items()}
-        n = {a.shape[0] if a.ndim else None for a in arrays.values()}
-        if self.budget is None or len(n) != 1 or None in n or next(iter(n)) < 2:
-            yield batch  # nothing to split on: 0-d inputs, or inputs that disagree on the row count
-            return
-        n, start = next(iter(n)), 0
-        while start < n:
-            size = 1 if self.row_bytes is None else max(1, self.budget // max(self.row_bytes, 1))
-            yield {k: a[start:start + size] for k, a in arrays.items()}
-            start += size
-
-    def observe(self, outputs: Outputs, part: Batch) -> None:
-        rows = max((np.asarray(v).shape[0] for v in part.values() if np.ndim(v)), default=1)
-        size = sum(np.asarray(o).nbytes for o in _listed(outputs))
-        self.row_bytes = max(self.row_bytes or 0, -(-size // max(rows, 1)))
 
 
 def perplexity(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> float:

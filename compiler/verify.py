@@ -86,10 +86,10 @@ def runs_match(
 ) -> OutputDiff:
     """`outputs_match` of two models run side by side on ``batches``, without keeping their outputs.
 
-    With ``max_output_bytes`` each batch is run in sub-batches of rows (`slimc.evaluate.RowBudget`);
+    With ``max_output_bytes`` each batch is run in sub-batches of rows (`slimc.subbatch.RowBudget`);
     the tolerance still scales with max|ref| over the whole batch, so the verdict is the same.
     """
-    from slimc.evaluate import RowBudget
+    from slimc.subbatch import RowBudget
 
     rows, worst = RowBudget(max_output_bytes), OutputDiff(0.0, 0.0, names[0] if names else "")
     for batch in batches:

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from slimc import evaluate
+from slimc import evaluate, subbatch
 from slimc.model import InputSpec
 
 VOCAB, SEQ, ROWS = 50, 12, 5
@@ -141,7 +141,7 @@ def test_compile_runs_models_in_sub_batches(tmp_path, monkeypatch):
     _lookup_onnx(tmp_path / "lm.onnx", table_r)
     np.savez(tmp_path / "eval.npz", input_ids=np.concatenate([batch["input_ids"]] * 2)[:8])  # one batch of 8
 
-    monkeypatch.setattr(evaluate, "OUTPUT_BUDGET_BYTES", 3 * SEQ * VOCAB * 4)
+    monkeypatch.setattr(subbatch, "OUTPUT_BUDGET_BYTES", 3 * SEQ * VOCAB * 4)
     rows = []
     real_run = ort_backend.run
 

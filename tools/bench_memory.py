@@ -123,12 +123,14 @@ def child(model: str, passes: str, evaluation: str | None, out: str | None) -> N
     import slimc
 
     start = time.perf_counter()
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
+    compiled = 0
     if model != "idle":
         result = slimc.compile(model, [] if passes == "none" else passes, evaluation=evaluation)
+        compiled = peak()
         if out:
             result.save(out)
-    print(json.dumps({"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "seconds": time.perf_counter() - start}))
+    print(json.dumps({"ru_maxrss": peak(), "compile_maxrss": compiled or peak(), "seconds": time.perf_counter() - start}))
 
 
 def _smaps(pid: int) -> dict[str, int]:
@@ -153,7 +155,8 @@ def measure(model: str, passes: str, evaluation: str | None = None, out: str | N
     if proc.returncode != 0:
         return {"error": (stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:300]}
     report = json.loads(stdout.strip().splitlines()[-1])
-    return {"peak_rss": report["ru_maxrss"], "peak_pss": peak_pss, "seconds": round(report["seconds"], 1)}
+    return {"peak_rss": report["ru_maxrss"], "peak_rss_compile": report["compile_maxrss"], "peak_pss": peak_pss,
+            "seconds": round(report["seconds"], 1)}
 
 
 def _gb(n: float) -> str:
@@ -177,8 +180,9 @@ def run(size_gb: float, passes: list[str], vocab: int | None, folder: Path) -> d
         row = {"model": model_name, "pass": PASSES.get(name, name), "weight_bytes": weight_bytes,
                **measure(path, PASSES.get(name, name), evaluation, str(out))}
         if "peak_rss" in row:
+            row["compile_ratio"] = round(row["peak_rss_compile"] / weight_bytes, 2)
+            row["compile_above_idle_ratio"] = round((row["peak_rss_compile"] - idle["peak_rss"]) / weight_bytes, 2)
             row["rss_ratio"] = round(row["peak_rss"] / weight_bytes, 2)
-            row["rss_above_idle_ratio"] = round((row["peak_rss"] - idle["peak_rss"]) / weight_bytes, 2)
         rows.append(row)
         for f in folder.glob(out.name + "*"):
             f.unlink()
@@ -188,14 +192,16 @@ def run(size_gb: float, passes: list[str], vocab: int | None, folder: Path) -> d
 
 def table(result: dict[str, Any]) -> str:
     lines = [f"idle (imports only): peak RSS {_gb(result['idle']['peak_rss'])} GB", "",
-             "| model | pass | weights GB | peak RSS GB | RSS / weights | (RSS - idle) / weights | peak PSS GB | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | pass | weights GB | peak RSS, compile GB | / weights | (- idle) / weights "
+             "| peak RSS, + save GB | / weights | peak PSS GB | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        head = f"| {r['model']} | `{r['pass']}` | {_gb(r['weight_bytes'])} |"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['pass']} | {_gb(r['weight_bytes'])} | failed: {r['error']} | | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | `{r['pass']}` | {_gb(r['weight_bytes'])} | {_gb(r['peak_rss'])} | "
-                     f"{r['rss_ratio']:.2f} | {r['rss_above_idle_ratio']:.2f} | {_gb(r['peak_pss'])} | {r['seconds']} |")
+        lines.append(f"{head} {_gb(r['peak_rss_compile'])} | {r['compile_ratio']:.2f} | {r['compile_above_idle_ratio']:.2f} | "
+                     f"{_gb(r['peak_rss'])} | {r['rss_ratio']:.2f} | {_gb(r['peak_pss'])} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
 
