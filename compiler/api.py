@@ -206,6 +206,12 @@ def compile(  # noqa: A001 - the public verb of a compiler
     result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, module=module,
                            _workdir=workdir, _example=verify_batches[0])
     weakref.finalize(result, workdir.cleanup)
+    # The sessions go now, and the pages of the weights they shared leave the resident set: replaced
+    # tensors sit in reference cycles of the IR until a garbage collection would unmap them.
+    for stage in {id(s): s for s in (baseline, current, before_quantizer)}.values():
+        ort_backend.release_mapped_pages(getattr(stage.session, "slimc_arrays", []))
+        stage.session = None
+    ort_backend.return_freed_memory()
     return result
 
 

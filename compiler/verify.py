@@ -112,15 +112,23 @@ def runs_match(
 
 
 def _part_diff(name: str, ref: np.ndarray, got: np.ndarray) -> tuple[float, float, bool] | None:
-    """(max |ref - got|, max |ref|, integer?) over finite elements; None when the NaN/inf pattern differs."""
+    """(max |ref - got|, max |ref|, integer?) over finite elements; None when the NaN/inf pattern differs.
+    Float64 work in chunks of ``slimc.evaluate.CHUNK_ELEMENTS`` (one sub-batch of LM logits is 100s of MB)."""
+    from slimc.evaluate import CHUNK_ELEMENTS
+
     if ref.shape != got.shape:
         raise VerificationError(f"output '{name}' changed shape from {ref.shape} to {got.shape}")
     if ref.dtype == np.bool_ or np.issubdtype(ref.dtype, np.integer):
         return (float(np.max(ref != got)) if ref.size else 0.0), 0.0, True
-    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-    finite = np.isfinite(ref64)
-    if not np.array_equal(finite, np.isfinite(got64)):
-        return None
-    if not finite.any():
-        return 0.0, 0.0, False
-    return float(np.max(np.abs(ref64 - got64)[finite])), float(np.max(np.abs(ref64[finite]))), False
+    diff = scale = 0.0
+    flat_ref, flat_got = ref.reshape(-1), got.reshape(-1)
+    for start in range(0, flat_ref.size, CHUNK_ELEMENTS):
+        ref64 = flat_ref[start:start + CHUNK_ELEMENTS].astype(np.float64)
+        got64 = flat_got[start:start + CHUNK_ELEMENTS].astype(np.float64)
+        finite = np.isfinite(ref64)
+        if not np.array_equal(finite, np.isfinite(got64)):
+            return None
+        if finite.any():
+            diff = max(diff, float(np.max(np.abs(ref64 - got64)[finite])))
+            scale = max(scale, float(np.max(np.abs(ref64[finite]))))
+    return diff, scale, False
