@@ -60,6 +60,8 @@ def create_session(path: str | os.PathLike, threads: int | None = None,
         opts.add_initializer(name, value)
     if values:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+        # no arena: it keeps the largest run's activations (an LM's logits) for the session's lifetime
+        opts.enable_cpu_mem_arena = False
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
@@ -98,6 +100,11 @@ def shareable_initializers(model) -> dict[str, np.ndarray]:
         tensor = value.const_value
         if tensor is None or tensor.nbytes < SHARE_MIN_BYTES:
             continue
+        if isinstance(tensor, ir.TensorProtoTensor) and np.dtype(tensor.dtype.numpy()) in _SHAREABLE:
+            # weights inline in the file: NumPy-backed once (a protobuf tensor copies on every numpy() call),
+            # so every session shares this array; the protobuf's bytes go once no tensor refers to them
+            tensor = value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name,
+                                                   doc_string=tensor.doc_string)
         if isinstance(tensor, ir.ExternalTensor) or (isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray)):
             array = tensor.numpy()
             if array.dtype in _SHAREABLE and array.flags.c_contiguous:
