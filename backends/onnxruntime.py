@@ -45,12 +45,71 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-def create_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
-    """An `InferenceSession` on the CPU for the model file at ``path``."""
+def create_session(path: str | os.PathLike, threads: int | None = None,
+                   shared: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """An `InferenceSession` on the CPU for the model file at ``path``.
+
+    ``shared``: initializer arrays (`shareable_initializers`) the session uses in place instead of
+    reading its own copy from the file: sessions of several model states then hold each unchanged
+    weight once, in the IR's memory-mapped array. Weight prepacking is off for such a session (a
+    prepacked copy would double the weights it shares).
+    """
+    opts = session_options(threads)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (shared or {}).values()]
+    for name, value in zip(shared or {}, values):
+        opts.add_initializer(name, value)
+    if values:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        # no arena: it keeps the largest run's activations (an LM's logits) for the session's lifetime
+        opts.enable_cpu_mem_arena = False
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
         raise BackendError(f"ONNX Runtime cannot load {Path(path).name}: {first_line(exc, 1000)}") from None
+    session.slimc_shared = values  # ORT does not own shared arrays: they live as long as the session
+    session.slimc_arrays = list((shared or {}).values())
+    return session
+
+
+# Ops whose weights ONNX Runtime repacks at load for its integer/low-bit kernels (a static int8 model's
+# DequantizeLinear weights are fused into them): without prepacking they run 10-500x slower
+# (int8 MatMulInteger 1.6 -> 16-24 ms, int4 MatMulNBits 0.9 -> 530 ms on a 67 MB MLP, 2-core Xeon).
+PREPACKED_OPS = frozenset({
+    "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger",
+    "QLinearMatMul", "QLinearConv", "DequantizeLinear", "GatherBlockQuantized", "QAttention",
+})
+
+
+def shares_weights(model) -> bool:
+    """Whether sessions of ``model`` may share the IR's weights (no prepacking): float models only."""
+    return not any(node.op_type in PREPACKED_OPS for node in model.graph.all_nodes())
+
+
+# ORT element types a NumPy array can be handed over as (no bit-packed or ml_dtypes types).
+_SHAREABLE = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16, np.int32, np.int64)}
+SHARE_MIN_BYTES = 1 << 20
+
+
+def shareable_initializers(model) -> dict[str, np.ndarray]:
+    """The main graph's large initializers whose arrays a session can use in place: memory-mapped
+    external data and NumPy-backed tensors of plain types, at least ``SHARE_MIN_BYTES`` each."""
+    import onnx_ir as ir
+
+    shared = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < SHARE_MIN_BYTES:
+            continue
+        if isinstance(tensor, ir.TensorProtoTensor) and np.dtype(tensor.dtype.numpy()) in _SHAREABLE:
+            # weights inline in the file: NumPy-backed once (a protobuf tensor copies on every numpy() call),
+            # so every session shares this array; the protobuf's bytes go once no tensor refers to them
+            tensor = value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name,
+                                                   doc_string=tensor.doc_string)
+        if isinstance(tensor, ir.ExternalTensor) or (isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray)):
+            array = tensor.numpy()
+            if array.dtype in _SHAREABLE and array.flags.c_contiguous:
+                shared[name] = array
+    return shared
 
 
 def prepare_feed(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,6 +140,42 @@ def run(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> list[np.
         raise BackendError(f"ONNX Runtime failed to run the model: {first_line(exc, 1000)}") from None
 
 
+def release_mapped_pages(arrays) -> None:
+    """Drop the resident pages of memory-mapped weight arrays from this process (``MADV_DONTNEED``).
+
+    The files stay in the page cache and the arrays stay valid: a later read maps the pages again.
+    Called before building sessions that read their own copy, so the two are not resident together.
+    """
+    import mmap
+
+    seen = set()
+    for array in arrays:
+        base = array
+        while isinstance(base, (np.ndarray, memoryview)):  # array views -> the buffer they were made from
+            base = base.obj if isinstance(base, memoryview) else base.base
+        if isinstance(base, mmap.mmap) and id(base) not in seen and hasattr(mmap, "MADV_DONTNEED"):
+            seen.add(id(base))
+            base.madvise(mmap.MADV_DONTNEED)
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by dropped sessions back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+
+    glibc raises its mmap threshold after large frees, so a dropped session's weight buffers end up
+    in the heap and stay resident: measured 260-440 MB kept of a 0.5 GB model's two dropped sessions.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def measure_latency(
     sessions: dict[str, ort.InferenceSession],
     batch: dict[str, np.ndarray],
@@ -96,6 +191,42 @@ def measure_latency(
     feeds = {name: prepare_feed(s, batch) for name, s in sessions.items()}
     calls = {name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()}
     return interleaved(calls, warmup=warmup, repeats=repeats, rounds=rounds, budget_s=budget_s)
+
+
+# Weights from which latency sessions are built one at a time: two prepacked float copies would double them.
+LEAN_BYTES = 256 << 20
+
+
+def measure_latency_files(
+    paths: dict[str, str | os.PathLike],
+    batch: dict[str, np.ndarray],
+    threads: int | None = None,
+    *,
+    weight_bytes: int = 0,
+    mapped=(),
+    **protocol,
+) -> dict[str, Latency]:
+    """Latency of the model files at ``paths``, each in a session of its own with ORT's defaults
+    (prepacked weights, as deployed). Below ``LEAN_BYTES`` of ``weight_bytes`` the sessions live
+    together and the runs interleave (`measure_latency`); above, one session is built at a time
+    (`slimc.backends.timing.one_at_a_time`), after the resident pages of ``mapped`` arrays (weights
+    shared with other sessions) are released. ``protocol``: warmup, repeats, rounds, budget_s."""
+    from slimc.backends.timing import one_at_a_time
+
+    if weight_bytes < LEAN_BYTES:
+        return measure_latency({name: create_session(path, threads) for name, path in paths.items()}, batch, **protocol)
+
+    def build(path):
+        return_freed_memory()  # the previous model's session was just dropped
+        release_mapped_pages(mapped)  # not resident next to this session's own packed copy
+        session = create_session(path, threads)
+        feed = prepare_feed(session, batch)
+        return lambda: session.run(None, feed)
+
+    protocol.setdefault("warmup", 2)
+    stats = one_at_a_time({name: (lambda p=p: build(p)) for name, p in paths.items()}, **protocol)
+    return_freed_memory()
+    return stats
 
 
 def cpu_info() -> dict[str, str]:

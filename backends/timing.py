@@ -60,6 +60,37 @@ def interleaved(
     return {name: stats(values) for name, values in times.items()}
 
 
+def one_at_a_time(
+    builders: Mapping[str, Callable[[], Callable[[], Any]]],
+    *,
+    warmup: int = 2,
+    repeats: int = 15,
+    rounds: int = 3,
+    budget_s: float = 60.0,
+    desc: str = "measuring latency (one model in memory at a time)",
+) -> dict[str, Latency]:
+    """`interleaved` for models too large to hold together: in each round every model is built
+    (``builders[name]()`` returns its no-argument call), warmed up, timed for its share of the
+    runs and dropped before the next is built. Rounds still alternate, so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in builders}
+    count = max(1, repeats // max(rounds, 1))
+    for _ in progress.bar(range(max(rounds, 1)), desc, total=max(rounds, 1), unit="round"):
+        for name, build in builders.items():
+            call = build()
+            start = time.perf_counter()
+            for _ in range(max(1, warmup)):
+                call()
+            per_run = (time.perf_counter() - start) / max(1, warmup)
+            # the same cut as `interleaved`: the whole measurement near budget_s
+            runs = max(1, min(count, int(budget_s / max(per_run * rounds * len(builders), 1e-6))))
+            for _ in range(runs):
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1e3)
+            del call  # the model's session (and its weights) go before the next one is built
+    return {name: stats(values) for name, values in times.items()}
+
+
 def stats(values: list[float]) -> Latency:
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731

@@ -31,11 +31,12 @@ from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
 from slimc.errors import BackendError, PassFailedError, SlimcError, VerificationError
 from slimc.model import LoadedModel
-from slimc.onnx_io import check_output_path, copy_model, save_onnx
+from slimc.onnx_io import check_output_path, copy_model, save_onnx, tensor_bytes
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
 from slimc.receipt import Receipt
-from slimc.verify import check_model_file, introduced_nonfinite, outputs_match
+from slimc.subbatch import run_all
+from slimc.verify import check_model_file, compare_runs
 
 log = logging.getLogger("slimc")
 VERIFY_BATCHES = 2
@@ -43,12 +44,11 @@ VERIFY_BATCHES = 2
 
 @dataclasses.dataclass
 class Stage:
-    """One model state saved to the work folder and loaded in ORT."""
+    """One model state saved to the work folder and loaded in ORT (sharing the IR's weight arrays)."""
 
     label: str
     path: Path
     session: Any
-    outputs: list[list[np.ndarray]]
     full_check: bool = True  # False when only the basic checker passed (inputs only)
     batch_size: int | None = None  # a batch axis pinned by --static-shapes: batches are split to fit
 
@@ -163,9 +163,15 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
     workdir = workdirs.new("run")
     work = Path(workdir.name)
-    explain = (lambda exc: measure.synthetic_failure(exc, loaded.inputs, evalset)) if evalset.synthetic else None
-    baseline = _stage("input", loaded.model, work / "00-input.onnx", verify_batches, threads, full_check=True,
-                      explain=explain)
+    budget = _output_budget(loaded)
+    weight_bytes = tensor_bytes(loaded.model)
+    baseline = _stage("input", loaded.model, work / "00-input.onnx", threads, full_check=True)
+    try:
+        run_all(baseline.run, verify_batches, budget)
+    except BackendError as exc:
+        if not evalset.synthetic:
+            raise
+        raise measure.synthetic_failure(exc, loaded.inputs, evalset) from None
     full_check = baseline.full_check
     before = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": baseline.bytes_on_disk}
     verification = [{"pass": "input", "result": "full ONNX checker, loads in ORT" if full_check else
@@ -174,27 +180,33 @@ def compile(  # noqa: A001 - the public verb of a compiler
     ctx = PassContext(loaded=loaded, calibration=calib, seed=seed, target=options.target if options else None,
                       threads=threads)
     current, reports = baseline, []
-    before_quantizer = baseline  # the stage a quantizing pass started from: its error is measured against it
+    # the stage a quantizing pass started from (its error is measured against it): kept only for the triton
+    # backend, so that other runs release each intermediate session (and its weights) when the next one is made
+    before_quantizer = baseline
     for index, pass_ in enumerate(pipeline, start=1):
+        # the weights the stage sessions touched leave this process's resident set while the pass works on
+        # its own views of them (a copied model maps the files again); they are read back when next run
+        ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
-        if pass_.name in QUANTIZERS:
+        if pass_.name in QUANTIZERS and backend == "triton":
             before_quantizer = current
-        current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check, verify, reports)
+        current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check,
+                                          verify, reports, budget)
         verification.append({"pass": pass_.name, "result": result})
 
     if options is not None and options.changes_onnx:
         current = _prepared_stage(loaded, options, work / f"{len(pipeline) + 1:02d}-export.onnx", verify_batches,
-                                  evalset, threads, full_check and verify)
+                                  threads, full_check and verify)
         verification.append({"pass": "export (" + _describe(options) + ")", "result": "full ONNX checker, loads in ORT"})
 
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
     # The passes succeeded and are verified: from here on a measurement that fails is reported as
     # not measured in the receipt, never allowed to lose the result.
     latency = measure.measured("latency", lambda: measure.latency(baseline, current, verify_batches[0], loaded.inputs,
-                                                                  threads)) if measure_latency else None
-    fidelity = measure.measured("fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded))
+                                                                  threads, weight_bytes)) if measure_latency else None
+    fidelity = measure.measured("fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded, budget))
     guard = fidelity_guard.check(fidelity, loaded.task, bounds)  # refuses before the (slow) export
     for warning in guard["warnings"]:
         log.warning("warning: %s", warning)
@@ -220,6 +232,12 @@ def compile(  # noqa: A001 - the public verb of a compiler
     result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, module=module,
                            _workdir=workdir, _example=verify_batches[0])
     weakref.finalize(result, workdir.cleanup)
+    # The sessions go now, and the pages of the weights they shared leave the resident set: replaced
+    # tensors sit in reference cycles of the IR until a garbage collection would unmap them.
+    for stage in {id(s): s for s in (baseline, current, before_quantizer)}.values():
+        ort_backend.release_mapped_pages(getattr(stage.session, "slimc_arrays", []))
+        stage.session = None
+    ort_backend.return_freed_memory()
     return result
 
 
@@ -266,7 +284,7 @@ def _describe(options) -> str:
     return ", ".join(parts)
 
 
-def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, evalset, threads, full_check) -> Stage:
+def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, threads, full_check) -> Stage:
     """The result with the export options applied (opset, static shapes), saved, checked and run."""
     from slimc.export import check_batch_fits, prepare
 
@@ -274,9 +292,9 @@ def _prepared_stage(loaded: LoadedModel, options, path: Path, verify_batches, ev
         check_batch_fits(batch, options.static_shapes)
     with progress.step("preparing the export (" + _describe(options) + ")"):
         loaded.model = prepare(loaded.model, options)
-    stage = _stage("export", loaded.model, path, [], threads, full_check=full_check)
+    stage = _stage("export", loaded.model, path, threads, full_check=full_check)
     stage.batch_size = options.batch_size
-    stage.outputs = [stage.run(b) for b in verify_batches]
+    run_all(stage.run, verify_batches, None)  # whole batches: a pinned batch axis splits them itself
     return stage
 
 
@@ -316,12 +334,11 @@ def _evaluation_set(evaluation: Any, loaded: LoadedModel, seq_len: int, seed: in
     return data.synthetic(loaded.inputs, n_batches=4, seed=seed + 1000, sizes={"seq": min(seq_len, 64)})
 
 
-def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_check: bool, explain=None) -> Stage:
-    """Save ``model``, check it, load it in ORT and run the verification batches (a run that fails
-    raises ``explain(error)`` when given)."""
+def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool) -> Stage:
+    """Save ``model``, check it and load it in ORT, the session sharing the IR's weight arrays."""
     passed_full = full_check
     with progress.step(f"saving and checking {label}"):
-        save_onnx(model, path)
+        save_onnx(model, path, external_data=True if _has_external_data(model) else None)
         if full_check:
             try:
                 check_model_file(path, full=True)
@@ -333,14 +350,25 @@ def _stage(label: str, model: ir.Model, path: Path, batches, threads, *, full_ch
                 passed_full = False
         else:
             check_model_file(path, full=False)
-        session = ort_backend.create_session(path, threads)
-        try:
-            outputs = [ort_backend.run(session, batch) for batch in batches]
-        except BackendError as exc:
-            if explain is None:
-                raise
-            raise explain(exc) from None
-    return Stage(label=label, path=path, session=session, outputs=outputs, full_check=passed_full)
+        # float models: verification and fidelity sessions use the IR's arrays in place (no copy per session)
+        shared = ort_backend.shareable_initializers(model) if ort_backend.shares_weights(model) else None
+        session = ort_backend.create_session(path, threads, shared=shared)
+    return Stage(label=label, path=path, session=session, full_check=passed_full)
+
+
+def _output_budget(loaded: LoadedModel) -> int | None:
+    """Output bytes per run before a batch is split into sub-batches of rows (an LM's [batch, seq, vocab]
+    logits); None for inputs with a fixed batch size, which cannot take fewer rows."""
+    from slimc.subbatch import OUTPUT_BUDGET_BYTES
+
+    dynamic = all(not s.shape or not isinstance(s.shape[0], int) for s in loaded.inputs)
+    return OUTPUT_BUDGET_BYTES if dynamic else None
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer is read from an external data file (the work copy then keeps external data:
+    ONNX Runtime memory-maps it, and the checker refuses the absolute paths an inline copy would carry)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str]) -> PassReport:
@@ -357,26 +385,30 @@ def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str])
     return report
 
 
-def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_check, verify, reports) -> tuple[Stage, str]:
+def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_check, verify, reports,
+                    budget) -> tuple[Stage, str]:
     where = f"pass '{pass_.name}'" + (f" (after {', '.join(r.name for r in reports[:-1])})" if len(reports) > 1 else "")
     try:
-        stage = _stage(pass_.name, model, path, batches, threads, full_check=full_check and verify)
+        stage = _stage(pass_.name, model, path, threads, full_check=full_check and verify)
     except SlimcError as exc:
         raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     checker = "full ONNX checker" if full_check and verify else "basic ONNX checker"
     names = [o.name for o in stage.session.get_outputs()]
-    # Always checked, lossy passes and verify=False included: the outputs are at hand, and a model
-    # that answers NaN is never a compression result worth writing.
-    bad = introduced_nonfinite(previous.outputs, stage.outputs, names)
+    exact = pass_.exact and verify
+    # Both models side by side in sub-batches (no batch's outputs kept). NaN/inf is always checked, lossy
+    # passes and verify=False included: a model that answers NaN is never a compression result worth writing.
+    try:
+        diff, bad = compare_runs(previous.run, stage.run, batches, names, max_output_bytes=budget, exact=exact)
+    except SlimcError as exc:
+        raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     if bad is not None:
         raise PassFailedError(
             f"{where} made output '{bad.output}' NaN or inf on {bad.count} of {bad.total} values where the model "
             "before it was finite (on the first evaluation batches). Nothing was written; try milder options, "
             "or report it if the options were reasonable."
         )
-    if not (pass_.exact and verify):
+    if not exact:
         return stage, f"{checker}, loads in ORT" + ("" if pass_.exact else " (lossy pass: fidelity in the receipt)")
-    diff = outputs_match(previous.outputs, stage.outputs, names)
     if not diff.ok:
         raise PassFailedError(
             f"{where} declares itself exact but changed output '{diff.output}' by {diff.max_abs:.3g} "

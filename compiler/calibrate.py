@@ -30,7 +30,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from slimc import progress, workdir
-from slimc.backends.onnxruntime import create_session, run
+from slimc.backends.onnxruntime import create_session, run, shareable_initializers, shares_weights
 from slimc.errors import DataError
 from slimc.onnx_io import save_onnx
 
@@ -106,7 +106,7 @@ def collect(
     values = _activations(model, requests)
     with workdir.new("calib") as tmp:
         path = Path(tmp) / "model.onnx"
-        save_onnx(model, path)  # weights over ~1.8 GB go to external data beside it
+        _save_lean(model, path)
         proto = onnx.load(str(path), load_external_data=False)
         types = _types(proto, values, {r.value for r in requests})
         axes = {r: _normalise_axis(r, types[r.value][1]) for r in requests}
@@ -117,7 +117,7 @@ def collect(
         plan = _instrument(proto, types, wanted)
         onnx.save(proto, str(path))
         maxima = {names.absmax for names in plan.values() if names.absmax}
-        totals = _stream(create_session(path, threads), dataset, desc, maxima)
+        totals = _stream(_session(model, path, threads), dataset, desc, maxima)
     stats = {}
     for r in requests:
         names = plan[(r.value, axes[r])]
@@ -127,6 +127,19 @@ def collect(
             gram=totals[names.gram] if r.gram else None, absmax=totals[names.absmax] if r.absmax else None,
         )
     return stats
+
+
+def _save_lean(model: ir.Model, path: Path) -> None:
+    """Save for instrumenting: memory-mapped weights are streamed to external data (the instrumented
+    proto then holds references, not the weights), others go external above ~1.8 GB."""
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    save_onnx(model, path, external_data=True if external else None)
+
+
+def _session(model: ir.Model, path: Path, threads: int | None):
+    """The instrumented model's session; a float model's uses the IR's weight arrays in place."""
+    shared = shareable_initializers(model) if shares_weights(model) else None
+    return create_session(path, threads, shared=shared)
 
 
 def _require_data(dataset: Sequence[Mapping[str, np.ndarray]] | None, desc: str) -> None:
@@ -363,12 +376,12 @@ def cosine(
             raise ValueError(f"calibration: weights {r.weights!r} is not a graph input.")
     with workdir.new("calib") as tmp:
         path = Path(tmp) / "model.onnx"
-        save_onnx(model, path)
+        _save_lean(model, path)
         proto = onnx.load(str(path), load_external_data=False)
         types = _types(proto, values, names)
         plan = _instrument_cosine(proto, types, requests)
         onnx.save(proto, str(path))
-        totals = _stream(create_session(path, threads), dataset, desc)
+        totals = _stream(_session(model, path, threads), dataset, desc)
     return {r: CosineStats(weight=float(totals[plan[r][2]]), sum=float(totals[plan[r][0]]), sumsq=float(totals[plan[r][1]]))
             for r in requests}
 

@@ -30,6 +30,12 @@ Task metrics on the main output, with ``p = softmax(r)``, ``q = softmax(c)`` ove
 
 Only sums, counts and extrema are kept, so memory does not grow with the data and streaming
 gives the same numbers as one pass over all data (up to float summation order).
+
+Memory is bounded per step, not per batch: every float64 temporary covers at most
+``CHUNK_ELEMENTS`` elements (a chunk of rows, or of one row's columns), and `evaluate` with
+``max_output_bytes`` runs the models on sub-batches of rows, so a causal LM's logits
+``[batch, seq, vocab]`` are never held for a whole batch (with a 262k vocabulary, 4 x 128
+tokens of float32 logits are 537 MB per model). One row's outputs must fit.
 """
 
 from __future__ import annotations
@@ -44,9 +50,22 @@ import numpy as np
 from slimc import progress
 from slimc.errors import DataError
 from slimc.model import TASKS, InputSpec
+from slimc.subbatch import RowBudget
 
 Batch = dict[str, np.ndarray]
 Outputs = Sequence[np.ndarray] | Mapping[str, np.ndarray]
+
+# Elements per float64 temporary (32 MB): rows of a [rows, vocab] block, or columns of one wide row.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _blocks(rows: int, width: int) -> list[tuple[slice, slice]]:
+    """(row slice, column slice) pairs covering a [rows, width] array, each at most CHUNK_ELEMENTS."""
+    if width >= CHUNK_ELEMENTS:
+        cols = [slice(c, c + CHUNK_ELEMENTS) for c in range(0, width, CHUNK_ELEMENTS)]
+        return [(slice(r, r + 1), c) for r in range(rows) for c in cols]
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [(slice(r, r + step), slice(None)) for r in range(0, rows, step)]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -58,11 +77,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of 2-D arrays; two all-zero rows are identical (1), one zero row is 0."""
     a, b = a.astype(np.float64), b.astype(np.float64)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return _cosine_of_sums((a * b).sum(-1), (a * a).sum(-1), (b * b).sum(-1), (a == b).all(axis=-1))
+
+
+def _cosine_of_sums(dot: np.ndarray, rr: np.ndarray, cc: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """`_cosine` from per-row sums ``<a, b>``, ``‖a‖²``, ``‖b‖²`` and whether the rows are identical."""
+    den = np.sqrt(rr) * np.sqrt(cc)
     with np.errstate(invalid="ignore"):  # NaN rows give NaN, counted as non-finite elsewhere
-        cos = np.clip((a * b).sum(-1) / np.where(den > 0, den, 1.0), -1.0, 1.0)
-    # Identical rows are exactly 1 (rounding would give 0.9999999999999998); a zero row vs another is 0.
-    return np.where((a == b).all(axis=-1), 1.0, np.where(den > 0, cos, 0.0))
+        cos = np.clip(dot / np.where(den > 0, den, 1.0), -1.0, 1.0)
+    return np.where(same, 1.0, np.where(den > 0, cos, 0.0))
 
 
 def _finite(x: float) -> float | None:
@@ -102,20 +125,29 @@ class _OutputStats:
     cosine: _Mean = dataclasses.field(default_factory=_Mean)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        r, c = ref.astype(np.float64), cand.astype(np.float64)
-        diff = r - c
-        finite = np.isfinite(diff)
-        self.nonfinite += int(diff.size - finite.sum())
-        if not finite.all():
-            self.introduced += int(np.count_nonzero(~np.isfinite(c) & np.isfinite(r)))
-        if finite.any():
-            self.max_abs = max(self.max_abs, float(np.abs(diff[finite]).max()))
-        self.abs_sum += float(np.abs(diff).sum())
-        self.elements += diff.size
-        self.signal += float((r * r).sum())
-        self.noise += float((diff * diff).sum())
-        n = r.shape[0] if r.ndim else 1
-        self.cosine.add(_cosine(r.reshape(n, -1), c.reshape(n, -1)))
+        n = ref.shape[0] if ref.ndim else 1
+        ref2, cand2 = ref.reshape(n, -1), cand.reshape(n, -1)
+        # per-sample sums for the cosine, accumulated over column chunks of wide samples
+        dot, rr, cc = np.zeros(n), np.zeros(n), np.zeros(n)
+        same = np.ones(n, bool)
+        for rows, cols in _blocks(n, ref2.shape[1]):
+            r, c = ref2[rows, cols].astype(np.float64), cand2[rows, cols].astype(np.float64)
+            diff = r - c
+            finite = np.isfinite(diff)
+            self.nonfinite += int(diff.size - finite.sum())
+            if not finite.all():  # elements the candidate broke (the reference is finite there)
+                self.introduced += int(np.count_nonzero(~np.isfinite(c) & np.isfinite(r)))
+            if finite.any():
+                self.max_abs = max(self.max_abs, float(np.abs(diff[finite]).max()))
+            self.abs_sum += float(np.abs(diff).sum())
+            self.elements += diff.size
+            self.signal += float((r * r).sum())
+            self.noise += float((diff * diff).sum())
+            dot[rows] += (r * c).sum(-1)
+            rr[rows] += (r * r).sum(-1)
+            cc[rows] += (c * c).sum(-1)
+            same[rows] &= (r == c).all(-1)
+        self.cosine.add(_cosine_of_sums(dot, rr, cc, same))
 
     def result(self) -> dict[str, Any]:
         exact = self.noise == 0.0
@@ -164,8 +196,9 @@ class _Classification:
 
     def update(self, ref: np.ndarray, cand: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
         r, c = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
-        for start in range(0, len(r), 1024):  # bounded float64 copies for wide outputs
-            lr, lc = _log_softmax(r[start:start + 1024]), _log_softmax(c[start:start + 1024])
+        step = max(1, CHUNK_ELEMENTS // max(r.shape[-1], 1))  # bounded float64 copies for wide outputs
+        for start in range(0, len(r), step):
+            lr, lc = _log_softmax(r[start:start + step]), _log_softmax(c[start:start + step])
             self.top1.add((lr.argmax(-1) == lc.argmax(-1)).astype(np.float64))
             # KL ≥ 0 exactly; clipping removes rounding's tiny negatives for identical inputs
             self.kl.add(np.maximum((np.exp(lr) * (lr - lc)).sum(-1), 0.0))
@@ -187,14 +220,19 @@ class _NextToken:
             _note(self.notes, f"perplexity needs logits [batch, seq, vocab] for the token ids; got {ref.shape}")
             return
         mask = np.asarray(batch[self.mask]).astype(bool) if self.mask in batch else np.ones(ids.shape, bool)
-        for i in range(ref.shape[0]):  # one sequence at a time: float64 log-probs of seq × vocab
-            lr, lc = _log_softmax(ref[i]), _log_softmax(cand[i])
-            pos = np.flatnonzero(mask[i, :-1] & mask[i, 1:])  # position t predicts token t + 1
-            self.nll_ref.add(-lr[pos, ids[i, pos + 1]])
-            self.nll_cand.add(-lc[pos, ids[i, pos + 1]])
-            seen = mask[i]
-            self.top1.add((lr[seen].argmax(-1) == lc[seen].argmax(-1)).astype(np.float64))
-            self.kl.add(np.maximum((np.exp(lr[seen]) * (lr[seen] - lc[seen])).sum(-1), 0.0))
+        seq = ref.shape[1]
+        step = max(1, CHUNK_ELEMENTS // max(ref.shape[-1], 1))  # float64 log-probs of step × vocab at a time
+        for i in range(ref.shape[0]):
+            for s in range(0, seq, step):
+                e = min(seq, s + step)
+                lr, lc = _log_softmax(ref[i, s:e]), _log_softmax(cand[i, s:e])
+                t = np.arange(s, min(e, seq - 1))
+                pos = t[mask[i, t] & mask[i, t + 1]]  # position t predicts token t + 1
+                self.nll_ref.add(-lr[pos - s, ids[i, pos + 1]])
+                self.nll_cand.add(-lc[pos - s, ids[i, pos + 1]])
+                seen = mask[i, s:e]
+                self.top1.add((lr[seen].argmax(-1) == lc[seen].argmax(-1)).astype(np.float64))
+                self.kl.add(np.maximum((np.exp(lr[seen]) * (lr[seen] - lc[seen])).sum(-1), 0.0))
 
     def result(self) -> dict[str, Any]:
         if not self.nll_ref.count:
@@ -277,6 +315,11 @@ class Fidelity:
 
     def update(self, reference: Outputs, candidate: Outputs, batch: Mapping[str, np.ndarray] | None = None) -> None:
         """Add one batch: both models' outputs (lists in graph order, or dicts by name) and its inputs."""
+        self.add_rows(reference, candidate, batch)
+        self.batches += 1
+
+    def add_rows(self, reference: Outputs, candidate: Outputs, batch: Mapping[str, np.ndarray] | None = None) -> None:
+        """`update` for part of a batch (a sub-batch of its rows): the batch count stays."""
         for outputs in (reference, candidate):
             if isinstance(outputs, Mapping):
                 self.names = self.names or list(outputs)
@@ -299,7 +342,6 @@ class Fidelity:
                     self._task.update(ref, cand, batch or {})
         first = np.asarray(reference[0]) if len(reference) else np.zeros(())
         self.samples += first.shape[0] if first.ndim else 1
-        self.batches += 1
 
     def per_output(self) -> dict[str, dict[str, Any]]:
         """Generic metrics of every compared output, by name."""
@@ -332,12 +374,25 @@ def evaluate(
     output_names: Sequence[str] | None = None,
     *,
     inputs: Sequence[InputSpec] | None = None,
+    max_output_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Run both models over ``dataset`` batch by batch and return `Fidelity.result`."""
+    """Run both models over ``dataset`` batch by batch and return `Fidelity.result`.
+
+    ``max_output_bytes``: run the models on sub-batches of rows whose outputs stay near this size
+    (at least one row; the first row of the first batch measures the size of a row's outputs).
+    Only for run functions that accept any number of rows; None runs whole batches (for run
+    functions that look outputs up by batch).
+    """
     fidelity = Fidelity(task, output_names, inputs)
     total = len(dataset) if hasattr(dataset, "__len__") else None
+    rows = RowBudget(max_output_bytes)
     for batch in progress.bar(dataset, "measuring fidelity", total=total, unit="batch"):
-        fidelity.update(run_reference(batch), run_candidate(batch), batch)
+        for part in rows.split(batch):
+            reference = run_reference(part)
+            rows.observe(reference, part)
+            fidelity.add_rows(reference, run_candidate(part), part)
+            del reference  # one sub-batch's outputs at a time
+        fidelity.batches += 1
     if fidelity.batches == 0:
         source = getattr(dataset, "source", "the data")
         raise DataError(f"no batches to evaluate in {source}: give at least one sample of evaluation data.")

@@ -29,25 +29,37 @@ def measured(what: str, measure) -> dict[str, Any]:
         return {"error": reason}
 
 
-def latency(baseline, current, batch: dict[str, np.ndarray], inputs, threads) -> dict[str, Any]:
-    """Both models timed on one sample of a verified batch (`latency_feed`); the whole batch when the
-    cut feed does not run (axis 0 was not a batch axis after all) and the receipt says so."""
+def latency(baseline, current, batch: dict[str, np.ndarray], inputs, threads, weight_bytes: int) -> dict[str, Any]:
+    """Both models timed on one sample of a verified batch (`latency_feed`), each in a session of its own
+    (`ort_backend.measure_latency_files`: the stage sessions share weights without prepacking, which is not
+    how the models would be deployed); the whole batch when the cut feed does not run (axis 0 was not a
+    batch axis after all). Above ``LEAN_BYTES`` of weights the sessions are timed one at a time."""
     from slimc.backends.timing import comparison, latency_feed
 
-    sessions = {"before": baseline.session, "after": current.session}
+    paths = {"before": baseline.path, "after": current.path}
+    shared = [*getattr(baseline.session, "slimc_arrays", []), *getattr(current.session, "slimc_arrays", [])]
+
+    def timed(feed):
+        return ort_backend.measure_latency_files(paths, feed, threads, weight_bytes=weight_bytes, mapped=shared)
+
     single = latency_feed(batch, inputs, current.batch_size)
     try:
-        stats = ort_backend.measure_latency(sessions, single)
+        stats = timed(single)
     except Exception as exc:  # noqa: BLE001 - the whole batch ran in verification: time that instead
         if all(np.shape(single[k]) == np.shape(batch[k]) for k in batch):
             raise
         log.info("latency on one sample failed (%s); timing the whole verification batch", exc)
         single = dict(batch)
-        stats = ort_backend.measure_latency(sessions, single)
-    return comparison(stats, single, ort_backend.machine_description(threads))
+        stats = timed(single)
+    result = comparison(stats, single, ort_backend.machine_description(threads))
+    if weight_bytes >= ort_backend.LEAN_BYTES:
+        result["one_at_a_time"] = True
+    return result
 
 
-def fidelity(baseline, current, evalset, loaded) -> dict[str, Any]:
+def fidelity(baseline, current, evalset, loaded, budget: int | None = None) -> dict[str, Any]:
+    """Task metrics of ``current`` against ``baseline`` over the evaluation data, in sub-batches of at
+    most ``budget`` output bytes (`slimc.subbatch`)."""
     from slimc import evaluate
 
     names = [o.name for o in current.session.get_outputs()]
@@ -58,6 +70,7 @@ def fidelity(baseline, current, evalset, loaded) -> dict[str, Any]:
         loaded.task,
         output_names=names,
         inputs=loaded.inputs,
+        max_output_bytes=budget,
     )
     return {"data": evalset.source, "synthetic": bool(evalset.synthetic), "batches": len(evalset), "metrics": metrics}
 

@@ -160,7 +160,8 @@ def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
         change = f"no measurable change ({speed:.2f}x, inside the p10-p90 spread)"
     return [
         _row(f"latency median ({lat['feed']})", f"{before:.2f} ms", f"{after:.2f} ms", change),
-        f"    measured on {lat['machine']}; {lat['after']['runs']} runs each, alternating, after warm-up",
+        f"    measured on {lat['machine']}; {lat['after']['runs']} runs each, alternating, after warm-up"
+        + ("; one model in memory at a time (large weights)" if lat.get("one_at_a_time") else ""),
     ]
 
 

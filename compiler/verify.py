@@ -11,6 +11,7 @@ equal element for element.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,90 @@ def introduced_nonfinite(
             seen = counts.setdefault(name, [0, 0])
             seen[0], seen[1] = seen[0] + bad, seen[1] + got.size
     return next((NonFinite(n, c, t) for n, (c, t) in counts.items() if c), None)
+
+
+def runs_match(
+    run_reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    run_candidate: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    batches: list[dict[str, np.ndarray]],
+    names: list[str],
+    *,
+    max_output_bytes: int | None = None,
+    rtol: float = EXACT_RTOL,
+    atol: float = EXACT_ATOL,
+) -> OutputDiff:
+    """`outputs_match` of two models run side by side on ``batches``, without keeping their outputs.
+
+    With ``max_output_bytes`` each batch is run in sub-batches of rows (`slimc.subbatch.RowBudget`);
+    the tolerance still scales with max|ref| over the whole batch, so the verdict is the same.
+    """
+    diff, _ = compare_runs(run_reference, run_candidate, batches, names, max_output_bytes=max_output_bytes,
+                           rtol=rtol, atol=atol)
+    return diff
+
+
+def compare_runs(
+    run_reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    run_candidate: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    batches: list[dict[str, np.ndarray]],
+    names: list[str],
+    *,
+    max_output_bytes: int | None = None,
+    exact: bool = True,
+    rtol: float = EXACT_RTOL,
+    atol: float = EXACT_ATOL,
+) -> tuple[OutputDiff | None, NonFinite | None]:
+    """Run both models side by side once: the exactness verdict (`runs_match`; None unless ``exact``)
+    and the first output the candidate made NaN/inf where the reference is finite (`introduced_nonfinite`)."""
+    from slimc.subbatch import RowBudget
+
+    rows, worst = RowBudget(max_output_bytes), OutputDiff(0.0, 0.0, names[0] if names else "")
+    broken: dict[str, list[int]] = {}
+    for batch in batches:
+        diffs: dict[str, list[float]] = {}  # output -> [max |ref - got|, max |ref|, exact-compared output]
+        for part in rows.split(batch):
+            ref = run_reference(part)
+            rows.observe(ref, part)
+            got = run_candidate(part)
+            for name, r, g in zip(names, ref, got, strict=True):
+                if r.shape == g.shape and np.issubdtype(g.dtype, np.floating):
+                    seen = broken.setdefault(name, [0, 0])
+                    seen[0] += int(np.count_nonzero(~np.isfinite(g) & np.isfinite(r)))
+                    seen[1] += g.size
+                if not exact or (worst.max_scaled == float("inf")):
+                    continue
+                part_diff = _part_diff(name, r, g)
+                if part_diff is None:
+                    worst = OutputDiff(float("inf"), float("inf"), name)
+                    continue
+                acc = diffs.setdefault(name, [0.0, 0.0, part_diff[2]])
+                acc[0], acc[1] = max(acc[0], part_diff[0]), max(acc[1], part_diff[1])
+        for name, (diff, scale, discrete) in diffs.items():
+            scaled = diff * 1e9 if discrete else diff / (atol + rtol * scale)
+            if scaled > worst.max_scaled:
+                worst = OutputDiff(diff, scaled, name)
+    bad = next((NonFinite(n, c, t) for n, (c, t) in broken.items() if c), None)
+    return (worst if exact else None), bad
+
+
+def _part_diff(name: str, ref: np.ndarray, got: np.ndarray) -> tuple[float, float, bool] | None:
+    """(max |ref - got|, max |ref|, integer?) over finite elements; None when the NaN/inf pattern differs.
+    Float64 work in chunks of ``slimc.evaluate.CHUNK_ELEMENTS`` (one sub-batch of LM logits is 100s of MB)."""
+    from slimc.evaluate import CHUNK_ELEMENTS
+
+    if ref.shape != got.shape:
+        raise VerificationError(f"output '{name}' changed shape from {ref.shape} to {got.shape}")
+    if ref.dtype.kind not in "fc":  # integer, boolean and string outputs are compared exactly
+        return (float(np.any(ref != got)) if ref.size else 0.0), 0.0, True
+    diff = scale = 0.0
+    flat_ref, flat_got = ref.reshape(-1), got.reshape(-1)
+    for start in range(0, flat_ref.size, CHUNK_ELEMENTS):
+        ref64 = flat_ref[start:start + CHUNK_ELEMENTS].astype(np.float64)
+        got64 = flat_got[start:start + CHUNK_ELEMENTS].astype(np.float64)
+        finite = np.isfinite(ref64)
+        if not np.array_equal(finite, np.isfinite(got64)):
+            return None
+        if finite.any():
+            diff = max(diff, float(np.max(np.abs(ref64 - got64)[finite])))
+            scale = max(scale, float(np.max(np.abs(ref64[finite]))))
+    return diff, scale, False

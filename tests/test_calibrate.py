@@ -207,9 +207,9 @@ def test_instrumented_model_shares_work_and_drops_original_outputs(monkeypatch):
     seen = []
     real = calibrate.create_session
 
-    def spy(path, threads=None):
+    def spy(path, threads=None, **kw):
         seen.append(onnx.load(str(path)))
-        return real(path, threads)
+        return real(path, threads, **kw)
 
     monkeypatch.setattr(calibrate, "create_session", spy)
     requests = [StatRequest("h", -1), StatRequest("h", 2, gram=True), StatRequest("h", 1), StatRequest("h", 1)]
@@ -228,7 +228,7 @@ def test_weights_in_external_data(monkeypatch):
 
     monkeypatch.setattr(slimc.onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)
     real, files = calibrate.create_session, []
-    monkeypatch.setattr(calibrate, "create_session", lambda path, t: files.extend(path.parent.iterdir()) or real(path, t))
+    monkeypatch.setattr(calibrate, "create_session", lambda path, t, **kw: files.extend(path.parent.iterdir()) or real(path, t, **kw))
     big = RNG.standard_normal((5, 40)).astype(np.float32)  # over ir.save's 256-byte inline limit
     model = _model(
         [helper.make_node("MatMul", ["X", "W"], ["h"])],

@@ -135,24 +135,30 @@ class GuardResult:
 def measure(models: Mapping[str, ir.Model], feed: Mapping[str, np.ndarray], threads: int | None = None,
             budget_s: float = 30.0) -> dict[str, float]:
     """Median ORT CPU latency (ms) of each model on ``feed``, measured interleaved in one run."""
-    from slimc.onnx_io import save_onnx
+    from slimc.backends.onnxruntime import shareable_initializers
+    from slimc.onnx_io import save_onnx, tensor_bytes
 
     with workdir.new("guard") as tmp:
-        paths = {}
+        paths, mapped = {}, []
         for i, (name, model) in enumerate(models.items()):
             paths[name] = Path(tmp) / f"{i:02d}.onnx"
-            save_onnx(model, paths[name])
-        return measure_files(paths, feed, threads, budget_s)
+            external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+            # memory-mapped weights are streamed to an external data file, not copied into a proto
+            save_onnx(model, paths[name], external_data=True if external else None)
+            mapped += list(shareable_initializers(model).values())  # pages released before each session
+        weight_bytes = max(tensor_bytes(m) for m in models.values())
+        return measure_files(paths, feed, threads, budget_s, weight_bytes=weight_bytes, mapped=mapped)
 
 
 def measure_files(paths: Mapping[str, Path], feed: Mapping[str, np.ndarray], threads: int | None = None,
-                  budget_s: float = 30.0) -> dict[str, float]:
+                  budget_s: float = 30.0, *, weight_bytes: int = 0, mapped=()) -> dict[str, float]:
     """`measure` for models already saved: the guard's one timing protocol (2 warm-up runs, 15
-    timed runs in 3 interleaved rounds, cut to fit ``budget_s``)."""
+    timed runs in 3 alternating rounds, cut to fit ``budget_s``; large models one session at a time,
+    see `slimc.backends.onnxruntime.measure_latency_files`)."""
     from slimc.backends import onnxruntime as ort_backend
 
-    sessions = {name: ort_backend.create_session(path, threads) for name, path in paths.items()}
-    stats = ort_backend.measure_latency(sessions, dict(feed), warmup=2, repeats=15, rounds=3, budget_s=budget_s)
+    stats = ort_backend.measure_latency_files(dict(paths), dict(feed), threads, weight_bytes=weight_bytes, mapped=mapped,
+                                              warmup=2, repeats=15, rounds=3, budget_s=budget_s)
     return {name: s.median_ms for name, s in stats.items()}
 
 

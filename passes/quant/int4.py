@@ -35,6 +35,7 @@ import onnx_ir as ir
 from slimc import progress
 from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
+from slimc.backends.onnxruntime import release_mapped_pages
 from slimc.onnx_io import copy_model
 from slimc.passes.quant import common, gptq
 from slimc.passes.quant.common import attr
@@ -318,6 +319,7 @@ class Int4(Pass):
                 self._rewrite(graph, t, inputs, k, n)
             bytes_before += int(weight.nbytes)
             bytes_after += packed.nbytes
+            release_mapped_pages([weight])  # a memory-mapped float weight is not needed resident any more
             layers.append({"nodes": [t.node.name for t in group], "weight": first.source.name, "K": k, "N": n,
                            "float_bytes": int(weight.nbytes), "int4_bytes": packed.nbytes,
                            **{key: (round(v, 6) if isinstance(v, float) else v) for key, v in info.items()}})
