@@ -258,4 +258,4 @@ def test_a_model_without_parameters_reports_no_percentage():
     with pytest.raises(NothingToDoError, match="no channels / ffn / heads group"):
         Prune().apply(model, PassContext())
     report = Prune(allow_noop=True).apply(model, PassContext())
-    assert "params 0 -> 0 (no parameters counted)" in report.summary and "100.0%" not in report.summary
+    assert "params 0 -> 0 (no parameters before)" in report.summary and "100.0%" not in report.summary

@@ -66,6 +66,8 @@ class Prune(Pass):
         calibration_batches: calibration batches streamed for the statistics.
         change_interface: allow groups that reach graph inputs/outputs (e.g. the hidden width of
             `last_hidden_state`); the report names the inputs/outputs whose size changed.
+        allow_noop: accept a model where nothing of the requested kind can be pruned (it is then
+            reported in left_alone with the reasons); without it such a run is an error (exit 2).
     """
 
     ratio: float = 0.3
