@@ -59,7 +59,7 @@ def _module(arch: str, attn: str):
     return tf.ViTModel(cfg).eval(), ("pixel_values",)
 
 
-def _export(arch: str, attn: str, path) -> str:
+def _export(arch: str, attn: str, path, torchscript: bool = False) -> str:
     import torch
 
     module, names = _module(arch, attn)
@@ -70,16 +70,23 @@ def _export(arch: str, attn: str, path) -> str:
     dim = torch.export.Dim
     batch, seq = dim("batch", max=64), dim("seq", max=64)
     shapes = {n: {0: batch} if n == "pixel_values" else {0: batch, 1: seq} for n in names}
+    kwargs = {n: feeds[n] for n in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (), str(path), kwargs={n: feeds[n] for n in names}, dynamo=True,
-                          dynamic_shapes=shapes, external_data=False, verbose=False)
+        if torchscript:
+            axes = {n: {0: "batch"} if n == "pixel_values" else {0: "batch", 1: "seq"} for n in names}
+            torch.onnx.export(module, (), str(path), kwargs=kwargs, input_names=list(names), dynamic_axes=axes,
+                              dynamo=False, opset_version=17)
+        else:
+            torch.onnx.export(module, (), str(path), kwargs=kwargs, dynamo=True, dynamic_shapes=shapes,
+                              external_data=False, verbose=False)
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """{(arch, variant): path} for eager, sdpa and sdpa-without-value_info, made once per module."""
+    """{(arch, variant): path} for eager, sdpa, sdpa-without-value_info and the TorchScript
+    exporter's SDPA graph, made once per module."""
     made: dict = {}
 
     def get(arch: str, variant: str) -> str:
@@ -91,6 +98,8 @@ def exports(tmp_path_factory):
                 path = folder / "model.onnx"
                 onnx.save(proto, path)
                 made[(arch, variant)] = str(path)
+            elif variant == "torchscript":
+                made[(arch, variant)] = _export(arch, "sdpa", folder / "model.onnx", torchscript=True)
             else:
                 made[(arch, variant)] = _export(arch, variant, folder / "model.onnx")
         return made[(arch, variant)]
@@ -102,7 +111,8 @@ def _feed(model: ir.Model) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(3, VOCAB, (BATCH, SEQ)), "attention_mask": np.ones((BATCH, SEQ), np.int64),
              "token_type_ids": np.zeros((BATCH, SEQ), np.int64),
-             "pixel_values": rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)}
+             "pixel_values": rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32),
+             "logits_to_keep": np.array(0, np.int64)}  # an input TorchScript exports of causal LMs add
     return {v.name: feeds[v.name] for v in model.graph.inputs}
 
 
@@ -158,6 +168,14 @@ def test_prune_removes_macs_of_the_sdpa_export_and_runs_at_other_sizes(exports, 
     assert {"heads", "ffn"} <= kinds
     outputs = run_checked(result.model, _feed(result.model), tmp_path)
     assert all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "vit"])
+def test_torchscript_export_has_the_groups_of_the_eager_export_and_passes_the_oracle(exports, arch, tmp_path):
+    path = exports(arch, "torchscript")
+    assert _prunable(path) == _prunable(exports(arch, "eager"))
+    model = ir.load(path)
+    assert {"heads", "ffn"} <= {g.kind for g in check_oracle(model, _feed(model), tmp_path)}
 
 
 def test_kv_heads_of_the_sdpa_llama_export(exports, tmp_path):

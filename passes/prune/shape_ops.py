@@ -272,8 +272,33 @@ def gemm(S, node):
 @handler("ConstantOfShape")
 def constant_of_shape(S, node):
     elems = S.elements(node.inputs[0])
-    if elems is not None:
-        S._set(node.outputs[0], [e for e, _ in elems])
+    if elems is None:
+        return
+    S._set(node.outputs[0], [e for e, _ in elems])
+    n = [static(e) for e, _ in elems]
+    a = node.attributes.get("value")
+    fill = int(np.asarray(a.value.numpy()).reshape(-1)[0]) if a is not None else 0
+    if len(n) == 1 and n[0] is not None and n[0] <= 64:
+        S.elems[node.outputs[0]] = [((fill, ()), None)] * n[0]
+
+
+@handler("Equal")
+def equal(S, node):
+    """torch's ``expand(b, -1, s, s)`` asks ``shape == -1`` of its sizes: a size is never negative."""
+    S._set(node.outputs[0], broadcast_dims([S.dims(v) for v in node.inputs]))
+    ea, eb = S.elements(node.inputs[0]), S.elements(node.inputs[1])
+    if ea is None or eb is None or len(ea) != len(eb):
+        return
+    out = []
+    for (x, _), (y, _) in zip(ea, eb):
+        sx, sy = static(x), static(y)
+        if sx is not None and sy is not None:
+            out.append(((int(sx == sy), ()), None))
+        elif x is not None and y is not None and min(v for v in (sx, sy) if v is not None) < 0:
+            out.append(((0, ()), None))
+        else:
+            return
+    S.elems[node.outputs[0]] = out
 
 
 @handler("Range")
@@ -332,7 +357,14 @@ def reduce(S, node):
 
 @handler("Where")
 def where(S, node):
+    """On shape tensors with a known condition, each element (and its origin) is picked."""
     S._set(node.outputs[0], broadcast_dims([S.dims(v) for v in node.inputs]))
+    cond, a, b = (S.elements(v) for v in node.inputs)
+    if cond is None or a is None or b is None or not len(cond) == len(a) == len(b):
+        return
+    if any(static(c) is None for c, _ in cond):
+        return
+    S.elems[node.outputs[0]] = [x if static(c) else y for (c, _), x, y in zip(cond, a, b)]
 
 
 @handler("Cast", "Identity")

@@ -24,7 +24,7 @@ Sym = tuple  # (coefficient, sorted symbol names); a static dim n is (n, ())
 Elem = tuple  # (Sym | None, origin (ir.Value, axis) | None)
 
 _TRANSPARENT = {"Slice": (0,), "Gather": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Identity": (0,), "Cast": (0,),
-                "Concat": None, "Reshape": (0, 1), "Expand": (1,)}  # None: every input
+                "Concat": None, "Reshape": (0, 1), "Expand": (1,), "Where": (1, 2)}  # None: every input
 _BOOL = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not", "IsNaN", "IsInf"}
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater",
               "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "BitShift"}
@@ -141,8 +141,8 @@ class Shapes:
                 self._set(node.outputs[0], self.dims(node.inputs[0]))
             elif node.op_type in _BROADCAST and node.domain in ("", "ai.onnx"):
                 self._set(node.outputs[0], broadcast_dims([self.dims(v) for v in node.inputs if v is not None]))
-        except (TypeError, ValueError, IndexError, ZeroDivisionError):
-            pass
+        except Exception:  # noqa: BLE001 - a graph a handler cannot read: the shape comes from below
+            self._dims.pop(node.outputs[0], None)
         for value in node.outputs:
             declared = _from_ir(value.shape)
             got = self._dims.get(value)
