@@ -133,6 +133,7 @@ def test_matrix_sample(corpus, variant, column, tmp_path):
     check_cell(_run(corpus, variant, column, tmp_path))
 
 
+@pytest.mark.exhaustive
 @pytest.mark.slow
 @pytest.mark.parametrize(("variant", "column"), ALL, ids=[f"{v}-{c}" for v, c in ALL])
 def test_matrix_full(corpus, variant, column, tmp_path):

@@ -78,6 +78,7 @@ def test_exactness_in_sub_batches_scales_with_the_whole_batch(monkeypatch):
 BOUNDS = {"cleanup": 1.5, "prune(ratio=0.3)": 1.9, "int4": 1.8}
 
 
+@pytest.mark.exhaustive
 @pytest.mark.slow
 @pytest.mark.parametrize("passes", list(BOUNDS))
 def test_peak_rss_of_compile_on_a_1gb_external_data_model(tmp_path, passes):

@@ -70,6 +70,7 @@ def test_node_test_sample(pass_spec, node_tests, expected):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.exhaustive
 @pytest.mark.slow
 @pytest.mark.parametrize("pass_spec", conf.PASSES)
 def test_every_node_test(pass_spec, node_tests, expected):

@@ -63,6 +63,7 @@ def test_quick_tour_block(lang, code, tmp_path):
     _check(_run(lang, code, tmp_path, timeout=600), code)
 
 
+@pytest.mark.tour
 @pytest.mark.slow
 def test_quick_tour_real_models(tmp_path):
     for _, lang, code in (b for b in BLOCKS if b[0]):
