@@ -342,6 +342,8 @@ class _Work:
         path = self.tmp / f"{self._counter:03d}-{label.replace(' ', '_').replace('+', '')}.onnx"
         large = _large(proto)
         onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+        if large:  # save_model moved the weights out of the proto, in place: the quantizers read them from it
+            onnx.load_external_data_for_model(proto, str(self.tmp))
         return path
 
     def _static_ops(self, kinds: Sequence[str]) -> list[str]:
