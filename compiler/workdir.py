@@ -34,8 +34,9 @@ def root() -> Path:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputPathError(f"{ENV}={configured}: cannot create it ({exc.strerror}). Point it at a writable folder.") \
-                from None
+            raise OutputPathError(
+                f"{ENV}={configured}: cannot create it ({exc.strerror}). Point it at a writable folder."
+            ) from None
         return folder
     uid = os.getuid() if hasattr(os, "getuid") else 0
     folder = Path(tempfile.gettempdir()) / f"slimc-{uid}"

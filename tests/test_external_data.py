@@ -27,7 +27,8 @@ def mlp(dims=(32, 64, 64, 16)) -> onnx.ModelProto:
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         inits += [numpy_helper.from_array((RNG.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
                   numpy_helper.from_array(RNG.standard_normal(b).astype(np.float32) * 0.1, f"b{i}")]
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
         x = f"a{i}"
         if i < len(dims) - 2:
             nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))

@@ -201,7 +201,8 @@ def test_receipt_and_target_companions_over_input_files_are_refused(tmp_path, ca
     source = tmp_path / "in.onnx"
     onnx.save_model(tiny_cnn(0), str(source), save_as_external_data=True, location="weights.json", size_threshold=0)
     weights = (tmp_path / "weights.json").read_bytes()
-    assert main([str(source), "--passes", "cleanup", "--no-latency", "-q", "--receipt", str(tmp_path / "weights.json")]) == 2
+    args = [str(source), "--passes", "cleanup", "--no-latency", "-q", "--receipt", str(tmp_path / "weights.json")]
+    assert main(args) == 2
     assert "input model's file" in capsys.readouterr().err
     assert (tmp_path / "weights.json").read_bytes() == weights
     artifact = [tmp_path / "work.xml", tmp_path / "work.bin"]

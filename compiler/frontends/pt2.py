@@ -67,12 +67,14 @@ def _deserialize(path: Path):
     with package.PT2ArchiveReader(str(path)) as reader:
         version = reader.read_string(names.ARCHIVE_VERSION_PATH)
         if version != names.ARCHIVE_VERSION_VALUE:
-            raise ModelLoadError(f"{path}: archive version {version}, this PyTorch reads {names.ARCHIVE_VERSION_VALUE}. "
-                                 "Re-save it with this PyTorch version.")
+            raise ModelLoadError(f"{path}: archive version {version}, this PyTorch reads "
+                                 f"{names.ARCHIVE_VERSION_VALUE}. Re-save it with this PyTorch version.")
         files = set(reader.get_file_names())
         program_file = names.MODELS_FILENAME_FORMAT.format(PROGRAM)
         if program_file not in files:
-            raise ModelLoadError(f"{path} holds no exported program ({program_file}); it is not a torch.export.save archive.")
+            raise ModelLoadError(
+                f"{path} holds no exported program ({program_file}); it is not a torch.export.save archive."
+            )
         raw = pt2_safety.check_program_json(path, reader.read_bytes(program_file))
         raw["guards_code"] = []  # Python source; torch compiles it into a guard function
         state_dict = _tensors(path, reader, files, "weights", names.WEIGHTS_DIR,

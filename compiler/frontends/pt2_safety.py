@@ -123,8 +123,8 @@ def check_targets(path, program) -> None:
     allowed = {getattr(operator, n) for n in _SAFE_OPERATOR if hasattr(operator, n)}
     allowed |= {getattr(torch, n) for n in _SAFE_TORCH if hasattr(torch, n)}
     allowed |= {getattr(math, n) for n in dir(math) if not n.startswith("_") and callable(getattr(math, n))}
-    op_types = tuple(t for t in (getattr(torch._ops, "OpOverload", None), getattr(torch._ops, "HigherOrderOperator", None))
-                     if t is not None)
+    kinds = (getattr(torch._ops, "OpOverload", None), getattr(torch._ops, "HigherOrderOperator", None))
+    op_types = tuple(t for t in kinds if t is not None)
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         if not isinstance(graph, torch.fx.Graph):

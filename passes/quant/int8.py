@@ -372,8 +372,10 @@ class _Work:
     def _save(self, proto: onnx.ModelProto, label: str) -> Path:
         self._counter += 1
         path = self.tmp / f"{self._counter:03d}-{label.replace(' ', '_').replace('+', '')}.onnx"
-        large = proto.ByteSize() > 1_800_000_000 if proto.ByteSize() >= 0 else True
+        large = _large(proto)
         onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+        if large:  # save_model moved the weights out of the proto, in place: the quantizers read them from it
+            onnx.load_external_data_for_model(proto, str(self.tmp))
         return path
 
     def _static_ops(self, kinds: Sequence[str]) -> list[str]:
@@ -392,7 +394,7 @@ class _Work:
             extra.update(num_bins=2048 if self.opts.calibrate == "percentile" else 512)
         with progress.step("int8: instrumenting for calibration"):
             calibrator = create_calibrator(self.float_path, ops, augmented_model_path=str(self.tmp / "augmented.onnx"),
-                                           calibrate_method=method, use_external_data_format=self.proto.ByteSize() > 1_800_000_000,
+                                           calibrate_method=method, use_external_data_format=_large(self.proto),
                                            extra_options=extra)
         for batch in progress.bar(dataset, f"int8: calibrating ({self.opts.calibrate})", total=len(dataset), unit="batch"):
             try:
@@ -670,3 +672,15 @@ def _quantized_counts(proto: onnx.ModelProto) -> dict[str, int]:
         if key:
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def _large(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` must be saved with external data: over ~1.8 GB, or too big for protobuf
+    to size at all (``ByteSize`` raises EncodeError past 2 GB)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        size = proto.ByteSize()
+    except EncodeError:
+        return True
+    return size < 0 or size > 1_800_000_000
