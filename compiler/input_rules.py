@@ -14,8 +14,8 @@ synthetic data need, read only from the graph and its metadata:
   states in its metadata (``imgsz``, ``image_size``, ``img_size``, ``input_size``: one number or
   ``[h, w]``; YOLO exports write ``imgsz``), else `DEFAULT_IMAGE_SIZE` (224, the usual size of
   ImageNet-trained CNNs). ``--static-shapes`` overrides both (`pin_sizes`).
-- **Values**: an integer input compared with ``Equal`` against constants (a sample rate choosing
-  an ``If`` branch) takes one of those constants; an integer input that indexes a constant table
+- **Values**: an integer input compared with constants (``Equal``: a sample rate choosing an ``If``
+  branch; ``Greater``/``Less``/...: a threshold such as ``mode > 0``) takes one of those constants; an integer input that indexes a constant table
   (``Gather``) or feeds ``OneHot`` stays below the table's rows or the depth. An input that sets a
   shape, size, axis or count (``Reshape``'s shape, ``Resize``'s scales, ``Slice``'s steps...), any
   other 0-d integer (a setting whose valid values the graph does not show) and a string input
@@ -152,11 +152,15 @@ def _constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+_COMPARISONS = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual")
+
+
 def compared_constants(value: ir.Value) -> tuple[int, ...]:
-    """The constants an integer input is tested against with ``Equal`` (a mode or a sample rate)."""
+    """The constants an integer input is compared with (``Equal``: a mode or a sample rate; ``Greater``,
+    ``Less``...: a threshold, itself a value the graph handles, like ``mode > 0`` taking 0)."""
     found: list[int] = []
     for node, index in _uses(value):
-        if node.op_type != "Equal":
+        if node.op_type not in _COMPARISONS:
             continue
         other = _constant_array(node.inputs[1 - index])
         if other is not None and np.issubdtype(other.dtype, np.integer):

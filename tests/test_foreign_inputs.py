@@ -258,3 +258,23 @@ def test_paddle_ocr_classifier_reports_prunes_its_weights(tmp_path):
     before, after = result.receipt.before, result.receipt.after
     assert before["params"] > 100_000 and after["params"] < 0.9 * before["params"]
     assert after["macs"] < before["macs"] and before["macs_inputs"]["x"] == [1, 3, 224, 224]
+
+
+def test_a_0d_integer_compared_with_a_threshold_takes_the_threshold(tmp_path):
+    """``If(mode > 0)``: the graph handles the threshold itself, so synthetic data may feed it."""
+    from onnx import TensorProto, helper
+
+    branch = lambda name, k: helper.make_graph(  # noqa: E731
+        [helper.make_node("Mul", ["x", f"{name}_k"], [f"{name}_y"])], name, [],
+        [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.float32(k), f"{name}_k")])
+    nodes = [helper.make_node("Greater", ["mode", "zero"], ["on"]),
+             helper.make_node("If", ["on"], ["y"], then_branch=branch("a", 2.0), else_branch=branch("b", 3.0))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                                           helper.make_tensor_value_info("mode", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+                              [onnx.numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    path = tmp_path / "threshold.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = slimc.compile(str(path), "cleanup", measure_latency=False)
+    assert "mode int64 [] = 0" in result.receipt.fidelity["data"]
