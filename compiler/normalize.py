@@ -59,12 +59,24 @@ def infer_missing_shapes(model: ir.Model) -> bool:
         return False
     from onnx_ir.passes.common import ShapeInferencePass
 
+    # onnx_ir's merge writes an inferred sequence/optional as a tensor of its element type, which ONNX
+    # Runtime then refuses to load: such values keep the type they had (usually none).
+    kept = {v: v.type for node in model.graph.all_nodes() if node.op_type in _NON_TENSOR_OPS for v in node.outputs}
     try:
         ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     except Exception as exc:  # best effort: an analysis that needs shapes blocks with its own reason
         log.info("shape inference on load failed (%s); intermediate shapes stay unknown", exc)
         return False
+    finally:
+        for value, type_ in kept.items():
+            if value.type != type_:
+                value.type, value.shape = type_, None
     return True
+
+
+# Ops whose outputs are sequences or optionals, not tensors.
+_NON_TENSOR_OPS = ("SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase",
+                   "SequenceMap", "Optional")
 
 
 def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:

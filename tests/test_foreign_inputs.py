@@ -278,3 +278,21 @@ def test_a_0d_integer_compared_with_a_threshold_takes_the_threshold(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     result = slimc.compile(str(path), "cleanup", measure_latency=False)
     assert "mode int64 [] = 0" in result.receipt.fidelity["data"]
+
+
+def test_shapes_inferred_on_load_keep_sequence_values_sequences(tmp_path):
+    """A file without value_info whose graph holds a sequence (SplitToSequence -> SequenceAt, as the
+    unoptimised dynamo export of GPT-2 does): inferred types must not turn it into a tensor."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("SplitToSequence", ["r"], ["parts"], axis=1),
+             helper.make_node("SequenceAt", ["parts", "one"], ["p1"]), helper.make_node("Neg", ["p1"], ["a"]),
+             helper.make_node("Abs", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+                              [onnx.numpy_helper.from_array(np.array(1, np.int64), "one")])
+    path = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = slimc.compile(str(path), "cleanup", measure_latency=False)
+    result.save(tmp_path / "out.onnx")
+    ort.InferenceSession(str(tmp_path / "out.onnx"))
