@@ -295,7 +295,8 @@ class Int8(Pass):
             details: dict[str, Any] = {
                 "candidates": [{"name": c.name, "static": list(c.static), "dynamic": list(c.dynamic),
                                 "ms": round(times[c.name], 3), "speedup": round(speed[c.name], 3),
-                                **({"holdout": _summary(fidelity[c.name])} if c.name in fidelity else {})}
+                                **({"holdout": _summary(fidelity[c.name]), "loss": _loss(fidelity[c.name])}
+                                   if c.name in fidelity else {})}
                                for c in candidates],
                 "float_ms": round(times["float"], 3),
                 "chosen": chosen.name,
