@@ -51,18 +51,17 @@ REFUSALS: dict[tuple[str, str], str] = {
     # ORT's fused Attention has no pruning rule: nothing of the requested kind to prune (exit 2, reasons given).
     **{(f"{arch}/dynamo-noopt", "prune"): "nothing to prune" for arch in ("bert", "llama", "vit")},
     ("bert/ort-fused", "prune"): "nothing to prune",
+    # Models whose inputs slimc cannot invent: the recogniser needs 48-pixel-high text lines (224x224 breaks a
+    # Concat: --static-shapes x=1x3x48x320 or --eval), Silero an audio window of its own length (--eval).
+    ("paddle/ocr-rec", "*"): "synthetic inputs",
+    ("silero/*", "*"): "synthetic inputs",
+    # The If node has no pruning rule: both branches' MatMuls block (exit 2 with the reasons).
+    ("control-flow/*", "prune"): "nothing to prune",
     # ORT's fused ops: pnnx's ONNX Runtime has no com.microsoft domain; ExecuTorch has no lowering for them.
     ("*/ort-fused", "target:executorch"): "no torch lowering",
 }
 # Cells that fail today, each fixed on another branch (the reason names it).
-_INPUTS = "inputs branch: synthetic inputs for Paddle's dynamic image sizes and Silero's sample rate (issue 15)"
 PENDING: dict[tuple[str, str], str] = {
-    ("paddle/ocr-cls", "*"): _INPUTS,  # negative dims in synthetic inputs
-    ("paddle/ocr-rec", "target:openvino"): _INPUTS,  # 1x1 images: AvgPool kernel larger than the image
-    ("paddle/ocr-rec", "target:executorch"): _INPUTS,
-    ("silero/*", "*"): _INPUTS,
-    ("control-flow/*", "int8"): "inputs branch: a 0-d input in the latency guard's feed (issue 15)",
-    ("control-flow/*", "int4"): "inputs branch: a 0-d input in the latency guard's feed (issue 15)",
     # Not fixed on any branch yet (docs/support-matrix.md lists them): ORT's quantizer crashes on fused graphs.
     ("[bgv]*/ort-fused", "int8"): "bug: int8 on com.microsoft fused ops crashes in ORT's quantizer",
     ("gpt2/dynamo-noopt", "fp16"): "bug: fp16 writes a float16 tensor into a SequenceAt the checker rejects",
