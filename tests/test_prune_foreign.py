@@ -162,7 +162,10 @@ def test_prune_removes_macs_of_the_sdpa_export_and_runs_at_other_sizes(exports, 
     path = exports(arch, "sdpa_novi")
     result = slimc.compile(path, "prune(ratio=0.3)", measure_latency=False)
     sizes = {"batch": 1, "seq": 16}
-    before, after = count_macs(ir.load(path), sizes)[0], count_macs(result.model, sizes)[0]
+    from slimc import frontends
+
+    # both counted from shapes inferred on load (the file has no value_info to count from)
+    before, after = count_macs(frontends.load(path).model, sizes)[0], count_macs(result.model, sizes)[0]
     assert after <= 0.8 * before, (before, after)
     kinds = {p["kind"] for p in result.receipt.passes[0].details["groups_pruned"]}
     assert {"heads", "ffn"} <= kinds
