@@ -92,25 +92,6 @@ class NonFinite:
     total: int  # elements of that output over all batches
 
 
-def introduced_nonfinite(
-    reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], names: list[str]
-) -> NonFinite | None:
-    """The first output where ``candidate`` is NaN/inf at an element where ``reference`` is finite.
-
-    Non-finite values the reference already has are the model's own, not the pass's; outputs that
-    changed shape or are not floating are left to the other checks.
-    """
-    counts: dict[str, list[int]] = {}
-    for ref_batch, got_batch in zip(reference, candidate):
-        for name, ref, got in zip(names, ref_batch, got_batch):
-            if ref.shape != got.shape or not np.issubdtype(got.dtype, np.floating):
-                continue
-            bad = int(np.count_nonzero(~np.isfinite(got) & np.isfinite(ref)))
-            seen = counts.setdefault(name, [0, 0])
-            seen[0], seen[1] = seen[0] + bad, seen[1] + got.size
-    return next((NonFinite(n, c, t) for n, (c, t) in counts.items() if c), None)
-
-
 def runs_match(
     run_reference: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
     run_candidate: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
@@ -143,7 +124,7 @@ def compare_runs(
     atol: float = EXACT_ATOL,
 ) -> tuple[OutputDiff | None, NonFinite | None]:
     """Run both models side by side once: the exactness verdict (`runs_match`; None unless ``exact``)
-    and the first output the candidate made NaN/inf where the reference is finite (`introduced_nonfinite`)."""
+    and the first output the candidate made NaN/inf where the reference is finite (`NonFinite`; the model's own NaN/inf are not counted)."""
     from slimc.subbatch import RowBudget
 
     rows, worst = RowBudget(max_output_bytes), OutputDiff(0.0, 0.0, names[0] if names else "")
