@@ -93,10 +93,13 @@ class CompileResult:
             check_output_path(Path(path), self.loaded.source_paths)
             return save_onnx(self.model, path, protect=self.loaded.source_paths)
         target = targets.get(self.exported.target)
-        check_output_path(Path(path), self.loaded.source_paths, suffix=target.suffix)
-        from slimc.export import save_artifact
+        from slimc.export import save_artifact, save_folder
 
-        written = save_artifact(self.exported.files, Path(path), target.suffix, protect=self.loaded.source_paths)
+        if target.folder:
+            written = save_folder(self.exported.files, Path(path), protect=self.loaded.source_paths)
+        else:
+            check_output_path(Path(path), self.loaded.source_paths, suffix=target.suffix)
+            written = save_artifact(self.exported.files, Path(path), target.suffix, protect=self.loaded.source_paths)
         if self.receipt.target is not None:  # the receipt names the files as written, not as in the work folder
             self.receipt.target["files"] = [{"name": p.name, "bytes": p.stat().st_size} for p in written]
         return written
@@ -313,7 +316,7 @@ def _export(options, baseline: Stage, current: Stage, work: Path, evalset, loade
     names = [o.name for o in current.session.get_outputs()]
     return export(current.path, baseline_path if measure_latency else None, options, work, evalset=evalset,
                   task=loaded.task, inputs=loaded.inputs, reference_runs=(current.run, baseline.run),
-                  output_names=names, threads=threads, measure_latency=measure_latency)
+                  output_names=names, threads=threads, measure_latency=measure_latency, loaded=loaded)
 
 
 def _copy_if_ir(model: Any) -> Any:

@@ -203,17 +203,20 @@ def export(
     threads: int | None = None,
     measure_latency: bool = True,
     stem: str = "model",
+    loaded: Any = None,
 ) -> Exported:
     """Convert ``prepared_path`` for ``options.target``, load it in the target runtime and verify it.
 
     ``reference_runs``: (run the prepared ONNX in ORT, run the input model in ORT), each
     ``batch -> outputs``. ``baseline_path``: the input model prepared the same way, converted
-    too for a latency ratio in the target runtime (None: no ratio).
+    too for a latency ratio in the target runtime (None: no ratio). ``loaded``: the `LoadedModel`,
+    for targets that write more than the graph (genai: the tokenizer and the model's config).
     """
     from slimc.evaluate import Fidelity
 
     target = registry.get(options.target)
     target.require()
+    target.use_source(loaded)
     proto = onnx.load(str(prepared_path), load_external_data=False)
     bad = target.unsupported(proto)
     if bad:
@@ -273,18 +276,22 @@ def _latency(target, runner, baseline_path, out_dir: Path, evalset, options: Exp
 
     batch = next(iter(evalset))
     single = latency_feed(batch, inputs, options.batch_size)
-    calls = {"after": runner.bind(single)}
+    calls, runners = {"after": runner.bind(single)}, {"after": runner}
     if baseline_path is not None:
         base_dir = out_dir / "baseline"
         base_dir.mkdir()
         try:
             base = target.load(target.convert(baseline_path, base_dir, "baseline"), threads,
                                onnx.load(str(baseline_path), load_external_data=False))
-            calls = {"before": base.bind(single), **calls}
+            calls, runners = {"before": base.bind(single), **calls}, {"before": base, **runners}
         except TargetError as exc:
             return {"error": f"the input model does not convert for {target.name}: {exc}"}
     stats = interleaved(calls, desc=f"latency in {runner.runtime}")
-    return comparison(stats, single, machine_description(threads).split(", onnxruntime")[0] + f", {runner.runtime}")
+    result = comparison(stats, single, machine_description(threads).split(", onnxruntime")[0] + f", {runner.runtime}")
+    if runner.decode is not None:  # a generating runtime: what a user of it waits for
+        with progress.step(f"timing decoding in {runner.runtime}"):
+            result["decode"] = registry.decode_latency(runners, np.asarray(single["input_ids"])[0])
+    return result
 
 
 def check_batch_fits(batch: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]] | None) -> None:
@@ -337,3 +344,57 @@ def save_artifact(files: Sequence[Path], path: Path, suffix: str, protect: Seque
             with contextlib.suppress(OSError):
                 shutil.rmtree(tmpdir)
 
+
+
+def check_folder_output(path: Path, protect: Sequence[Path] = ()) -> None:
+    """``-o DIR`` of a folder target: a new folder, an empty one, or one this target wrote before
+    (it holds ``marker``); never the input's folder, one inside it, or one that holds an input file."""
+    from slimc.onnx_io import check_output_path
+
+    path = Path(path)
+    check_output_path(path, tuple(protect), suffix=path.suffix)
+    resolved = path.resolve()
+    for src in protect:
+        if resolved in Path(src).resolve().parents:
+            raise OutputPathError(f"output folder {path} holds the input model's file {src}; replacing it would delete "
+                                  "the input. Choose another output folder.")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"output {path} is a file; the genai target writes a folder. Choose a folder path.")
+    if path.is_dir() and any(path.iterdir()) and not (path / "genai_config.json").is_file():
+        raise OutputPathError(f"output folder {path} is not empty and is not a folder slimc wrote (no genai_config.json); "
+                              "slimc replaces an output folder whole, so choose a new or empty folder.")
+
+
+def save_folder(files: Sequence[Path], path: Path, protect: Sequence[Path] = ()) -> list[Path]:
+    """Copy the artifact's files into a partial folder beside ``path``, then swap it in for ``path``.
+
+    Under the folder lock the old folder (if any) is renamed aside and the new one renamed in, so
+    ``path`` is at every moment either the old folder whole, absent, or the new one whole.
+    """
+    import os
+
+    from slimc import atomic
+
+    path = Path(path)
+    check_folder_output(path, protect)
+    tmpdir = old = None
+    try:
+        tmpdir = atomic.partial_dir(path.parent)
+        for f in files:
+            shutil.copyfile(f, tmpdir / f.name)
+        atomic.follow_umask(*(tmpdir / f.name for f in files))
+        os.chmod(tmpdir, 0o777 & ~atomic.umask())
+        with atomic.folder_lock(path.parent):
+            if path.exists():
+                old = atomic.partial_dir(path.parent)
+                os.replace(path, old / path.name)
+            os.replace(tmpdir, path)
+            tmpdir = None
+        return [path / f.name for f in files]
+    except OSError as exc:
+        raise OutputPathError(f"could not write {path}: {exc.strerror or exc}") from None
+    finally:
+        for leftover in (tmpdir, old):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(leftover)

@@ -63,7 +63,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes")
     p.add_argument("--target", help="also export for a runtime and run it there: onnx (default), ort-mobile, openvino, "
-                   "ncnn, tflite, executorch; -o then names the artifact (.onnx, .ort, .xml, .param, .tflite, .pte)")
+                   "ncnn, tflite, executorch, genai; -o then names the artifact (.onnx, .ort, .xml, .param, .tflite, .pte; "
+                   "a folder for genai: ONNX Runtime GenAI's model folder)")
     p.add_argument("--opset", type=_positive_int, help="convert the output to this ONNX opset (ONNX's version converter)")
     p.add_argument("--static-shapes", help="pin input shapes, e.g. pixel_values=1x3x224x224 or input_ids=1x128,attention_mask=1x128")
     p.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
@@ -134,12 +135,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     suffix = ".onnx"
     if args.backend == "triton" and args.output is not None and args.output.suffix != ".onnx":
         suffix = ".pt2"
+    folder = False
     if args.target is not None:
         from slimc.backends import targets
 
-        suffix = targets.get(args.target).suffix
+        suffix, folder = targets.get(args.target).suffix, targets.get(args.target).folder
     if args.output is not None:
-        check_output_path(args.output, (source,), suffix=suffix)
+        if folder:
+            from slimc.export import check_folder_output
+
+            check_folder_output(args.output, (source,))
+        else:
+            check_output_path(args.output, (source,), suffix=suffix)
         from slimc.atomic import clean_stale
 
         clean_stale(args.output.resolve().parent)  # partial files of killed runs, at this run's start

@@ -36,6 +36,7 @@ TARGETS: dict[str, str] = {
     "ncnn": "slimc.backends.targets.ncnn_target:NcnnTarget",
     "tflite": "slimc.backends.targets.tflite_target:TfliteTarget",
     "executorch": "slimc.backends.targets.executorch_target:ExecuTorchTarget",
+    "genai": "slimc.backends.targets.genai_target:GenAiTarget",
 }
 # Asked for by users and planned, not available yet: the reason is the error.
 NOT_YET: dict[str, str] = {}
@@ -71,6 +72,9 @@ class Runner:
     run: Callable[[Batch], list[np.ndarray]]
     bind: Callable[[Batch], Callable[[], Any]]
     runtime: str  # "openvino 2025.1.0", ...
+    # A generating runtime: ``decode(prompt_ids, new_tokens)`` -> (seconds to the first token, seconds
+    # per later token), greedy, never stopping early (`decode_latency` times it).
+    decode: Callable[[np.ndarray, int], tuple[float, float]] | None = None
 
 
 class Target:
@@ -78,6 +82,7 @@ class Target:
 
     name: str = ""
     suffix: str = ""  # the main file's suffix, which ``-o`` must end in
+    folder: bool = False  # the artifact is a folder: ``-o`` names the folder (see `slimc.export.save_folder`)
     extra: str = ""  # pip extra: pip install "slimc[extra]"
     modules: tuple[str, ...] = ()  # import names the extra provides
 
@@ -99,6 +104,9 @@ class Target:
         if found is None:
             raise MissingExtraError(f"target {self.name!r}: the {name} command is not on PATH; install it with: {self.install}.")
         return found
+
+    def use_source(self, loaded: Any) -> None:
+        """The `LoadedModel` compiled, for targets that need more than the graph (a tokenizer, a config)."""
 
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         """{op_type: why} for the ops of ``proto`` this target cannot represent (checked before converting)."""
@@ -193,3 +201,27 @@ def describe_unsupported(target: str, ops: dict[str, str]) -> str:
     listed = "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
     return (f"target {target!r} cannot represent {len(ops)} op type(s) of this model: {listed}. Nothing was written. "
             "Exclude the pass that introduced them, or choose another target (--target onnx always works).")
+
+
+def decode_latency(runners: Mapping[str, Runner], prompt: np.ndarray, new_tokens: int = 32,
+                   rounds: int = 3) -> dict[str, Any]:
+    """Time to first token and decode tokens/s of each runner that decodes, rounds interleaved, medians."""
+    decoding = {name: r for name, r in runners.items() if r.decode is not None}
+    for runner in decoding.values():  # warm-up: first-run allocations are not the model's speed
+        runner.decode(prompt, 2)
+    first: dict[str, list[float]] = {name: [] for name in decoding}
+    per_token: dict[str, list[float]] = {name: [] for name in decoding}
+    for _ in range(rounds):
+        for name, runner in decoding.items():
+            ttft, step = runner.decode(prompt, new_tokens)
+            first[name].append(ttft)
+            per_token[name].append(step)
+    out: dict[str, Any] = {"prompt_tokens": int(len(prompt)), "new_tokens": new_tokens, "rounds": rounds}
+    for name in decoding:
+        out[name] = {"ttft_ms": round(float(np.median(first[name])) * 1e3, 3),
+                     "decode_tokens_per_s": round(1.0 / max(float(np.median(per_token[name])), 1e-9), 2),
+                     "decode_tokens_per_s_range": [round(1.0 / max(v, 1e-9), 2) for v in
+                                                   (max(per_token[name]), min(per_token[name]))]}
+    if "before" in out and "after" in out:
+        out["decode_speedup"] = round(out["after"]["decode_tokens_per_s"] / out["before"]["decode_tokens_per_s"], 3)
+    return out
