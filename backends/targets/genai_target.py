@@ -159,7 +159,10 @@ class GenAiRunner:
         for prompt in prompts(batch):
             gen = self.generator(prompt)
             gen.append_tokens(prompt)
-            per_sample.append([np.asarray(gen.get_output(name))[:, :heads] for name, heads in zip(self.names, self.heads)])
+            # a shared past/present buffer (GroupQueryAttention) is max_length long: the prompt's part is the output
+            per_sample.append([np.asarray(gen.get_output(name))[:, :heads, :len(prompt)] if heads is not None
+                               or is_cache_output(name) else np.asarray(gen.get_output(name))
+                               for name, heads in zip(self.names, self.heads)])
         return [np.concatenate(parts, axis=0) for parts in zip(*per_sample)]
 
     def bind(self, batch: dict[str, np.ndarray]):
@@ -199,7 +202,7 @@ def check_interface(proto: onnx.ModelProto) -> None:
     """A causal LM with slimc's KV-cache interface, or a `TargetError` that says what is missing."""
     model = ir.serde.deserialize_model(_io_only(proto))
     names_in = {v.name for v in model.graph.inputs}
-    names_out = {v.name for v in model.graph.outputs}
+    names_out = {v.name for v in proto.graph.output}
     if "input_ids" not in names_in or "logits" not in names_out:
         raise TargetError("target 'genai' runs causal language models (inputs input_ids, outputs logits); this model "
                           f"takes {sorted(names_in)} and returns {sorted(names_out)}. Use --target onnx for it.")
@@ -215,17 +218,17 @@ def check_interface(proto: onnx.ModelProto) -> None:
         raise TargetError(f"target 'genai': the graph takes past tensors but does not return "
                           f"{', '.join(sorted(spec.output_names - names_out))}.")
     ids = next(v for v in model.graph.inputs if v.name == "input_ids")
-    if ids.shape is not None and any(isinstance(d, int) for d in ids.shape):
+    if ids.shape is not None and len(ids.shape) == 2 and isinstance(ids.shape[1], int):
         raise TargetError(f"target 'genai': input_ids has static dims {ids.shape}; the runtime feeds prompts of any "
                           "length and then one token at a time. Drop --static-shapes for this target.")
 
 
 def _io_only(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph's inputs and outputs without nodes or weights (cheap to read the interface)."""
+    """The graph's inputs alone, without nodes or weights (cheap to read the cache interface from;
+    outputs left out, as nothing produces them in this copy)."""
     slim = onnx.ModelProto(ir_version=proto.ir_version)
     slim.opset_import.extend(proto.opset_import)
     slim.graph.input.extend(proto.graph.input)
-    slim.graph.output.extend(proto.graph.output)
     return slim
 
 
