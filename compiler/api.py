@@ -134,7 +134,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     tensors (see `slimc.data.load`). Without ``evaluation`` fidelity is measured on synthetic
     inputs and the receipt says so.
 
-    ``target`` (``onnx``, ``ort-mobile``, ``openvino``, ``ncnn``, ``tflite``, ``executorch``): also
+    ``target`` (``onnx``, ``ort-mobile``, ``openvino``, ``ncnn``, ``tflite``, ``executorch``, ``genai``): also
     convert the result for that runtime, run it there on the evaluation data and time it
     (`slimc.export`); ``result.save`` then writes the artifact. ``opset`` converts the ONNX
     opset; ``static_shapes`` (``{"input_ids": (1, 128)}`` or ``"input_ids=1x128"``) pins inputs.
