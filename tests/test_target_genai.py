@@ -191,3 +191,38 @@ def test_save_folder_replaces_its_own_folder_and_protects_others(tmp_path):
     save_folder(exported.files, out, loaded.source_paths)  # a folder it wrote: replaced whole
     assert not (out / "stale.bin").exists() and (out / "genai_config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".slimc-")]
+
+
+@pytest.mark.slow
+def test_a_genai_builder_folder_compiles_as_a_user_onnx(tmp_path):
+    """The GenAI model builder's fp32 output (GroupQueryAttention, shared past/present buffer, head size
+    left symbolic in the graph) read as a user's .onnx with its genai_config.json and tokenizer beside it."""
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    hf = tmp_path / "hf"
+    tok = tokenizer(hf)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf)
+    built = tmp_path / "built"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "tiny", "-i", str(hf), "-o",
+                    str(built), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache")], check=True, capture_output=True)
+    session = ort.InferenceSession(str(built / "model.onnx"))
+    ids = np.random.default_rng(0).integers(3, len(tok) - 3, (2, 16))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feed.update({v.name: np.zeros((2, 2, 0, 16), np.float32) for v in session.get_inputs() if "past" in v.name})
+    exported, _ = _export(built / "model.onnx", tmp_path / "work", evalset=[feed])
+    assert exported.report["fidelity_vs_onnx"]["max_abs_error"] < 1e-4
+    written = json.loads((tmp_path / "work" / "target-genai" / "genai_config.json").read_text())
+    original = json.loads((built / "genai_config.json").read_text())
+    assert written["search"]["past_present_share_buffer"] is True  # GroupQueryAttention shares the buffer
+    for key in ("head_size", "num_key_value_heads", "num_hidden_layers", "num_attention_heads", "hidden_size"):
+        assert written["model"]["decoder"][key] == original["model"]["decoder"][key], key
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id", "context_length", "vocab_size", "type"):
+        assert written["model"][key] == original["model"][key], key

@@ -49,6 +49,7 @@ class GenAiTarget(Target):
 
     def __init__(self) -> None:
         self.loaded: Any = None
+        self.config: dict[str, Any] | None = None
 
     def use_source(self, loaded: Any) -> None:
         self.loaded = loaded
@@ -79,7 +80,9 @@ class GenAiTarget(Target):
         _pad_heads(model, spec)
         _renumber(model, order)
         spec = cache_spec(model)
-        config = genai_config.source_config(self.loaded)
+        if self.config is None:  # read once: the input model's folder is converted with the same facts
+            self.config = genai_config.source_config(self.loaded)
+        config = self.config
         tokenizer = getattr(self.loaded, "tokenizer", None)
         document = genai_config.build(model, spec, config, tokenizer, "model.onnx")
         files = save_onnx(model, out_dir / "model.onnx", external_data=True)
