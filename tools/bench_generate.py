@@ -179,22 +179,29 @@ def machine() -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """The Markdown table of a run (variants that failed say why)."""
-    rows = ["| variant | decode tokens/s (range) | vs builder | time to first token | size | perplexity |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| variant | decode tokens/s (range) | vs builder | time to first token | size | perplexity | "
+            "greedy tokens = builder's |", "|---|---:|---:|---:|---:|---:|---:|"]
     measured = results["variants"]
     for name in results["order"]:
         entry = measured.get(name)
         if entry is None or "error" in entry:
             why = (entry or {}).get("error", "not measured")
-            rows.append(f"| {name} | not measured: {why} | | | | |")
+            rows.append(f"| {name} | not measured: {why} | | | | | |")
             continue
         peer = measured.get("builder-" + name.split("-", 1)[1], {})
         ratio = (f"{entry['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}×"
                  if "decode_tokens_per_s" in peer else "")
         low, high = entry["decode_tokens_per_s_range"]
+        same = _common_prefix(entry["greedy_tokens"], peer["greedy_tokens"]) if "greedy_tokens" in peer else None
+        agree = "" if same is None or peer is entry else f"{same}/{len(entry['greedy_tokens'])}"
         rows.append(f"| {name} | {entry['decode_tokens_per_s']:.1f} ({low:.1f}–{high:.1f}) | {ratio} | "
-                    f"{entry['ttft_ms']:.0f} ms | {entry['bytes'] / 1e6:.1f} MB | {entry['perplexity']:.2f} |")
+                    f"{entry['ttft_ms']:.0f} ms | {entry['bytes'] / 1e6:.1f} MB | {entry['perplexity']:.2f} | {agree} |")
     return "\n".join(rows)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens two variants share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main(argv: list[str] | None = None) -> int:
