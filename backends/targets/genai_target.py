@@ -87,9 +87,9 @@ class GenAiTarget(Target):
         document = genai_config.build(model, spec, config, tokenizer, "model.onnx")
         files = save_onnx(model, out_dir / "model.onnx", external_data=True)
         (out_dir / "genai_config.json").write_text(json.dumps(document, indent=4) + "\n")
-        return files + [out_dir / "genai_config.json"] + self._tokenizer_files(out_dir, config)
+        return files + [out_dir / "genai_config.json"] + self._tokenizer_files(out_dir)
 
-    def _tokenizer_files(self, out_dir: Path, config: dict[str, Any]) -> list[Path]:
+    def _tokenizer_files(self, out_dir: Path) -> list[Path]:
         """The tokenizer's files: saved from the loaded tokenizer, or copied from beside an ONNX input."""
         tokenizer = getattr(self.loaded, "tokenizer", None)
         paths = tuple(getattr(self.loaded, "source_paths", ()) or ())
@@ -133,7 +133,6 @@ class GenAiRunner:
         # the folder's output names, in the source's order (cache layers renumbered 0..n-1)
         self.names = [f"present.{renamed[int(n.split('.')[1])]}.{n.split('.')[2]}" if is_cache_output(n) else n
                       for n in self.outputs]
-        # a layer padded to more KV heads (`_pad_heads`) is cut back to its own heads: the source's interface
         self.heads = [_static_dim(o, 1) if is_cache_output(o.name) else None for o in source.graph.output]
 
     def runner(self, runtime: str) -> Runner:
@@ -162,10 +161,7 @@ class GenAiRunner:
         for prompt in prompts(batch):
             gen = self.generator(prompt)
             gen.append_tokens(prompt)
-            # a shared past/present buffer (GroupQueryAttention) is max_length long: the prompt's part is the output
-            per_sample.append([np.asarray(gen.get_output(name))[:, :heads, :len(prompt)] if heads is not None
-                               or is_cache_output(name) else np.asarray(gen.get_output(name))
-                               for name, heads in zip(self.names, self.heads)])
+            per_sample.append([_output(gen, name, heads, len(prompt)) for name, heads in zip(self.names, self.heads)])
         return [np.concatenate(parts, axis=0) for parts in zip(*per_sample)]
 
     def bind(self, batch: dict[str, np.ndarray]):
@@ -175,6 +171,14 @@ class GenAiRunner:
             self.generator(prompt).append_tokens(prompt)
 
         return prefill
+
+
+def _output(gen: Any, name: str, heads: int | None, length: int) -> np.ndarray:
+    """One output after a prompt. A present tensor is cut to the source's interface: a layer padded to
+    more KV heads (`_pad_heads`) back to its heads, a shared past/present buffer (GroupQueryAttention,
+    max_length long) to the prompt's positions."""
+    out = np.asarray(gen.get_output(name))
+    return out[:, :heads, :length] if is_cache_output(name) else out
 
 
 def _static_dim(value: onnx.ValueInfoProto, axis: int) -> int | None:
