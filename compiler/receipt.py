@@ -188,7 +188,21 @@ def _target_lines(t: dict[str, Any] | None) -> list[str]:
                          f"result {after:.2f} ms ({lat['speedup']:.2f}x{noise}); {lat['machine']}")
         else:
             lines.append(f"    latency in {t['runtime']} ({lat['feed']}): {after:.2f} ms; {lat['machine']}")
+        if lat.get("decode"):
+            lines.append(_target_decode_line(lat["decode"]))
     return lines
+
+
+def _target_decode_line(d: dict[str, Any]) -> str:
+    """A generating target's decode speed: tokens/s (range over rounds) and time to first token."""
+    def one(m):
+        low, high = m["decode_tokens_per_s_range"]
+        return f"{m['decode_tokens_per_s']:.1f} tokens/s ({low:.1f}-{high:.1f}), first token {m['ttft_ms']:.1f} ms"
+
+    parts = [f"input model {one(d['before'])}"] if "before" in d else []
+    parts.append(f"result {one(d['after'])}" + (f" ({d['decode_speedup']:.2f}x)" if "decode_speedup" in d else ""))
+    return (f"    decoding ({d['prompt_tokens']}-token prompt, {d['new_tokens']} greedy tokens, {d['rounds']} rounds): "
+            + "; ".join(parts))
 
 
 def _backend_lines(b: dict[str, Any] | None) -> list[str]:

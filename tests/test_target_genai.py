@@ -91,6 +91,9 @@ def test_folder_loads_in_genai_and_generates_as_the_graph(tmp_path):
     assert report["runtime"].startswith("onnxruntime-genai")
     decode = report["latency"]["decode"]
     assert decode["after"]["decode_tokens_per_s"] > 0 and decode["before"]["ttft_ms"] > 0
+    from slimc.receipt import _target_lines
+
+    assert any(line.strip().startswith("decoding (20-token prompt, 32 greedy tokens") for line in _target_lines(report))
     written = save_folder(exported.files, tmp_path / "out", loaded.source_paths)
     names = {p.name for p in written}
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
