@@ -36,8 +36,20 @@ SEARCH_DEFAULTS = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping
 
 def source_config(loaded: Any) -> dict[str, Any]:
     """The model's configuration as one flat dict: config.json with generation_config.json over it
-    (a Hugging Face folder or GGUF), or the ``model`` section of a genai_config.json beside an ONNX file."""
-    paths = tuple(getattr(loaded, "source_paths", ()) or ())
+    (a Hugging Face folder or GGUF), or the ``model`` section of a genai_config.json beside an ONNX file;
+    the token ids, context length and type the front end resolved (``loaded.generation``) over it."""
+    config = _file_config(tuple(getattr(loaded, "source_paths", ()) or ()))
+    info = getattr(loaded, "generation", None)  # what the front end resolved for generation wins
+    if info is not None:
+        for ours, theirs in (("bos_token_id", "bos_token_id"), ("pad_token_id", "pad_token_id"),
+                             ("max_position_embeddings", "context_length"), ("model_type", "model_type"),
+                             ("vocab_size", "vocab_size"), ("eos_token_id", "eos_token_ids")):
+            if getattr(info, theirs, None) not in (None, []):
+                config[ours] = getattr(info, theirs)
+    return config
+
+
+def _file_config(paths: tuple) -> dict[str, Any]:
     if not paths:
         return {}
     path = Path(paths[0])
