@@ -229,3 +229,52 @@ def test_a_genai_builder_folder_compiles_as_a_user_onnx(tmp_path):
         assert written["model"]["decoder"][key] == original["model"]["decoder"][key], key
     for key in ("eos_token_id", "bos_token_id", "pad_token_id", "context_length", "vocab_size", "type"):
         assert written["model"][key] == original["model"][key], key
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny random Llama (GQA: 4 query heads, 2 KV heads) as a Hugging Face folder with a BPE tokenizer."""
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("genai-llama")
+    folder = root / "llama"
+    tok = tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      initializer_range=0.2, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()[:3000]
+    (root / "text.txt").write_text(text)
+    return folder, root / "text.txt"
+
+
+@pytest.mark.parametrize("passes", ["cleanup", "int4(method=rtn,block_size=32,force=true)"])
+def test_cli_writes_a_genai_folder_from_slimcs_cached_export(llama_folder, tmp_path, passes, capsys):
+    """slimc's own KV-cache export of a Hugging Face folder -> ``--target genai -o DIR`` -> og.Generator;
+    with ``cleanup`` the tokens are transformers' generate() on the same weights."""
+    import torch
+    import transformers
+
+    from slimc.tools.cli import main
+
+    folder, text = llama_folder
+    out = tmp_path / "out"
+    assert main([str(folder), "--passes", passes, "--target", "genai", "-o", str(out), "--eval", str(text),
+                 "--seq-len", "16", "--no-latency", "--receipt", str(tmp_path / "r.json")]) == 0
+    assert f"wrote {out / 'model.onnx'}" in capsys.readouterr().out
+    receipt = json.loads((tmp_path / "r.json").read_text())
+    assert receipt["target"]["fidelity_vs_onnx"]["max_abs_error"] < 1e-3
+    config = json.loads((out / "genai_config.json").read_text())["model"]
+    assert (config["type"], config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]) == ("llama", 2, 8)
+    model = og.Model(str(out))
+    prompt = og.Tokenizer(model).encode("slimc compiles models").astype(np.int64)
+    tokens = _greedy_og(out, prompt, 10)
+    if passes == "cleanup":
+        reference = transformers.LlamaForCausalLM.from_pretrained(folder)
+        expected = reference.generate(torch.tensor(prompt[None]), max_new_tokens=10, min_new_tokens=10,
+                                      do_sample=False)[0, len(prompt):].tolist()
+        assert tokens == expected
+    else:
+        assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
