@@ -345,10 +345,9 @@ def save_artifact(files: Sequence[Path], path: Path, suffix: str, protect: Seque
                 shutil.rmtree(tmpdir)
 
 
-
 def check_folder_output(path: Path, protect: Sequence[Path] = ()) -> None:
-    """``-o DIR`` of a folder target: a new folder, an empty one, or one this target wrote before
-    (it holds ``marker``); never the input's folder, one inside it, or one that holds an input file."""
+    """``-o DIR`` of a folder target: a new folder, an empty one, or a genai folder (it holds
+    ``genai_config.json``), replaced whole; never the input's folder, one inside it, or one that holds an input file."""
     from slimc.onnx_io import check_output_path
 
     path = Path(path)
