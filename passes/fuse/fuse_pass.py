@@ -24,7 +24,7 @@ import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
 from slimc.errors import PassConfigError
 from slimc.onnx_io import copy_model
-from slimc.passes.fuse import norms, rotary
+from slimc.passes.fuse import norms, rotary, selfcheck
 from slimc.passes.fuse.match import NoMatch
 from slimc.passes.quant import common
 from slimc.pipeline import Pass, PassContext, PassReport
@@ -64,6 +64,7 @@ class Fuse(Pass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         start = time.perf_counter()
+        self.exact = True
         work = copy_model(model)
         graph = work.graph
         counts: Counter = Counter()
@@ -81,13 +82,18 @@ class Fuse(Pass):
         if any(n.domain == MS_DOMAIN for n in graph):
             graph.opset_imports.setdefault(MS_DOMAIN, 1)
         ir.passes.common.TopologicalSortPass()(work)
+        checked = selfcheck.check(model, work, ctx)
+        self.exact = checked is None  # the pipeline compares exactly only where int8 activation rounding is absent
         common.replace_in_place(model, work)
         fused = {k: v for k, v in counts.items() if v}
         summary = ", ".join(f"{n} {op}" for op, n in fused.items()) + f" ({removed} nodes removed)"
         if left:
             summary += f"; {len(left)} candidate(s) left alone (see left_alone)"
+        if checked:
+            summary += f"; {checked}"
         return PassReport(name=self.name, modified=True, summary=summary, seconds=time.perf_counter() - start,
-                          details={"fused": fused, "nodes_removed": removed, "left_alone": len(left)}, left_alone=left)
+                          details={"fused": fused, "nodes_removed": removed, "left_alone": len(left), "exactness": checked},
+                          left_alone=left)
 
     def _norms(self, graph: ir.Graph, counts: Counter, left: list) -> list[ir.Node]:
         replaced = []
