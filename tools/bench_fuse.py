@@ -2,7 +2,8 @@
 
 Run::
 
-    python -m slimc.tools.bench_fuse [--models tiny,smollm2] [--seq 64] [--threads N] [--out results.json]
+    python -m slimc.tools.bench_fuse [--models tiny,smollm2] [--seq 64] [--threads N] [--repeats 30] [--budget 120]
+                                     [--out results.json]
 
 Models: ``tiny`` is a random-weight Llama (transformers ``LlamaConfig``: hidden 256, 4 layers,
 8 query / 2 KV heads, vocab 4096, tied embeddings) saved to a temporary HF folder and loaded by
@@ -100,7 +101,7 @@ def feeds(loaded, seq: int) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def bench(name: str, seq: int, threads: int | None) -> dict:
+def bench(name: str, seq: int, threads: int | None, repeats: int = 30, budget_s: float = 120) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-fuse-") as tmp_name:
         tmp = Path(tmp_name)
         loaded = load(name, tmp)
@@ -114,7 +115,7 @@ def bench(name: str, seq: int, threads: int | None) -> dict:
         sessions = {v: ort_backend.create_session(tmp / v.replace("+", "_") / "model.onnx", threads) for v in VARIANTS}
         for label, feed in feeds(loaded, seq).items():
             calls = {v: (lambda s=s: s.run(None, feed)) for v, s in sessions.items()}
-            stats = interleaved(calls, repeats=30, rounds=5, budget_s=120, desc=f"{name} {label}")
+            stats = interleaved(calls, repeats=repeats, rounds=5, budget_s=budget_s, desc=f"{name} {label}")
             for v, st in stats.items():
                 result["variants"][v][f"{label}_ms"] = st.to_json()
         result["machine"] = ort_backend.machine_description(threads)
@@ -138,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per variant and feed (interleaved in 5 rounds)")
+    parser.add_argument("--budget", type=float, default=120, help="seconds of timing per feed at most")
     args = parser.parse_args(argv)
-    results = [bench(m.strip(), args.seq, args.threads) for m in args.models.split(",") if m.strip()]
+    results = [bench(m.strip(), args.seq, args.threads, args.repeats, args.budget) for m in args.models.split(",") if m.strip()]
     print(markdown(results, args.seq))
     for r in results:
         print(f"{r['model']}: ORT's own optimizer makes {r['ort_own_simplified_layernorm_in_float']} "
