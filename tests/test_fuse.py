@@ -143,8 +143,8 @@ def test_intermediate_read_elsewhere_is_left_alone():
     assert not report.modified and "graph output" in report.left_alone[0][1]
 
 
-def _rotary_model(half: int, d: int = 8):
-    """transformers' apply_rotary_pos_emb on q [b, 2, s, d] with angles from a float position input [1, s, 1]."""
+def _rotary_model(half: int, d: int = 8, pos_batch="1"):
+    """transformers' apply_rotary_pos_emb on q [b, 2, s, d] with angles from a float position input [1 or b, s, 1]."""
     inits = {"inv_freq": (1.0 / 10000 ** (np.arange(0, d, 2) / d)).astype(np.float32), "ax1": np.array([1], np.int64),
              "lo": np.array([0], np.int64), "mid": np.array([half], np.int64), "hi": np.array([2**62], np.int64),
              "last": np.array([-1], np.int64)}
@@ -158,18 +158,20 @@ def _rotary_model(half: int, d: int = 8):
              helper.make_node("Mul", ["q", "c"], ["qc"]), helper.make_node("Mul", ["rot", "sn"], ["rs"]),
              helper.make_node("Add", ["qc", "rs"], ["out"])]
     return _model(nodes, [helper.make_tensor_value_info("q", F, ["b", 2, "s", d]),
-                          helper.make_tensor_value_info("pos", F, [1, "s", 1])],
+                          helper.make_tensor_value_info("pos", F, [1 if pos_batch == "1" else "b", "s", 1])],
                   [helper.make_tensor_value_info("out", F, ["b", 2, "s", d])], inits)
 
 
-def test_rotary_becomes_rotary_embedding(tmp_path):
-    loaded, model, report = _apply(_rotary_model(4))
+@pytest.mark.parametrize("pos_batch", ["1", "b"])
+def test_rotary_becomes_rotary_embedding(pos_batch, tmp_path):
+    """Positions shared by the batch (no-cache export) or per row (a position_ids input, KV-cache export)."""
+    loaded, model, report = _apply(_rotary_model(4, pos_batch=pos_batch))
     assert report.details["fused"] == {"RotaryEmbedding": 1}
     assert not {"Neg", "Slice", "Unsqueeze"} & set(_ops(model))
     rng = np.random.default_rng(3)
-    feed = {"q": rng.standard_normal((2, 2, 5, 8)).astype(np.float32),
-            "pos": (np.arange(5, dtype=np.float32) + 7).reshape(1, 5, 1)}  # an offset: positions 7..11
-    _same(loaded, model, feed, tmp_path)
+    pos = np.arange(5, dtype=np.float32) + 7  # an offset: positions 7..11 (a past of 7 tokens)
+    pos = pos.reshape(1, 5, 1) if pos_batch == "1" else np.stack([pos, pos + 3]).reshape(2, 5, 1)
+    _same(loaded, model, {"q": rng.standard_normal((2, 2, 5, 8)).astype(np.float32), "pos": pos}, tmp_path)
 
 
 def test_partial_rotary_is_left_alone():

@@ -107,8 +107,9 @@ def _angles(value: ir.Value, trig: str, x: ir.Value) -> ir.Value:
     if len(cat.inputs) != 2 or cat.inputs[0] is not cat.inputs[1] or attr(cat, "axis", 0) not in (-1, 2):
         raise NoMatch("the angles are not Concat(F, F) on the last axis")
     f = cat.inputs[0]
-    if len(f.shape or ()) != 3 or dim(f, 0) != 1 or dim(f, 2) != dim(x, -1) // 2 or not same_dim(dim(f, 1), dim(x, 2)):
-        raise NoMatch(f"angles of shape {f.shape} are not [1, seq, d/2] for input {x.shape}")
+    batch_ok = dim(f, 0) == 1 or same_dim(dim(f, 0), dim(x, 0))
+    if len(f.shape or ()) != 3 or not batch_ok or dim(f, 2) != dim(x, -1) // 2 or not same_dim(dim(f, 1), dim(x, 2)):
+        raise NoMatch(f"angles of shape {f.shape} are not [1 or batch, seq, d/2] for input {x.shape}")
     if f.dtype != ir.DataType.FLOAT:
         raise NoMatch("angles are not float32")
     return f
@@ -134,20 +135,32 @@ class Caches:
         return v
 
     def _build(self, rot: Rotation) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """Angles [1, s, d/2]: caches cos/sin(F)[0], ids 0..s-1 in every row. Angles [batch, s, d/2] (per-row
+        positions, e.g. from a position_ids input): caches [batch·s, d/2], row b's ids b·s .. b·s+s-1."""
         base = f"{rot.angles.name}_rope{len(self.made)}"
-        zero = self._const(f"{base}_axis0", np.array([0], np.int64))
+        shared = dim(rot.angles, 0) == 1
+        half = dim(rot.x, -1) // 2
         nodes = [ir.Node("", "Cos", [rot.angles], name=f"{base}_cos", num_outputs=1),
                  ir.Node("", "Sin", [rot.angles], name=f"{base}_sin", num_outputs=1)]
-        nodes += [ir.Node("", "Squeeze", [n.outputs[0], zero], name=f"{n.name}_cache", num_outputs=1) for n in nodes[:2]]
+        flat = (self._const(f"{base}_axis0", np.array([0], np.int64)) if shared
+                else self._const(f"{base}_rows", np.array([-1, half], np.int64)))
+        nodes += [ir.Node("", "Squeeze" if shared else "Reshape", [n.outputs[0], flat], name=f"{n.name}_cache", num_outputs=1)
+                  for n in nodes[:2]]
         shape = ir.Node("", "Shape", [rot.x], name=f"{base}_shape", num_outputs=1)
         dims = ir.Node("", "Gather", [shape.outputs[0], self._const(f"{base}_bs", np.array([0, 2], np.int64))],
                        name=f"{base}_batch_seq", num_outputs=1)
-        seq = ir.Node("", "Gather", [shape.outputs[0], self._const(f"{base}_s", np.array(2, np.int64))],
-                      name=f"{base}_seq", num_outputs=1)
-        rng = ir.Node("", "Range", [self._const(f"{base}_start", np.array(0, np.int64)), seq.outputs[0],
+        nodes += [shape, dims]
+        if shared:
+            count = ir.Node("", "Gather", [shape.outputs[0], self._const(f"{base}_s", np.array(2, np.int64))],
+                            name=f"{base}_seq", num_outputs=1)
+        else:
+            count = ir.Node("", "ReduceProd", [dims.outputs[0]], name=f"{base}_rows_count", num_outputs=1,
+                            attributes=[ir.AttrInt64("keepdims", 0)])
+        rng = ir.Node("", "Range", [self._const(f"{base}_start", np.array(0, np.int64)), count.outputs[0],
                                     self._const(f"{base}_step", np.array(1, np.int64))], name=f"{base}_range", num_outputs=1)
-        ids = ir.Node("", "Expand", [rng.outputs[0], dims.outputs[0]], name=f"{base}_position_ids", num_outputs=1)
-        nodes += [shape, dims, seq, rng, ids]
+        ids = ir.Node("", "Expand" if shared else "Reshape", [rng.outputs[0], dims.outputs[0]],
+                      name=f"{base}_position_ids", num_outputs=1)
+        nodes += [count, rng, ids]
         for node in nodes:
             node.outputs[0].name = node.name
         # after both the angles and the input exist, before the first rotation reads the caches
