@@ -216,3 +216,31 @@ def test_after_int4_checks_itself_at_accuracy_level_0(zoo_model):
     (report,) = [r for r in result.receipt.passes if r.name == "fuse"]
     assert report.modified and "exact with MatMulNBits at accuracy_level=0" in report.details["exactness"]
     assert {"GatherBlockQuantized", "MatMulNBits", "RotaryEmbedding"} <= set(_ops(result.model))
+
+
+def test_kv_cache_graph_with_a_past_matches_unfused(zoo_model):
+    """The zoo llama as slimc exports it with a KV cache: fused and unfused agree on logits and presents
+    with a non-empty past and per-row position offsets (verification itself feeds an empty past)."""
+    from slimc.kvcache import cache_spec
+
+    z = zoo_model("llama")
+    spec = cache_spec(z.loaded.model)
+    if spec is None:
+        pytest.skip("this export has no KV cache")
+    _, model, report = _apply_loaded(z.loaded)
+    assert report.details["fused"]["RotaryEmbedding"] == 2 * len(spec.layers)
+    rng = np.random.default_rng(4)
+    batch, seq, past = 2, 3, 4
+    feed = {"input_ids": rng.integers(3, 100, (batch, seq)), "attention_mask": np.ones((batch, past + seq), np.int64)}
+    if spec.position_ids:
+        feed["position_ids"] = np.stack([np.arange(past, past + seq), np.arange(past, past + seq) + 2])
+    for layer in spec.layers:
+        for name, width in zip(layer.names[:2], (layer.head_dim, layer.value_head_dim), strict=True):
+            feed[name] = rng.standard_normal((batch, layer.kv_heads, past, width)).astype(np.float32)
+    for ref, got in zip(_outputs(z.loaded.model, feed), _outputs(model, feed), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def _apply_loaded(loaded):
+    model = copy_model(loaded.model)
+    return loaded, model, Fuse().apply(model, PassContext(loaded=loaded))
