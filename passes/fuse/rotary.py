@@ -5,17 +5,19 @@ The unfused form, as exported from transformers' ``apply_rotary_pos_emb``::
     X1 = Slice(X, 0, d/2, axis=-1)        X2 = Slice(X, d/2, end, axis=-1)
     Y  = Add(Mul(X, C), Mul(Concat(Neg(X2), X1, axis=-1), S))
     C  = Unsqueeze(Cos(T), axes=[1])      S = Unsqueeze(Sin(T), axes=[1])
-    T  = Concat(F, F, axis=-1)            F: [1, seq, d/2], the angles position · inv_freq
+    T  = Concat(F, F, axis=-1)            F: [1 or batch, seq, d/2], the angles position · inv_freq
 
 with X [batch, heads, seq, d] float32 (Mul/Add operands in either order). Because T repeats F,
 ``cos(T)[..., i] = cos(T)[..., i + d/2] = cos(F)[..., i]``, which is RotaryEmbedding's
 non-interleaved form with ``cos_cache = cos(F)[0]`` [seq, d/2]. The caches are computed from
 the graph's own angles (whatever positions, offset or scaling produced them), and the op reads
 row ``p`` for position id ``p``, so the position ids are ``0 .. seq-1`` per batch row: nothing
-about the model's maximum length or position rule has to be known. Conditions checked: both
+about the model's maximum length or position rule has to be known. Angles per batch row (a
+KV-cache export's ``position_ids`` input gives F [batch, seq, d/2]) become caches of
+``batch · seq`` rows, row ``b`` reading ids ``b · seq .. b · seq + seq - 1``. Conditions checked: both
 Slices cut exactly the two halves of X's last axis (constant starts/ends/axes, unit steps), the
-Concat axis is the last, the Unsqueeze axis is 1, F's batch dimension is the constant 1 and its
-sequence dimension is the same (proven) dimension as X's, d is known and even.
+Concat axis is the last, the Unsqueeze axis is 1, F's batch dimension is the constant 1 or X's
+(proven) batch dimension and its sequence dimension is X's, d is known and even.
 """
 
 from __future__ import annotations
