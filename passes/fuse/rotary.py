@@ -31,7 +31,6 @@ from slimc.passes.fuse.match import NoMatch, axes, const, dim, is_last_axis, oth
 from slimc.passes.quant.common import attr
 
 MS_DOMAIN = "com.microsoft"
-INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclasses.dataclass

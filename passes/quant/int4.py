@@ -355,7 +355,7 @@ class Int4(Pass):
         summary = (f"{nodes} of {nodes + len(left)} MatMul/Gemm nodes -> 4-bit MatMulNBits ({self.method}, block {self.block_size}, "
                    f"{'symmetric' if self.symmetric else 'asymmetric'}, accuracy_level {self.accuracy_level}); "
                    f"weights {_mb(bytes_before)} -> {_mb(bytes_after)}")
-        summary += _embedding_summary(tables)
+        summary += int4_embedding.summary(tables, _mb)
         if kept:
             summary += (f"; {len(kept)} weight(s) also used elsewhere keep their float copy, so the file grows by "
                         f"their 4-bit copy ({_mb(kept_bytes)} float kept)"
@@ -410,17 +410,6 @@ class Int4(Pass):
                 "int4(latency_seq=1) times one decode step.") if tokens and self.latency_seq is None else ""
         return common.guard(self.name, before, after, feed, min_speedup=self.min_speedup, force=self.force, threads=ctx.threads,
                             context=hint)
-
-
-def _embedding_summary(tables: list[dict]) -> str:
-    if not tables:
-        return ""
-    shared = sum(1 for t in tables if t.get("shared_with"))
-    text = (f"; {len(tables)} embedding table(s) -> 4-bit GatherBlockQuantized "
-            f"({_mb(sum(t['float_bytes'] for t in tables))} float -> {_mb(sum(t['int4_bytes'] for t in tables))} new")
-    if shared:
-        text += f", {shared} sharing the tied lm_head's 4-bit weight"
-    return text + ")"
 
 
 def _mb(n: int) -> str:

@@ -163,3 +163,15 @@ def _replace(graph: ir.Graph, node: ir.Node, inputs: list[ir.Value], block_size:
     ir.convenience.replace_all_uses_with(old, final, replace_graph_outputs=True)
     graph.insert_after(node, new_nodes)
     graph.remove(node, safe=True)
+
+
+def summary(tables: list[dict], mb: Callable[[int], str]) -> str:
+    """The pass summary's clause about the tables (empty when none was quantized)."""
+    if not tables:
+        return ""
+    shared = sum(1 for t in tables if t.get("shared_with"))
+    text = (f"; {len(tables)} embedding table(s) -> 4-bit GatherBlockQuantized "
+            f"({mb(sum(t['float_bytes'] for t in tables))} float -> {mb(sum(t['int4_bytes'] for t in tables))} new")
+    if shared:
+        text += f", {shared} sharing the tied lm_head's 4-bit weight"
+    return text + ")"
