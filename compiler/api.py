@@ -31,7 +31,7 @@ from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
 from slimc.errors import BackendError, PassFailedError, SlimcError, VerificationError
 from slimc.model import LoadedModel
-from slimc.onnx_io import check_output_path, copy_model, save_onnx, tensor_bytes
+from slimc.onnx_io import check_output_path, copy_model, map_saved_weights, save_onnx, tensor_bytes
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
 from slimc.receipt import Receipt
@@ -40,6 +40,8 @@ from slimc.verify import check_model_file, compare_runs
 
 log = logging.getLogger("slimc")
 VERIFY_BATCHES = 2
+# Weights from which a stage file keeps external data even when the model had none (see `_stage`).
+STAGE_EXTERNAL_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -188,6 +190,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
         # its own views of them (a copied model maps the files again); they are read back when next run
         ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
+        ort_backend.return_freed_memory()  # the pass's scratch (protos, candidate sessions) back to the system
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
         if pass_.name in QUANTIZERS and backend == "triton":
@@ -201,6 +204,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
                                   threads, full_check and verify)
         verification.append({"pass": "export (" + _describe(options) + ")", "result": "full ONNX checker, loads in ORT"})
 
+    # the input's weights, read by the last verification, leave the resident set until the measurements read them
+    ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
     # The passes succeeded and are verified: from here on a measurement that fails is reported as
     # not measured in the receipt, never allowed to lose the result.
@@ -338,7 +343,12 @@ def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool
     """Save ``model``, check it and load it in ORT, the session sharing the IR's weight arrays."""
     passed_full = full_check
     with progress.step(f"saving and checking {label}"):
-        save_onnx(model, path, external_data=True if _has_external_data(model) else None)
+        # external data for memory-mapped or large weights (streamed, no proto copy); the weights a pass
+        # made in memory then become maps of the file written (freed from the heap, pages releasable)
+        external = _has_external_data(model) or tensor_bytes(model) >= STAGE_EXTERNAL_BYTES
+        save_onnx(model, path, external_data=True if external else None)
+        if external:
+            map_saved_weights(model, path)
         if full_check:
             try:
                 check_model_file(path, full=True)

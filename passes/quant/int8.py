@@ -372,9 +372,12 @@ class _Work:
         path = common.module_path(self.weighted[name].node)
         return name if path == name else f"{name} ({path})"
 
-    def _save(self, proto: onnx.ModelProto, label: str) -> Path:
+    def _path(self, label: str) -> Path:
         self._counter += 1
-        path = self.tmp / f"{self._counter:03d}-{label.replace(' ', '_').replace('+', '')}.onnx"
+        return self.tmp / f"{self._counter:03d}-{label.replace(' ', '_').replace('+', '')}.onnx"
+
+    def _save(self, proto: onnx.ModelProto, label: str) -> Path:
+        path = self._path(label)
         if _large(proto):  # inline (quantized) weights over the protobuf limit: out to a file of their own
             copied = onnx.ModelProto()
             copied.CopyFrom(proto)  # save_model moves them out of the proto it is given
@@ -413,7 +416,15 @@ class _Work:
     def build(self, cand: Candidate, keep_float: Sequence[str]) -> onnx.ModelProto:
         """The float model with ``cand`` applied, ``keep_float`` and the user's exclusions left alone."""
         with mapped.mapped_reads(self.tmp):
-            return self._build(cand, keep_float)
+            proto = self._build(cand, keep_float)
+        return self._weightless(proto, cand.name)
+
+    def _weightless(self, proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
+        """``proto`` with its inline (quantized) weights moved to a file in the work folder: the
+        candidates kept for measuring and choosing hold no weights in memory."""
+        path = self._path(label + "-weights")
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+        return onnx.load(str(path), load_external_data=False)
 
     def _build(self, cand: Candidate, keep_float: Sequence[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType

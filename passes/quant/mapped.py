@@ -141,11 +141,16 @@ def to_ir(proto: onnx.ModelProto, like: ir.Model, folder: Path) -> ir.Model:
     """``proto`` (built from ``like``'s weightless proto) as an IR model independent of ``folder``:
     an external tensor that ``like`` holds under the same name, type and shape is ``like``'s own
     tensor (memory-mapped from the input's file, or its in-memory array); any other external
-    tensor is read into memory."""
+    tensor is read into memory. No tensor refers into ``proto``, which can then be freed."""
     originals = {v.name: v.const_value for v in like.graph.initializers.values() if v.const_value is not None}
     model = ir.serde.deserialize_model(proto)
     for value in model.graph.initializers.values():
         tensor = value.const_value
+        if isinstance(tensor, ir.TensorProtoTensor):
+            # an array of its own: a tensor that refers into the proto keeps all of it alive (every
+            # quantized weight), however small the tensor
+            value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+            continue
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         same = originals.get(value.name)
