@@ -57,7 +57,13 @@ class Stage:
     def run(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         from slimc.backends.targets import chunked
 
-        return chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
+        outputs = chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
+        shared = getattr(self.session, "slimc_arrays", [])
+        if sum(a.nbytes for a in shared) >= STAGE_EXTERNAL_BYTES:
+            # large weights shared with the IR: out of the resident set before the other model runs (they
+            # are read back from the page cache on the next run), so two models' weights are never resident
+            ort_backend.release_mapped_pages(shared)
+        return outputs
 
     @property
     def bytes_on_disk(self) -> int:
