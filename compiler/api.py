@@ -354,7 +354,7 @@ def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool
         external = _has_external_data(model) or tensor_bytes(model) >= STAGE_EXTERNAL_BYTES
         save_onnx(model, path, external_data=True if external else None)
         if external:
-            map_saved_weights(model, path)
+            map_saved_weights(model, path, min_bytes=ort_backend.SHARE_MIN_BYTES)
         if full_check:
             try:
                 check_model_file(path, full=True)
