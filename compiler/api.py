@@ -82,10 +82,12 @@ class CompileResult:
     _workdir: Any = dataclasses.field(repr=False, default=None)
     _example: Any = dataclasses.field(repr=False, default=None)  # a batch to trace the .pt2 with
     _program: Any = dataclasses.field(repr=False, default=None)
+    _external_input: bool = False  # the input's weights were in external data files: so are the result's
 
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Write the model (or the target's artifact, with its companion files) atomically; refuses
-        to overwrite the input. ONNX weights go to external data above ~1.8 GB. With the triton
+        to overwrite the input. ONNX weights go to external data above ~1.8 GB, and when the input's
+        were in external data (streamed, never serialized into one protobuf). With the triton
         backend a ``.pt2`` path gets the torch module as a ``torch.export`` program (load it with
         `slimc.backends.triton.module.load`); a ``.onnx`` path still gets the compressed ONNX."""
         from slimc.backends import targets
@@ -99,7 +101,8 @@ class CompileResult:
             return [torch_backend.save(self._program, path)]
         if self.exported is None or self.exported.target == "onnx":
             check_output_path(Path(path), self.loaded.source_paths)
-            return save_onnx(self.model, path, protect=self.loaded.source_paths)
+            return save_onnx(self.model, path, protect=self.loaded.source_paths,
+                             external_data=True if self._external_input else None)
         target = targets.get(self.exported.target)
         check_output_path(Path(path), self.loaded.source_paths, suffix=target.suffix)
         from slimc.export import save_artifact
@@ -173,6 +176,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     work = Path(workdir.name)
     budget = _output_budget(loaded)
     weight_bytes = tensor_bytes(loaded.model)
+    external_input = _has_external_data(loaded.model)
     baseline = _stage("input", loaded.model, work / "00-input.onnx", threads, full_check=True)
     try:
         run_all(baseline.run, verify_batches, budget)
@@ -241,7 +245,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
         fidelity_guard=guard, warnings=list(guard["warnings"]),
     )
     result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, module=module,
-                           _workdir=workdir, _example=verify_batches[0])
+                           _workdir=workdir, _example=verify_batches[0], _external_input=external_input)
     weakref.finalize(result, workdir.cleanup)
     # The sessions go now, and the pages of the weights they shared leave the resident set: replaced
     # tensors sit in reference cycles of the IR until a garbage collection would unmap them.

@@ -127,3 +127,10 @@ def test_pruned_weights_become_maps_of_the_stage_file_and_outlive_the_work_folde
     saved = load_onnx(out)
     for name, array in expected.items():
         np.testing.assert_array_equal(saved.graph.initializers[name].const_value.numpy(), array)
+
+
+def test_a_result_of_an_external_data_input_is_written_with_external_data(mlp, tmp_path):
+    """Streamed to a data file, not serialized into one protobuf (a copy of every weight in memory)."""
+    result = slimc.compile(str(mlp), "cleanup", measure_latency=False)
+    written = result.save(tmp_path / "out.onnx")
+    assert len(written) == 2 and onnx_io.external_files(load_onnx(written[0])) == (written[1].absolute(),)
