@@ -258,3 +258,26 @@ def test_synthetic_and_array_feeds_get_an_empty_past_and_positions(exported):
     given = data.load({"input_ids": ids, "attention_mask": mask}, loaded, role="evaluation")[0]
     assert given["past_key_values.1.value"].shape == (2, 2, 0, 8)
     np.testing.assert_array_equal(given["position_ids"][1], [1, 1, 1, 0, 1, 2, 3])  # generate()'s positions
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_generates_like_transformers(tmp_path):
+    from slimc.tools import models
+
+    path = models.smollm2_gguf()
+    loaded = frontends.load(path, cache_dir=tmp_path)
+    spec = kvcache.cache_spec(loaded.model)
+    assert len(spec.layers) == 30 and {(layer.kv_heads, layer.head_dim) for layer in spec.layers} == {(3, 64)}
+    assert loaded.generation.eos_token_ids and loaded.generation.context_length == 8192
+    tokenizer = loaded.tokenizer
+    tokenizer.padding_side = "left"
+    feeds = tokenizer(["The capital of France is", "Once upon a time, there was a little"], padding=True,
+                      return_tensors="np")
+    ids, mask = feeds["input_ids"].astype(np.int64), feeds["attention_mask"].astype(np.int64)
+    reference = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                        dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = reference.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                 max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+    np.testing.assert_array_equal(greedy(loaded.model, ids, mask, 16), out[:, ids.shape[1]:].numpy())

@@ -28,7 +28,8 @@ from typing import Any
 import onnx_ir as ir
 
 from slimc import kvcache
-from slimc.errors import ExportError
+from slimc.errors import ExportError, ModelLoadError, OptionError
+from slimc.model import LoadedModel, infer_input_specs
 
 try:
     import torch
@@ -93,6 +94,19 @@ def eager_attention(model) -> Iterator[None]:
     finally:
         if switch:
             model.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def without_cache(model) -> Iterator[None]:
+    """``use_cache`` off while exporting the plain form (a returned cache object cannot be traced), restored
+    after."""
+    config = model.config
+    before = getattr(config, "use_cache", None)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = before
 
 
 def example(model) -> tuple[dict, list[str], list[str]]:
@@ -205,3 +219,46 @@ def generation_info(model) -> kvcache.GenerationInfo:
         pad_token_id=None if pad is None else int(pad), context_length=context,
         model_type=getattr(config, "model_type", None), vocab_size=getattr(config, "vocab_size", None),
     )
+
+
+def wants_cache(kv_cache: bool | None, dynamic: bool) -> bool:
+    """Whether a causal LM is exported with its KV cache; a static export with one is refused."""
+    if kv_cache and not dynamic:
+        raise OptionError("a KV-cache export needs dynamic shapes (the cache grows by one token per step): drop "
+                          "--static / dynamic=False, or export without a cache (--no-kv-cache, kv_cache=False).")
+    return dynamic if kv_cache is None else bool(kv_cache)
+
+
+def load_causal_lm_module(module, *, input_names=None) -> LoadedModel:
+    """A transformers causal LM ``nn.Module``, exported with its KV cache (the inputs are the cache
+    interface's, so no example inputs are needed; the module is not changed)."""
+    if input_names is not None:
+        raise ModelLoadError("input_names cannot rename a KV-cache export's inputs (slimc.kvcache fixes them); "
+                             "drop input_names, or export without a cache (kv_cache=False).")
+    label = type(module).__name__
+    was_training = module.training
+    try:
+        model = export(module.eval(), label=label)
+    finally:
+        module.train(was_training)
+    from slimc.frontends.huggingface import _vocab_size
+
+    inputs = infer_input_specs(model)
+    vocab = _vocab_size(module.config)
+    for spec in inputs:
+        if spec.name == "input_ids" and vocab:
+            spec.kind, spec.high = "tokens", vocab
+    return LoadedModel(model=model, inputs=inputs, task="causal-lm", source=f"{label} (PyTorch module)",
+                       generation=generation_info(module))
+
+
+def load_plain_causal_lm_module(module, example_inputs, *, input_names=None, dynamic: bool = True) -> LoadedModel:
+    """A transformers causal LM ``nn.Module`` without a KV cache (``logits`` only), exported from the
+    example inputs with eager attention; the module is restored afterwards."""
+    from slimc.frontends import torch_module
+
+    with eager_attention(module), without_cache(module):
+        loaded = torch_module.load_module(module, example_inputs, input_names=input_names, dynamic=dynamic,
+                                          task="causal-lm")
+    loaded.generation = generation_info(module)
+    return loaded
