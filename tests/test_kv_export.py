@@ -164,14 +164,28 @@ def test_export_has_the_cache_interface(exported, name):
     assert (gen.eos_token_ids, gen.bos_token_id, gen.pad_token_id, gen.context_length) == ([2], 1, 0, 128)
 
 
-def test_no_kv_cache_keeps_the_plain_form_and_its_own_cache_entry(exported, folders):
+def test_no_kv_cache_keeps_the_plain_form_and_its_own_cache_entry(exported, folders, monkeypatch, capsys):
+    import json
+
+    from slimc.tools.cli import main
+
     plain = exported("llama", kv_cache=False)
     assert [v.name for v in plain.model.graph.inputs] == ["input_ids", "attention_mask"]
     assert [v.name for v in plain.model.graph.outputs] == ["logits"]
     assert kvcache.cache_spec(plain.model) is None and plain.generation.eos_token_ids == [2]
     assert kvcache.cache_spec(exported("llama").model) is not None  # the cached export is another entry
+    from slimc.frontends import huggingface
+
+    hits = huggingface.CACHE_STATS.hits
+    again = frontends.load(folders["llama"], cache_dir=folders["cache"])
+    assert huggingface.CACHE_STATS.hits == hits + 1 and again.generation == exported("llama").generation
+    assert [v.name for v in again.model.graph.inputs] == [v.name for v in exported("llama").model.graph.inputs]
     with pytest.raises(OptionError, match="dynamic shapes"):
         frontends.load(folders["llama"], cache_dir=folders["cache"], dynamic=False, kv_cache=True)
+    monkeypatch.setenv("SLIMC_CACHE_DIR", str(folders["cache"]))  # both forms are cached there by now
+    for flags, names in (([], 7), (["--no-kv-cache"], 2)):
+        assert main(["inspect", str(folders["llama"]), "--json", *flags]) == 0
+        assert len(json.loads(capsys.readouterr().out)["inputs"]) == names
 
 
 # ---- against transformers -------------------------------------------------------------------------
@@ -211,6 +225,12 @@ def test_module_path_exports_the_cache_and_leaves_the_module_alone():
     eager = _llama()
     eager.set_attn_implementation("eager")
     np.testing.assert_array_equal(greedy(loaded.model, ids, mask, 6), _generate(eager, ids, mask, 6))
+    # without a cache: logits only, although the config says use_cache (a returned cache cannot be traced)
+    assert module.config.use_cache
+    plain = frontends.load(module, {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)},
+                           kv_cache=False)
+    assert [v.name for v in plain.model.graph.outputs] == ["logits"] and plain.task == "causal-lm"
+    assert module.config.use_cache and module.config._attn_implementation != "eager"
 
 
 # ---- slimc's own feeds and the passes ---------------------------------------------------------------

@@ -118,11 +118,18 @@ def example(model) -> tuple[dict, list[str], list[str]]:
     b, s, p = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST
     ids = torch.randint(0, vocab, (b, p + s), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=ids[:, :p], attention_mask=torch.ones(b, p, dtype=torch.long), use_cache=True,
-              **{cache_argument(model): cache})
-    past = [t.detach().clone() for layer in cache.layers for t in (layer.keys, layer.values)]
-    if not past or any(t is None or t.dim() != 4 for t in past):
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :p], attention_mask=torch.ones(b, p, dtype=torch.long), use_cache=True,
+                  **{cache_argument(model): cache})
+        past = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    except Exception as exc:  # a model whose cache DynamicCache cannot hold (state-space, hybrid layers...)
+        raise ExportError(
+            f"{type(model).__name__} does not run with a transformers DynamicCache ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); export it without a KV cache (--no-kv-cache, kv_cache=False)."
+        ) from exc
+    past = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in past]
+    if not past or any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in past):
         raise ExportError(
             f"{type(model).__name__} keeps a cache that is not one key and one value tensor "
             "[batch, heads, length, head_dim] per layer, so slimc cannot export it with a KV cache; "
