@@ -74,6 +74,7 @@ class CompileResult:
     _workdir: Any = dataclasses.field(repr=False, default=None)
     _example: Any = dataclasses.field(repr=False, default=None)  # a batch to trace the .pt2 with
     _program: Any = dataclasses.field(repr=False, default=None)
+    _generator: Any = dataclasses.field(repr=False, default=None)  # (threads, TextGenerator) of generate()
 
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Write the model (or the target's artifact, with its companion files) atomically; refuses
@@ -100,6 +101,25 @@ class CompileResult:
         if self.receipt.target is not None:  # the receipt names the files as written, not as in the work folder
             self.receipt.target["files"] = [{"name": p.name, "bytes": p.stat().st_size} for p in written]
         return written
+
+    def generate(self, prompt: str | list[str], *, chat: bool = False, on_text=None, threads: int | None = None,
+                 **options: Any):
+        """Generate text with the compressed model (a causal LM with the KV cache; see docs/generate.md):
+        returns a `slimc.textgen.GenerationResult` (``.text``, ``.tokens``, ``.stats``). ``options``:
+        ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``eos_token_ids``. The session
+        is built on the first call and kept for the next."""
+        from slimc.errors import ModelLoadError
+        from slimc.textgen import stage_model
+
+        if self._generator is None or self._generator[0] != threads:
+            if self.loaded.tokenizer is None:
+                raise ModelLoadError("this model has no tokenizer to turn a prompt into ids: compile it from a folder "
+                                     "that holds one, or use slimc.open_generator(path, tokenizer=FOLDER) on the saved model.")
+            folder = self.loaded.source_paths[0] if self.loaded.source_paths else None
+            folder = folder if folder is not None and Path(folder).is_dir() else None
+            work = Path(workdirs.new("generate").name) if self._workdir is None else Path(self._workdir.name)
+            self._generator = (threads, stage_model(self.model, work, self.loaded.tokenizer, folder, threads))
+        return self._generator[1].generate(prompt, chat=chat, on_text=on_text, **options)
 
 
 def compile(  # noqa: A001 - the public verb of a compiler
