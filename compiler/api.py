@@ -122,7 +122,8 @@ class CompileResult:
             folder = self.loaded.source_paths[0] if self.loaded.source_paths else None
             folder = folder if folder is not None and Path(folder).is_dir() else None
             work = Path(workdirs.new("generate").name) if self._workdir is None else Path(self._workdir.name)
-            self._generator = (threads, stage_model(self.model, work, self.loaded.tokenizer, folder, threads))
+            self._generator = (threads, stage_model(self.model, work, self.loaded.tokenizer, folder, threads,
+                                                    generation=getattr(self.loaded, "generation", None)))
         return self._generator[1].generate(prompt, chat=chat, on_text=on_text, **options)
 
 

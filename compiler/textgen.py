@@ -197,18 +197,21 @@ class TextGenerator:
 
 
 def from_session(session: Any, tokenizer: Any, folder: Path | None, *, spec: CacheSpec | None = None,
-                 op_types: set[str] = frozenset()) -> TextGenerator:
+                 op_types: set[str] = frozenset(), generation: Any = None) -> TextGenerator:
     """A `TextGenerator` over ``session``. ``spec``: the cache interface (default: read from the session's
     inputs); ``folder``: where the model's config files are (dims the graph leaves dynamic, EOS ids);
-    ``op_types``: the graph's operators (fused attention cannot take left padding)."""
+    ``op_types``: the graph's operators (fused attention cannot take left padding); ``generation``: the
+    front end's `slimc.kvcache.GenerationInfo` (EOS/pad ids, context length), when it has one."""
     spec = spec if spec is not None else spec_from_session(session)
     if spec is None:
         raise NoKVCacheError(f"this graph has no KV cache (no past_key_values.N.key/value inputs). {NO_CACHE_HINT}")
     spec = resolve_dims(spec, folder)
-    eos = eos_ids(tokenizer, folder)
+    eos = tuple(sorted(set(eos_ids(tokenizer, folder)) | set(getattr(generation, "eos_token_ids", None) or ())))
     pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(generation, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
-    generator = Generator(session, spec, pad_token_id=int(pad), context_length=context_length(folder),
+    context = context_length(folder) or getattr(generation, "context_length", None)
+    generator = Generator(session, spec, pad_token_id=int(pad), context_length=context,
                           left_padding=spec.position_ids and "GroupQueryAttention" not in op_types)
     return TextGenerator(generator, tokenizer, eos)
 
@@ -290,13 +293,14 @@ def _open_frontend(path: Path, tokenizer: str | Path | None, threads: int | None
     if tok is None:
         raise ModelLoadError(f"{loaded.source} has no tokenizer: pass --tokenizer FOLDER (tokenizer=).")
     workdir = workdirs.new("generate")
-    generator = stage_model(loaded.model, Path(workdir.name), tok, path if path.is_dir() else None, threads, spec)
+    generator = stage_model(loaded.model, Path(workdir.name), tok, path if path.is_dir() else None, threads, spec,
+                            generation=getattr(loaded, "generation", None))
     weakref.finalize(generator, workdir.cleanup)
     return generator
 
 
 def stage_model(model, work: Path, tokenizer: Any, folder: Path | None, threads: int | None,
-                spec: CacheSpec | None = None) -> TextGenerator:
+                spec: CacheSpec | None = None, generation: Any = None) -> TextGenerator:
     """Save an IR model to ``work`` and wrap a session of it (prepacked weights, as deployed)."""
     from slimc.backends import onnxruntime as ort_backend
     from slimc.kvcache import cache_spec
@@ -309,7 +313,7 @@ def stage_model(model, work: Path, tokenizer: Any, folder: Path | None, threads:
     save_onnx(model, path)
     session = ort_backend.create_session(path, threads)
     ops = {node.op_type for node in model.graph.all_nodes()}
-    return from_session(session, tokenizer, folder, spec=spec, op_types=ops)
+    return from_session(session, tokenizer, folder, spec=spec, op_types=ops, generation=generation)
 
 
 def generate_text(model: Any, prompt: str | list[str], *, tokenizer: str | Path | None = None, threads: int | None = None,
