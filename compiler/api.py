@@ -147,6 +147,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     backend: str = "onnxruntime",
     device: str | None = None,
     max_loss: float | str | None = None,
+    kv_cache: bool | None = None,
 ) -> CompileResult:
     """Compress ``model`` with ``passes`` and return the result with its receipt.
 
@@ -164,6 +165,10 @@ def compile(  # noqa: A001 - the public verb of a compiler
     ``max_loss`` (a number, or bounds such as ``"embedding_cosine>=0.98"``; see
     `slimc.fidelity_guard`): refuse the result with `FidelityGuardError` when its measured fidelity
     fails the bound. Without it, a collapsed fidelity only adds a warning to the receipt.
+
+    ``kv_cache``: export a causal LM (Hugging Face folder, GGUF, transformers module) with past/present
+    key-value inputs and outputs (`slimc.kvcache`); None (the default) means yes unless ``dynamic=False``.
+    Every feed slimc makes gives such a graph an empty past, so the receipt measures the full forward.
     """
     from slimc import data, fidelity_guard, frontends
     from slimc.export import ExportOptions
@@ -174,7 +179,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
     _check_backend(backend, target)
     wants_export = target is not None or opset is not None or static_shapes is not None
     options = ExportOptions(target or "onnx", opset, _shapes(static_shapes)) if wants_export else None
-    loaded = frontends.load(_copy_if_ir(model), example_inputs, input_names=input_names, dynamic=dynamic)
+    loaded = frontends.load(_copy_if_ir(model), example_inputs, input_names=input_names, dynamic=dynamic,
+                            kv_cache=kv_cache)
     if options is not None and options.static_shapes:
         from slimc.export import check_shapes
         from slimc.model import pin_sizes

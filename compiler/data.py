@@ -22,6 +22,11 @@ Sources accepted by :func:`load`:
 - list (or any iterable) of dicts, tuples (positional) or arrays → one batch each.
 - no data → `slimc.data_synthetic.synthetic` (its docstring has the value rules).
 
+A KV-cache graph (`slimc.kvcache`) takes past key/values and position ids that data seldom holds: a
+batch without them gets an empty past (length 0, so the graph computes the full forward) and the
+positions transformers' ``generate()`` gives its tokens (`slimc.kvcache.position_ids`: ``arange``
+under an all-ones mask), before it is checked (`complete_cache_inputs`).
+
 Every batch is checked against the model's :class:`InputSpec`\\ s: names, rank, static dims,
 symbolic dims shared between inputs, dtype castability (int32 → int64 is fine, float → int64 is
 not; string inputs take str arrays), value ranges (token ids in ``[0, high)``, masks in {0, 1}) and
@@ -215,6 +220,7 @@ def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where:
     ``first_sample``: the index of the batch's first sample in the whole data, so that an error
     (NaN, inf) names the sample as the user counts it; without it the sample is counted in the batch.
     """
+    batch = complete_cache_inputs(batch, inputs)
     names = [spec.name for spec in inputs]
     missing = [n for n in names if n not in batch]
     extra = [n for n in batch if n not in names]
@@ -236,6 +242,31 @@ def validate_batch(batch: Mapping[str, Any], inputs: Sequence[InputSpec], where:
             raise DataError(f"{where}, input {spec.name!r}: got an empty array of shape {checked[spec.name].shape}. "
                             f"{_advice(spec)}")
     return checked
+
+
+def complete_cache_inputs(batch: Mapping[str, Any], inputs: Sequence[InputSpec]) -> Mapping[str, Any]:
+    """A KV-cache graph's batch with what it left out filled in: empty past tensors, and position ids
+    for the last ``seq`` tokens of the attention mask (all ones when the batch has none). Other models'
+    batches, and batches without token ids to size them by, are returned as they are."""
+    from slimc import kvcache
+
+    if not any(spec.kind == "past_key_values" for spec in inputs):
+        return batch
+    absent = [spec for spec in inputs if spec.kind in ("past_key_values", "position_ids") and spec.name not in batch]
+    tokens = next((spec.name for spec in inputs if spec.kind == "tokens" and spec.name in batch), None)
+    if not absent or tokens is None:
+        return batch
+    ids = to_numpy(batch[tokens])
+    if ids.ndim != 2:
+        return batch  # the shape check names the problem
+    mask = next((to_numpy(batch[s.name]) for s in inputs if s.kind == "attention_mask" and s.name in batch), None)
+    out = dict(batch)
+    for spec in absent:
+        if spec.kind == "position_ids":
+            out[spec.name] = kvcache.position_ids(np.ones(ids.shape, np.int64) if mask is None else mask, ids.shape[1])
+        else:
+            out[spec.name] = np.zeros(spec.concrete_shape({"batch": ids.shape[0]}), spec.dtype)
+    return out
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -10,6 +10,7 @@ kind                   values
 tokens                 integers uniform in ``[0, rows)`` of the table they index (100 if unknown)
 attention_mask, bool   ones (every position attended; ``True``)
 position_ids           ``0 .. n-1`` along the last axis
+past_key_values        empty: past length 0, so a KV-cache graph computes the full forward
 token_type_ids         zeros (segment 0 exists in every table)
 image, float           standard normal
 int, compared          the first constant the model compares it with (``sr == 16000``)
@@ -42,6 +43,8 @@ def _random_value(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Genera
         return np.ones(shape, dtype)
     if spec.kind == "position_ids" and shape:
         return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype)
+    if spec.kind == "past_key_values":
+        return np.zeros(shape, dtype)
     if spec.kind in ("image", "float"):
         return rng.standard_normal(shape).astype(dtype)
     if spec.values:
@@ -60,6 +63,8 @@ def _rule(spec: InputSpec) -> str:
         return "ones"
     if spec.kind == "position_ids":
         return "0..n-1"
+    if spec.kind == "past_key_values":
+        return "empty past (length 0: a full forward)"
     if spec.kind in ("image", "float"):
         return "normal(0, 1)"
     if spec.values:

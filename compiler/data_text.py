@@ -56,6 +56,8 @@ def _text_batch(windows: np.ndarray, inputs: Sequence[InputSpec]) -> Batch:
             batch[spec.name] = np.ones(shape, np.int64)
         elif spec.kind == "position_ids":
             batch[spec.name] = np.broadcast_to(np.arange(s), shape)
+        elif spec.kind == "past_key_values":
+            continue  # an empty past, added by validate_batch (`slimc.data.complete_cache_inputs`)
         else:
             batch[spec.name] = np.zeros(shape, np.int64)
     return batch
@@ -84,7 +86,7 @@ def from_text(
             f"with arrays named {names} instead, or load the model from a folder that holds its tokenizer."
         )
     tokens = [s for s in loaded.inputs if s.kind == "tokens"]
-    other = [f"{s.name} ({s.kind})" for s in loaded.inputs if s.kind not in TEXT_KINDS]
+    other = [f"{s.name} ({s.kind})" for s in loaded.inputs if s.kind not in (*TEXT_KINDS, "past_key_values")]
     if len(tokens) != 1 or other:
         raise DataError(
             f"{where} {name}: text can fill token ids, masks, token types and positions, but the model "

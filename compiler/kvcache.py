@@ -113,3 +113,38 @@ def _dim(value: ir.Value, axis: int) -> int | None:
         return None
     dim = shape[axis]
     return dim if isinstance(dim, int) else None
+
+
+# Config keys that state how many positions a model was trained for, in the order transformers models use them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+@dataclasses.dataclass
+class GenerationInfo:
+    """What a generation loop needs besides the graph: stop/start/padding token ids and the context length,
+    from the model's generation config (else its config). None where the model does not say."""
+
+    eos_token_ids: list[int]
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    context_length: int | None = None
+    model_type: str | None = None
+    vocab_size: int | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerationInfo:
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)} | {"eos_token_ids": data.get("eos_token_ids") or []})
+
+
+def position_ids(attention_mask: np.ndarray, seq: int | None = None) -> np.ndarray:
+    """Positions of the last ``seq`` tokens of a ``[batch, total_sequence]`` mask, as transformers'
+    ``generate()`` makes them: the count of attended tokens before each one (``cumsum(mask) - 1``), and 1 on
+    padding (any value works there: padded tokens are masked out). An all-ones mask gives ``arange``."""
+    mask = np.asarray(attention_mask).astype(np.int64)
+    positions = np.cumsum(mask, axis=-1) - 1
+    positions[mask == 0] = 1
+    seq = mask.shape[-1] if seq is None else seq
+    return positions[:, mask.shape[-1] - seq:]

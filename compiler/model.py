@@ -6,7 +6,9 @@
 (so an output path over the input can be refused).
 
 `InputSpec` describes one graph input well enough to synthesise valid values for it:
-token ids must stay below the vocabulary size, masks are ones, images are floats.
+token ids must stay below the vocabulary size, masks are ones, images are floats. The past
+key/values of a KV-cache graph (`slimc.kvcache`) are ``past_key_values`` inputs whose length axis
+defaults to 0: slimc's own feeds are full forwards.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from slimc import input_rules
+from slimc import input_rules, kvcache
 
 # Input kinds. "tokens" need `high` (vocabulary size); the others have fixed value rules.
-INPUT_KINDS = ("tokens", "attention_mask", "token_type_ids", "position_ids", "image", "float", "int", "bool", "string")
+INPUT_KINDS = ("tokens", "attention_mask", "token_type_ids", "position_ids", "past_key_values", "image", "float", "int",
+               "bool", "string")
 TASKS = ("causal-lm", "encoder", "image-classifier", "classifier", "generic")
 
 # Sizes used for dynamic dims when slimc has to invent inputs (synthetic data, MAC counts): the batch
@@ -85,6 +88,7 @@ class LoadedModel:
     tokenizer: Any = None  # a transformers tokenizer, when the model takes text
     image_preprocess: dict[str, Any] | None = None  # {"size": (h, w), "mean": [...], "std": [...]}
     notes: list[str] = dataclasses.field(default_factory=list)  # caveats for the receipt
+    generation: Any = None  # slimc.kvcache.GenerationInfo of a causal LM: eos/bos/pad ids, context length
 
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]
@@ -132,6 +136,8 @@ def _dims(value: ir.Value) -> tuple[int | str | None, ...]:
 
 def _kind(value: ir.Value, dtype: np.dtype, rank: int) -> tuple[str, int | None]:
     name = value.name or ""
+    if kvcache.is_cache_input(name):
+        return "past_key_values", None
     if dtype == np.bool_:
         return "bool", None
     if np.issubdtype(dtype, np.integer):
@@ -162,7 +168,10 @@ def infer_input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = _dims(value)
         kind, high = _kind(value, dtype, len(shape))
-        specs.append(_value_rules(InputSpec(name=value.name or "", dtype=dtype, shape=shape, kind=kind, high=high), value))
+        spec = InputSpec(name=value.name or "", dtype=dtype, shape=shape, kind=kind, high=high)
+        if kind == "past_key_values" and len(shape) == 4 and not isinstance(shape[2], int):
+            spec.dim_defaults = {2: 0}
+        specs.append(_value_rules(spec, value))
     for spec, axis in zip(specs, input_rules.batch_axes([s.shape for s in specs])):
         spec.batch_axis = axis
     stated = input_rules.metadata_image_size(model)

@@ -63,7 +63,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                    "loss on the task's main metric (0.05: embedding cosine >= 0.95, top-1 agreement >= 0.95, perplexity "
                    "ratio <= 1.05) or bounds such as 'embedding_cosine>=0.98,sqnr_db>=20' (docs/fidelity-guard.md)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes")
+    p.add_argument("--static", action="store_true", help="export with static batch/sequence sizes (causal LMs: without "
+                   "a KV cache)")
+    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false", default=None,
+                   help="export a causal LM (HF folder, GGUF) without past/present key-value inputs and outputs")
     p.add_argument("--target", help="also export for a runtime and run it there: onnx (default), ort-mobile, openvino, "
                    "ncnn, tflite, executorch; -o then names the artifact (.onnx, .ort, .xml, .param, .tflite, .pte)")
     p.add_argument("--opset", type=_positive_int, help="convert the output to this ONNX opset (ONNX's version converter)")
@@ -84,6 +87,8 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("model", help=".onnx file, Hugging Face folder, .gguf or .pt2 file")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.add_argument("--groups", action="store_true", help="list the pruning groups: kind, size, initializers, prunable or blocked and why")
+        p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false", default=None,
+                       help="load a causal LM without its KV cache")
     elif command == "demo":
         from slimc.tools.demo import DEMO_MODELS
 
@@ -154,7 +159,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         source, passes, calibration=args.calib, evaluation=args.evaluation, dynamic=not args.static,
         measure_latency=not args.no_latency, threads=args.threads, seq_len=args.seq_len,
         target=args.target, opset=args.opset, static_shapes=args.static_shapes, backend=args.backend,
-        device=args.device, max_loss=args.max_loss,
+        device=args.device, max_loss=args.max_loss, kv_cache=args.kv_cache,
     )
     protect = result.loaded.source_paths  # the input's files, external data included: no output may touch them
     if args.receipt is not None:
@@ -196,7 +201,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from slimc.data import synthetic
     from slimc.errors import DataError
 
-    loaded = frontends.load(args.model)
+    loaded = frontends.load(args.model, kv_cache=args.kv_cache)
     try:
         feed = next(iter(synthetic(loaded.inputs, n_batches=1, sizes={"seq": 128})))
     except DataError as exc:  # an input slimc cannot invent: MACs at the declared shapes only

@@ -3,6 +3,7 @@
 Dispatch is by type and, for paths, by what the path is:
 - ``.onnx`` file (weights inline or in external data files)             -> onnx_file
 - ``torch.nn.Module`` with example inputs, or a ``.pt2`` ExportedProgram -> torch_module / pt2
+  (a transformers causal LM module is exported with its KV cache, like a folder: huggingface)
 - Hugging Face model folder (config.json + safetensors) or ``.gguf``     -> huggingface
 - pickled ``.pt`` / ``.pth`` / ``.bin`` whole models are refused (arbitrary code execution).
 """
@@ -26,13 +27,15 @@ def load(
     input_names: list[str] | None = None,
     dynamic: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    kv_cache: bool | None = None,
 ) -> LoadedModel:
     """Turn ``source`` into a `LoadedModel`.
 
     ``example_inputs`` (a tensor, tuple of tensors, or dict name -> tensor) is required for an
     ``nn.Module``. ``dynamic`` keeps batch (and sequence for token inputs) dynamic in the export.
     ``cache_dir`` caches exports of Hugging Face folders and GGUF files (default
-    ``~/.cache/slimc``).
+    ``~/.cache/slimc``). ``kv_cache``: export a causal LM (folder, GGUF, transformers module) with
+    past/present key-value tensors (`slimc.kvcache`); None (the default) means yes when ``dynamic``.
     """
     if isinstance(source, LoadedModel):
         return source
@@ -43,10 +46,15 @@ def load(
     if _is_onnx_proto(source):
         return _bare(ir.serde.deserialize_model(source), "onnx.ModelProto")
     if isinstance(source, (str, os.PathLike)):
-        return _load_path(Path(source), example_inputs, input_names=input_names, dynamic=dynamic, cache_dir=cache_dir)
+        return _load_path(Path(source), example_inputs, input_names=input_names, dynamic=dynamic, cache_dir=cache_dir,
+                          kv_cache=kv_cache)
     from slimc.frontends import torch_module
 
     if torch_module.is_torch_module(source):
+        from slimc.frontends import huggingface
+
+        if huggingface.wants_cache(kv_cache, dynamic) and huggingface.is_causal_lm(source):
+            return huggingface.load_causal_lm_module(source, input_names=input_names)
         return torch_module.load_module(source, example_inputs, input_names=input_names, dynamic=dynamic)
     raise ModelLoadError(
         f"cannot compile a {type(source).__name__}: pass an .onnx path, a Hugging Face folder, a .gguf or "
@@ -73,7 +81,7 @@ def _is_onnx_proto(source: Any) -> bool:
     return type(source).__name__ == "ModelProto" and hasattr(source, "graph")
 
 
-def _load_path(path: Path, example_inputs, *, input_names, dynamic, cache_dir) -> LoadedModel:
+def _load_path(path: Path, example_inputs, *, input_names, dynamic, cache_dir, kv_cache) -> LoadedModel:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder.")
     suffix = path.suffix.lower()
@@ -85,7 +93,7 @@ def _load_path(path: Path, example_inputs, *, input_names, dynamic, cache_dir) -
     if path.is_dir() or suffix == ".gguf":
         from slimc.frontends import huggingface
 
-        return huggingface.load_pretrained(path, dynamic=dynamic, cache_dir=cache_dir)
+        return huggingface.load_pretrained(path, dynamic=dynamic, cache_dir=cache_dir, kv_cache=kv_cache)
     if suffix == ".pt2":
         from slimc.frontends import pt2
 

@@ -1,10 +1,15 @@
 """Hugging Face front end: a model folder (config.json + safetensors) or a GGUF file, offline.
 
 transformers loads the model with ``local_files_only`` (and ``HF_HUB_OFFLINE=1``): nothing is
-ever fetched. The model is wrapped so ``forward`` returns one tensor and keeps no KV cache,
-then exported by the PyTorch front end:
+ever fetched. Causal LMs (``*ForCausalLM``, ``*LMHeadModel``, every GGUF) are exported with a KV
+cache by default (`slimc.frontends.hf_cache`, the interface in `slimc.kvcache`): inputs
+``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value``; outputs
+``logits`` and ``present.{i}.key/value``. With ``kv_cache=False`` (``--no-kv-cache``), or with
+``dynamic=False`` (a static graph cannot grow a cache), and for every other kind, the model is
+wrapped so ``forward`` returns one tensor and keeps no KV cache, then exported by the PyTorch
+front end:
 
-- causal LMs (``*ForCausalLM``, ``*LMHeadModel``, every GGUF): ``logits [batch, seq, vocab]``;
+- causal LMs without a cache: ``logits [batch, seq, vocab]``;
 - image classifiers (``*ForImageClassification``): ``logits [batch, classes]``;
 - sequence classifiers (``*ForSequenceClassification``): ``logits [batch, classes]``;
 - anything else (encoders such as BERT / sentence-transformers): ``last_hidden_state``.
@@ -14,7 +19,7 @@ nodes, which the pruning and quantization passes understand (SDPA adds NaN guard
 
 Exports are cached under ``cache_dir`` (default ``$SLIMC_CACHE_DIR`` or
 ``~/.cache/slimc/exports``), keyed by the files' resolved paths, sizes and modification
-times, the slimc / torch / transformers versions and the ``dynamic`` flag. A cache hit loads
+times, the slimc / torch / transformers versions and the ``dynamic`` and KV-cache flags. A cache hit loads
 the ``.onnx`` and re-reads only the config and tokenizer: no weights, no export.
 """
 
@@ -33,6 +38,7 @@ from typing import Any
 
 from slimc import progress
 from slimc.errors import ModelLoadError, UnsafeModelError, first_line
+from slimc.kvcache import GenerationInfo
 from slimc.model import LoadedModel, infer_input_specs, size_images
 
 try:
@@ -86,21 +92,69 @@ class _Source:
         return f"{name} ({'GGUF file' if self.gguf else 'Hugging Face folder'})"
 
 
-def load_pretrained(path: str | os.PathLike, *, dynamic: bool = True, cache_dir=None) -> LoadedModel:
-    """Load a Hugging Face folder or ``.gguf`` file; export it, or reuse the cached export."""
+def load_pretrained(path: str | os.PathLike, *, dynamic: bool = True, cache_dir=None,
+                    kv_cache: bool | None = None) -> LoadedModel:
+    """Load a Hugging Face folder or ``.gguf`` file; export it, or reuse the cached export.
+
+    ``kv_cache``: export a causal LM with past/present key-value tensors (`slimc.kvcache`); None (the
+    default) means yes when ``dynamic``, since a static graph cannot take a growing cache.
+    """
     source = _source(Path(path))
-    entry = _cache_root(cache_dir) / _cache_key(source, dynamic)
+    with_cache = wants_cache(kv_cache, dynamic)
+    entry = _cache_root(cache_dir) / _cache_key(source, dynamic, with_cache)
     cached = _read_cache(entry)
     if cached is not None:
         model, meta, config, tokenizer = cached
     else:
         config = _load_config(source)
         kind = _kind(config, source)
-        model, notes = _export(source, config, kind, dynamic)
+        model, notes, generation = _export(source, config, kind, dynamic, with_cache)
         tokenizer = None if kind == "image-classifier" else _tokenizer(source)
-        meta = {"kind": kind, "notes": notes}
+        meta = {"kind": kind, "notes": notes, "generation": generation.to_json() if generation else None}
         _write_cache(entry, model, meta, config, tokenizer)
-    return _describe(source, model, config, meta["kind"], meta["notes"], tokenizer)
+    loaded = _describe(source, model, config, meta["kind"], meta["notes"], tokenizer)
+    loaded.generation = GenerationInfo.from_json(meta["generation"]) if meta.get("generation") else None
+    return loaded
+
+
+def wants_cache(kv_cache: bool | None, dynamic: bool) -> bool:
+    """Whether a causal LM is exported with its KV cache; a static export with one is refused."""
+    if kv_cache and not dynamic:
+        from slimc.errors import OptionError
+
+        raise OptionError("a KV-cache export needs dynamic shapes (the cache grows by one token per step): drop "
+                          "--static / dynamic=False, or export without a cache (--no-kv-cache, kv_cache=False).")
+    return dynamic if kv_cache is None else bool(kv_cache)
+
+
+def is_causal_lm(module) -> bool:
+    """A transformers causal LM module (exported with its KV cache by default)."""
+    from slimc.frontends import hf_cache
+
+    return hf_cache.is_causal_lm(module)
+
+
+def load_causal_lm_module(module, *, input_names=None) -> LoadedModel:
+    """A transformers causal LM ``nn.Module``, exported with its KV cache (the inputs are the cache
+    interface's, so no example inputs are needed; the module is not changed)."""
+    from slimc.frontends import hf_cache
+
+    if input_names is not None:
+        raise ModelLoadError("input_names cannot rename a KV-cache export's inputs (slimc.kvcache fixes them); "
+                             "drop input_names, or export without a cache (kv_cache=False).")
+    label = type(module).__name__
+    was_training = module.training
+    try:
+        model = hf_cache.export(module.eval(), label=label)
+    finally:
+        module.train(was_training)
+    inputs = infer_input_specs(model)
+    vocab = _vocab_size(module.config)
+    for spec in inputs:
+        if spec.name == "input_ids" and vocab:
+            spec.kind, spec.high = "tokens", vocab
+    return LoadedModel(model=model, inputs=inputs, task="causal-lm", source=f"{label} (PyTorch module)",
+                       generation=hf_cache.generation_info(module))
 
 
 def _source(path: Path) -> _Source:
@@ -181,7 +235,7 @@ def _cache_root(cache_dir) -> Path:
     return Path(cache_dir or os.environ.get("SLIMC_CACHE_DIR") or default)
 
 
-def _cache_key(source: _Source, dynamic: bool) -> str:
+def _cache_key(source: _Source, dynamic: bool, kv_cache: bool = True) -> str:
     """Hash of what decides the export: the files (path, size, mtime) and the tool versions."""
     import transformers
 
@@ -189,7 +243,8 @@ def _cache_key(source: _Source, dynamic: bool) -> str:
 
     files = [source.path] if source.gguf else sorted(p for p in source.folder.iterdir() if p.is_file())
     stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    blob = json.dumps([stamps, __version__, torch.__version__, transformers.__version__, bool(dynamic)])
+    blob = json.dumps([stamps, __version__, torch.__version__, transformers.__version__, bool(dynamic),
+                       bool(kv_cache)])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -241,10 +296,16 @@ def _write_cache(entry: Path, model, meta: dict[str, Any], config, tokenizer) ->
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export(source: _Source, config, kind: str, dynamic: bool):
-    from slimc.frontends import torch_module
+def _export(source: _Source, config, kind: str, dynamic: bool, kv_cache: bool):
+    """(model, notes, generation info of a causal LM) exported from the weights."""
+    from slimc.frontends import hf_cache, torch_module
 
     module = _load_weights(source, kind)
+    generation = hf_cache.generation_info(module) if kind == "causal-lm" else None
+    if kind == "causal-lm" and kv_cache:
+        model = hf_cache.export(module, label=type(module).__name__)
+        CACHE_STATS.exports += 1
+        return model, [], generation
     wrapper = _SingleOutput.build(module, kind)
     example = _example_inputs(config, kind, wrapper, source)
     loaded = torch_module.load_module(
@@ -252,7 +313,7 @@ def _export(source: _Source, config, kind: str, dynamic: bool):
         label=type(module).__name__,
     )
     CACHE_STATS.exports += 1
-    return loaded.model, loaded.notes
+    return loaded.model, loaded.notes, generation
 
 
 def _load_weights(source: _Source, kind: str):

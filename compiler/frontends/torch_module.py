@@ -152,13 +152,15 @@ def _widen(value, spec):
     return value
 
 
-def export_program(module, args: tuple, kwargs: dict, *, dynamic: bool = True, label: str | None = None):
-    """``torch.export.export`` the module in eval mode, with typed errors."""
+def export_program(module, args: tuple, kwargs: dict, *, dynamic: bool = True, label: str | None = None,
+                   shapes: Any = None):
+    """``torch.export.export`` the module in eval mode, with typed errors. ``shapes``: the caller's own
+    ``dynamic_shapes`` (its example already avoids sizes 0 and 1), else `dynamic_shapes_for` when ``dynamic``."""
     import torch
 
     label = label or type(module).__name__
-    dynamic_shapes = dynamic_shapes_for(args, kwargs) if dynamic else None
-    if dynamic_shapes is not None:
+    dynamic_shapes = shapes if shapes is not None else (dynamic_shapes_for(args, kwargs) if dynamic else None)
+    if dynamic_shapes is not None and shapes is None:
         if kwargs:
             kwargs = {k: _widen(v, dynamic_shapes[k]) for k, v in kwargs.items()}
         else:
