@@ -33,7 +33,8 @@ from slimc.kvcache import CacheSpec
 
 NO_CACHE_HINT = (
     "Export it with the KV cache: load the Hugging Face folder or .gguf with slimc (its causal-LM export "
-    "takes past_key_values.N.key/value and returns present.N.key/value), or build it with ONNX Runtime "
+    "takes past_key_values.N.key/value and returns present.N.key/value unless --no-kv-cache / kv_cache=False "
+    "or --static was given), or build it with ONNX Runtime "
     "GenAI's model builder (python -m onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p fp32 -e cpu)."
 )
 

@@ -82,6 +82,12 @@ class TextStream:
         return full[len(done):]
 
 
+def stream_text(tokenizer: Any, prompt_ids: list[int], tokens: list[int]) -> str:
+    """The text `TextStream` streams for ``tokens`` after ``prompt_ids``, in one go."""
+    stream = TextStream(tokenizer, prompt_ids)
+    return "".join(stream.push(t) for t in tokens) + stream.flush()
+
+
 def load_tokenizer(folder: Path) -> Any:
     """The transformers tokenizer saved in ``folder`` (tokenizer.json etc.), or a typed error."""
     folder = Path(folder)
@@ -191,8 +197,8 @@ class TextGenerator:
             tail = stream.flush()
             if tail:
                 on_text(tail)
-        texts = [self.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True,
-                                       clean_up_tokenization_spaces=False) for row in rows]
+        # decoded as streamed (with the prompt's last tokens as context), so the text joins the prompt as printed
+        texts = [stream_text(self.tokenizer, p, [t for t in row if t not in eos]) for p, row in zip(ids, rows)]
         return GenerationResult(text=texts[0], tokens=rows[0], stats=stats, texts=texts, all_tokens=rows)
 
 

@@ -206,3 +206,23 @@ def test_public_api_one_call(llama):
     result = slimc.generate_text(llama[1] / "model.onnx", PROMPT, max_new_tokens=5, temperature=0.7, seed=1)
     again = slimc.generate_text(llama[1] / "model.onnx", PROMPT, max_new_tokens=5, temperature=0.7, seed=1)
     assert result.tokens == again.tokens and len(result.tokens) == 5 and str(result) == result.text
+
+
+def test_stream_keeps_the_space_a_sentencepiece_token_carries():
+    """Metaspace tokenizers (Llama, Mistral) drop a word's leading space at the start of a decoded string:
+    the streamed text, decoded with the prompt's last tokens as context, keeps it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimc.textgen import stream_text
+
+    words = ["<unk>", "▁The", "▁capital", "▁is", "▁Paris", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    prompt = fast("The capital is")["input_ids"]
+    assert fast.decode([4, 5]) == "Paris."  # decoded alone, the space is gone
+    assert stream_text(fast, prompt, [4, 5]) == " Paris."
+    stream = TextStream(fast, prompt)
+    assert [stream.push(4), stream.push(5), stream.flush()] == [" Paris", ".", ""]
