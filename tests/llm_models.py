@@ -63,3 +63,17 @@ def genai_build(hf_folder: Path, out: Path, precision: str = "fp32") -> Path:
     if done.returncode != 0 or not (out / "model.onnx").is_file():
         raise RuntimeError(f"the GenAI model builder failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return out
+
+
+def gpt2_folder(folder: Path, seed: int = 0) -> Path:
+    """A random GPT-2 (learned positions, 4 heads, no GQA) with the same tokenizer, saved to ``folder``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
+                        eos_token_id=1)
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

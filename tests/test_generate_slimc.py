@@ -92,3 +92,10 @@ def test_int4_guard_times_a_decode_step(folder):
     assert report.details["guard"]["feed"] == "decode step 1x1, past 64"  # synthetic sample: 64 tokens
     prefill = Int4(force=True, latency_seq=8).apply(frontends.load(folder).model, PassContext(loaded=loaded))
     assert prefill.details["guard"]["feed"] == "1x8"
+
+
+def test_gpt2_learned_positions_left_padded_batch_equals_transformers(tmp_path):
+    folder = llm_models.gpt2_folder(tmp_path / "gpt2")
+    prompts = [PROMPT, "hello"]
+    result = slimc.open_generator(folder).generate(prompts, max_new_tokens=8, eos_token_ids=())
+    assert result.all_tokens == _hf_greedy(folder, prompts, 8)
