@@ -99,3 +99,12 @@ def test_gpt2_learned_positions_left_padded_batch_equals_transformers(tmp_path):
     prompts = [PROMPT, "hello"]
     result = slimc.open_generator(folder).generate(prompts, max_new_tokens=8, eos_token_ids=())
     assert result.all_tokens == _hf_greedy(folder, prompts, 8)
+
+
+def test_fused_graph_generates_the_same_left_padded_batch(folder, gen):
+    result = slimc.compile(folder, "fuse", seq_len=16, measure_latency=False)
+    ops = {node.op_type for node in result.model.graph.all_nodes()}
+    assert "RotaryEmbedding" in ops and "SimplifiedLayerNormalization" in ops
+    prompts = [PROMPT, "hello"]
+    out = result.generate(prompts, max_new_tokens=8, eos_token_ids=())
+    assert out.all_tokens == gen.generate(prompts, max_new_tokens=8, eos_token_ids=()).all_tokens
