@@ -308,6 +308,8 @@ def _open_frontend(path: Path, tokenizer: str | Path | None, threads: int | None
 def stage_model(model, work: Path, tokenizer: Any, folder: Path | None, threads: int | None,
                 spec: CacheSpec | None = None, generation: Any = None) -> TextGenerator:
     """Save an IR model to ``work`` and wrap a session of it (prepacked weights, as deployed)."""
+    import onnx_ir as ir
+
     from slimc.backends import onnxruntime as ort_backend
     from slimc.kvcache import cache_spec
     from slimc.onnx_io import save_onnx
@@ -316,7 +318,9 @@ def stage_model(model, work: Path, tokenizer: Any, folder: Path | None, threads:
     if spec is None:
         raise NoKVCacheError(f"this model has no KV cache (no past_key_values.N.key/value inputs). {NO_CACHE_HINT}")
     path = work / "generate.onnx"
-    save_onnx(model, path)
+    # memory-mapped weights are streamed to an external data file, not copied into one protobuf
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    save_onnx(model, path, external_data=True if external else None)
     session = ort_backend.create_session(path, threads)
     ops = {node.op_type for node in model.graph.all_nodes()}
     return from_session(session, tokenizer, folder, spec=spec, op_types=ops, generation=generation)
