@@ -82,6 +82,7 @@ class CompileResult:
     _workdir: Any = dataclasses.field(repr=False, default=None)
     _example: Any = dataclasses.field(repr=False, default=None)  # a batch to trace the .pt2 with
     _program: Any = dataclasses.field(repr=False, default=None)
+    _generator: Any = dataclasses.field(repr=False, default=None)  # (threads, TextGenerator) of generate()
     _external_input: bool = False  # the input's weights were in external data files: so are the result's
 
     def save(self, path: str | os.PathLike) -> list[Path]:
@@ -111,6 +112,30 @@ class CompileResult:
         if self.receipt.target is not None:  # the receipt names the files as written, not as in the work folder
             self.receipt.target["files"] = [{"name": p.name, "bytes": p.stat().st_size} for p in written]
         return written
+
+    def generate(self, prompt: str | list[str], *, chat: bool = False, on_text=None, threads: int | None = None,
+                 tokenizer: Any = None, **options: Any):
+        """Generate text with the compressed model (a causal LM with the KV cache; see docs/generate.md):
+        returns a `slimc.textgen.GenerationResult` (``.text``, ``.tokens``, ``.stats``). ``options``:
+        ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``eos_token_ids``. The session
+        is built on the first call and kept for the next. ``tokenizer``: a folder or tokenizer object,
+        for a model loaded without one (an ``.onnx`` file)."""
+        from slimc.errors import ModelLoadError
+        from slimc.textgen import load_tokenizer, stage_model
+
+        if tokenizer is not None:
+            self.loaded.tokenizer = load_tokenizer(Path(tokenizer)) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+            self._generator = None
+        if self._generator is None or self._generator[0] != threads:
+            if self.loaded.tokenizer is None:
+                raise ModelLoadError("this model has no tokenizer to turn a prompt into ids: pass tokenizer=FOLDER "
+                                     "(where its tokenizer was saved), or compile it from a folder that holds one.")
+            folder = self.loaded.source_paths[0] if self.loaded.source_paths else None
+            folder = folder if folder is not None and Path(folder).is_dir() else None
+            work = Path(workdirs.new("generate").name) if self._workdir is None else Path(self._workdir.name)
+            self._generator = (threads, stage_model(self.model, work, self.loaded.tokenizer, folder, threads,
+                                                    generation=getattr(self.loaded, "generation", None)))
+        return self._generator[1].generate(prompt, chat=chat, on_text=on_text, **options)
 
 
 def compile(  # noqa: A001 - the public verb of a compiler
@@ -227,6 +252,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
     # not measured in the receipt, never allowed to lose the result.
     latency = measure.measured("latency", lambda: measure.latency(baseline, current, verify_batches[0], loaded.inputs,
                                                                   threads, weight_bytes)) if measure_latency else None
+    decode = measure.measured("decode speed", lambda: _decode(baseline, current, verify_batches[0], loaded, seq_len, threads,
+                                                               weight_bytes)) if measure_latency and _generates(current) else None
     fidelity = measure.measured("fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded, budget))
     guard = fidelity_guard.check(fidelity, loaded.task, bounds)  # refuses before the (slow) export
     for warning in guard["warnings"]:
@@ -248,7 +275,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
         source=loaded.source, task=loaded.task, passes=reports, before=before, after=after, fidelity=fidelity,
         verification=verification, latency=latency, notes=_notes(loaded, calib, evalset), version=__version__,
         target=exported.report if exported is not None else None, backend=backend_report,
-        fidelity_guard=guard, warnings=list(guard["warnings"]),
+        fidelity_guard=guard, warnings=list(guard["warnings"]), decode=decode,
     )
     result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, module=module,
                            _workdir=workdir, _example=verify_batches[0], _external_input=external_input)
@@ -264,6 +291,24 @@ def compile(  # noqa: A001 - the public verb of a compiler
 
 BACKENDS = ("onnxruntime", "triton")
 QUANTIZERS = ("int8", "int4", "fp16")
+
+
+def _generates(stage: Stage) -> bool:
+    """Whether the staged model has the KV-cache interface (`slimc.kvcache`): its decode speed is measured."""
+    from slimc.textgen import spec_from_session
+
+    return spec_from_session(stage.session) is not None
+
+
+def _decode(baseline: Stage, current: Stage, batch, loaded: LoadedModel, seq_len: int, threads, weight_bytes) -> dict:
+    """The receipt's decode figures (`slimc.measure_decode`): time to first token, decode tokens/s."""
+    from slimc.measure_decode import decode
+
+    vocab = next((s.high for s in loaded.inputs if s.name == "input_ids" and s.kind == "tokens"), None)
+    folder = next((p for p in loaded.source_paths[:1] if Path(p).is_dir()), None)
+    mapped = [*getattr(baseline.session, "slimc_arrays", []), *getattr(current.session, "slimc_arrays", [])]
+    return decode({"before": baseline.path, "after": current.path}, batch, seq_len, vocab=vocab, folder=folder,
+                  threads=threads, weight_bytes=weight_bytes, mapped=mapped)
 
 
 def _check_options(threads: Any, seq_len: Any) -> None:

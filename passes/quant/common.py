@@ -102,6 +102,8 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
 
     ``seq`` cuts token inputs (integer inputs with a sequence axis) to their first ``seq``
     positions: ``seq=1`` times a decode-sized step, the calibration length times a prefill.
+    A causal LM with a KV cache (`slimc.kvcache`) and ``seq=None`` is timed as it generates: one
+    decode step after the sample's tokens (a past of that length; `slimc.measure_decode`).
     """
     from slimc import data
     from slimc.data_batching import first_samples
@@ -115,9 +117,25 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
         raise DataError("the latency guard needs an example input: pass calibration data.")
     inputs = ctx.loaded.inputs if ctx is not None and ctx.loaded is not None else None
     feed = first_samples(batch, inputs, 1)
+    if seq is None and model is not None:
+        step = _decode_step(model, feed)
+        if step is not None:
+            return step
     if seq is not None:
         feed = {k: (v[:, :seq] if v.ndim >= 2 and not np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
     return feed
+
+
+def _decode_step(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """A decode-step feed after the sample's tokens, for a graph with a KV cache (else None)."""
+    from slimc.kvcache import cache_spec
+    from slimc.measure_decode import synthetic_step_feed
+
+    spec = cache_spec(model)
+    ids = feed.get("input_ids")
+    if spec is None or ids is None or np.ndim(ids) != 2 or np.shape(ids)[1] == 0:
+        return None
+    return synthetic_step_feed(spec, np.asarray(ids), {v.name for v in model.graph.inputs})
 
 
 @dataclasses.dataclass
@@ -176,6 +194,9 @@ def guard(pass_name: str, before: ir.Model, after: ir.Model, feed: Mapping[str, 
         times = measure({"before": before, "after": after}, feed, threads)
         before_ms, after_ms = times["before"], times["after"]
     shape = "x".join(str(d) for d in next(iter(feed.values())).shape) if feed else "scalar"
+    past = next((v.shape[2] for k, v in feed.items() if k.startswith("past_key_values.") and np.ndim(v) == 4), 0)
+    if past:  # a causal LM timed as it generates (`latency_feed`)
+        shape = f"decode step {shape}, past {past}"
     result = GuardResult(before_ms, after_ms, before_ms / after_ms, shape, machine_description(threads))
     if result.speedup < min_speedup and not force:
         raise LatencyGuardError(

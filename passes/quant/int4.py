@@ -102,8 +102,9 @@ class Int4(Pass):
             matches stays float (e.g. `[lm_head*]`).
         min_speedup: the latency guard refuses a result whose measured speed-up is below this.
         force: keep the result whatever the guard measures (e.g. for the size).
-        latency_seq: cut token inputs to this many positions for the guard's timing (`1` times one
-            decode step); none times the calibration length (a prefill).
+        latency_seq: cut token inputs to this many positions for the guard's timing (a forward of that
+            many tokens). none: a causal LM with a KV cache is timed on one decode step after the
+            calibration sample's tokens (a past of that length), other models on the calibration length.
         embedding: also quantize token embedding tables (Gather over a constant [vocab, hidden]
             table) to 4-bit GatherBlockQuantized, round to nearest; a tied lm_head's MatMulNBits
             weight is shared with the lookup, so no float copy of the table remains.
@@ -406,6 +407,7 @@ class Int4(Pass):
                 return None  # nothing to time on, and the user keeps the result regardless
             raise DataError(f"int4: {exc} Or use int4(force=true) to skip the latency check.") from exc
         tokens = any(v.ndim >= 2 and v.shape[1] > 1 and not np.issubdtype(v.dtype, np.floating) for v in feed.values())
+        tokens = tokens and not any(k.startswith("past_key_values.") for k in feed)  # already a decode step
         hint = ("4-bit weights pay off when few rows are multiplied at a time (decoding), less in a prefill: "
                 "int4(latency_seq=1) times one decode step.") if tokens and self.latency_seq is None else ""
         return common.guard(self.name, before, after, feed, min_speedup=self.min_speedup, force=self.force, threads=ctx.threads,

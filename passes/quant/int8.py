@@ -101,8 +101,9 @@ class Int8(Pass):
         min_speedup: the latency guard's threshold: a result measured slower than this is refused
             (`LatencyGuardError`, model unchanged).
         force: keep a result the latency guard refuses (e.g. for the size).
-        latency_seq: sequence length of the guard's timing input for token models (`1` times a
-            decode step); none times the calibration length.
+        latency_seq: sequence length of the guard's timing input for token models (a forward of that
+            many tokens). none: a causal LM with a KV cache is timed on one decode step after the
+            calibration sample's tokens (a past of that length), other models on the calibration length.
     """
 
     mode: Literal["auto", "static", "dynamic"] = "auto"
