@@ -20,6 +20,7 @@ from slimc.errors import (
     LatencyGuardError,
     MissingExtraError,
     ModelLoadError,
+    NoKVCacheError,
     OptionError,
     OutputPathError,
     PassConfigError,
@@ -41,11 +42,16 @@ _LAZY = {
     "PassContext": "slimc.pipeline",
     "Receipt": "slimc.receipt",
     "parse_pipeline": "slimc.pass_spec",
+    "generate_text": "slimc.textgen",
+    "open_generator": "slimc.textgen",
+    "SamplingConfig": "slimc.generate",
+    "GenerationStats": "slimc.generate",
+    "GenerationResult": "slimc.textgen",
 }
 
 __all__ = [
     "BackendError", "DataError", "ExportError", "FidelityGuardError", "LatencyGuardError", "MissingExtraError",
-    "ModelLoadError", "OptionError", "OutputPathError", "PassConfigError", "PassFailedError", "SlimcError", "TargetError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
+    "ModelLoadError", "NoKVCacheError", "OptionError", "OutputPathError", "PassConfigError", "PassFailedError", "SlimcError", "TargetError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
 ]
 
 

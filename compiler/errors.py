@@ -19,6 +19,11 @@ class UnsafeModelError(ModelLoadError):
     """The model format can execute arbitrary code when loaded (pickled ``.pt``)."""
 
 
+class NoKVCacheError(ModelLoadError):
+    """Generation was asked of a graph without ``past_key_values.*`` inputs (no KV cache): each token would
+    recompute the whole prefix. The message says how to export the model with the cache."""
+
+
 class ExportError(SlimcError):
     """A PyTorch / Hugging Face model could not be exported to ONNX."""
 

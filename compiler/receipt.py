@@ -34,6 +34,8 @@ class Receipt:
         version: the slimc version that wrote it.
         target: with ``target=``: the artifact, its fidelity and latency in the target runtime.
         backend: with ``backend="triton"``: the torch module, its agreement with ONNX Runtime, torch latency.
+        decode: causal LMs with a KV cache: time to first token and decode tokens/s at batch 1, both models
+            alternating (`slimc.measure_decode`).
     """
 
     source: str
@@ -50,6 +52,7 @@ class Receipt:
     backend: dict[str, Any] | None = None  # the torch/Triton backend: lowering, agreement with ORT, latency
     fidelity_guard: dict[str, Any] | None = None  # slimc.fidelity_guard: collapse threshold and max_loss checks
     warnings: list[str] = dataclasses.field(default_factory=list)  # loud: shown first in the table
+    decode: dict[str, Any] | None = None  # slimc.measure_decode: time to first token, decode tokens/s
 
     @property
     def speedup(self) -> float | None:
@@ -123,6 +126,7 @@ def render(r: Receipt) -> str:
     if a.get("macs_unresolved_nodes"):
         lines.append(f"  ({a['macs_unresolved_nodes']} weighted nodes had unresolved shapes and are not in the MAC count)")
     lines += _latency_lines(r.latency)
+    lines += _decode_lines(r.decode)
     lines += _op_change_lines(b["op_histogram"], a["op_histogram"])
     lines += ["", _fidelity_header(r.fidelity)] + _metric_lines(r.fidelity.get("metrics", {}))
     lines += _guard_lines(r.fidelity_guard)
@@ -162,6 +166,27 @@ def _latency_lines(lat: dict[str, Any] | None) -> list[str]:
         _row(f"latency median ({lat['feed']})", f"{before:.2f} ms", f"{after:.2f} ms", change),
         f"    measured on {lat['machine']}; {lat['after']['runs']} runs each, alternating, after warm-up"
         + ("; one model in memory at a time (large weights)" if lat.get("one_at_a_time") else ""),
+    ]
+
+
+def _decode_lines(dec: dict[str, Any] | None) -> list[str]:
+    if not dec:
+        return []
+    if "error" in dec:
+        return [_row("decode speed (ORT)", "-", "-", f"not measured: {dec['error']}")]
+    ttft, step, tps = dec["time_to_first_token"], dec["decode_step"], dec["tokens_per_s"]
+
+    def change(lat: dict[str, Any]) -> str:
+        speed = lat["speedup"]
+        if within_noise(lat):
+            return f"no measurable change ({speed:.2f}x, inside the p10-p90 spread)"
+        return f"{speed:.2f}x {'faster' if speed >= 1 else 'SLOWER'}"
+
+    return [
+        _row(f"time to first token ({dec['prompt_tokens']} tokens)", f"{ttft['before']['median_ms']:.2f} ms",
+             f"{ttft['after']['median_ms']:.2f} ms", change(ttft)),
+        _row(f"decode tokens/s (batch 1, past {step['past_tokens']})", f"{tps['before']:.1f}", f"{tps['after']:.1f}",
+             change(step)),
     ]
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 import zoo  # noqa: E402
 
-from slimc import frontends  # noqa: E402
+from slimc import frontends, kvcache  # noqa: E402
 from slimc.errors import ExportError, ModelLoadError, UnsafeModelError  # noqa: E402
 from slimc.frontends import huggingface  # noqa: E402
 
@@ -179,6 +179,7 @@ def test_cache_key_follows_files_and_flags(tmp_path):
     key = huggingface._cache_key(source, dynamic=True)
     assert key == huggingface._cache_key(source, dynamic=True)
     assert key != huggingface._cache_key(source, dynamic=False)
+    assert key != huggingface._cache_key(source, dynamic=True, kv_cache=False)  # the plain form is another export
     weights.write_bytes(b"xy")  # size (and mtime) change: the export is stale
     assert key != huggingface._cache_key(source, dynamic=True)
 
@@ -286,12 +287,15 @@ def test_smollm2_gguf_matches_pytorch_and_caches(tmp_path):
     assert (ids.high, ids.shape) == (49152, ("batch", "seq"))
     prompts = ["The capital of France is", "Once upon a time, there was a little"]
     feeds = dict(loaded.tokenizer(prompts, padding=True, return_tensors="pt"))
-    (got,) = run_onnx(loaded.model, feeds)
+    # the KV-cache graph (the default) as a full forward: an empty past, positions from the mask
+    positions = kvcache.position_ids(feeds["attention_mask"].numpy())
+    spec = kvcache.cache_spec(loaded.model)
+    got = run_onnx(loaded.model, {**feeds, "position_ids": positions, **spec.empty_past(len(prompts))})[0]
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     with torch.no_grad():
-        ref = reference(**feeds, use_cache=False).logits.numpy()
+        ref = reference(**feeds, position_ids=torch.from_numpy(positions), use_cache=False).logits.numpy()
     assert_close([got], [ref])
     last = int(feeds["attention_mask"][0].sum()) - 1  # right padding: the prompt's last real token
     assert got[0, last].argmax() == ref[0, last].argmax()

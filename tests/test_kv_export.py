@@ -164,14 +164,28 @@ def test_export_has_the_cache_interface(exported, name):
     assert (gen.eos_token_ids, gen.bos_token_id, gen.pad_token_id, gen.context_length) == ([2], 1, 0, 128)
 
 
-def test_no_kv_cache_keeps_the_plain_form_and_its_own_cache_entry(exported, folders):
+def test_no_kv_cache_keeps_the_plain_form_and_its_own_cache_entry(exported, folders, monkeypatch, capsys):
+    import json
+
+    from slimc.tools.cli import main
+
     plain = exported("llama", kv_cache=False)
     assert [v.name for v in plain.model.graph.inputs] == ["input_ids", "attention_mask"]
     assert [v.name for v in plain.model.graph.outputs] == ["logits"]
     assert kvcache.cache_spec(plain.model) is None and plain.generation.eos_token_ids == [2]
     assert kvcache.cache_spec(exported("llama").model) is not None  # the cached export is another entry
+    from slimc.frontends import huggingface
+
+    hits = huggingface.CACHE_STATS.hits
+    again = frontends.load(folders["llama"], cache_dir=folders["cache"])
+    assert huggingface.CACHE_STATS.hits == hits + 1 and again.generation == exported("llama").generation
+    assert [v.name for v in again.model.graph.inputs] == [v.name for v in exported("llama").model.graph.inputs]
     with pytest.raises(OptionError, match="dynamic shapes"):
         frontends.load(folders["llama"], cache_dir=folders["cache"], dynamic=False, kv_cache=True)
+    monkeypatch.setenv("SLIMC_CACHE_DIR", str(folders["cache"]))  # both forms are cached there by now
+    for flags, names in (([], 7), (["--no-kv-cache"], 2)):
+        assert main(["inspect", str(folders["llama"]), "--json", *flags]) == 0
+        assert len(json.loads(capsys.readouterr().out)["inputs"]) == names
 
 
 # ---- against transformers -------------------------------------------------------------------------
@@ -211,6 +225,12 @@ def test_module_path_exports_the_cache_and_leaves_the_module_alone():
     eager = _llama()
     eager.set_attn_implementation("eager")
     np.testing.assert_array_equal(greedy(loaded.model, ids, mask, 6), _generate(eager, ids, mask, 6))
+    # without a cache: logits only, although the config says use_cache (a returned cache cannot be traced)
+    assert module.config.use_cache
+    plain = frontends.load(module, {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)},
+                           kv_cache=False)
+    assert [v.name for v in plain.model.graph.outputs] == ["logits"] and plain.task == "causal-lm"
+    assert module.config.use_cache and module.config._attn_implementation != "eager"
 
 
 # ---- slimc's own feeds and the passes ---------------------------------------------------------------
@@ -258,3 +278,46 @@ def test_synthetic_and_array_feeds_get_an_empty_past_and_positions(exported):
     given = data.load({"input_ids": ids, "attention_mask": mask}, loaded, role="evaluation")[0]
     assert given["past_key_values.1.value"].shape == (2, 2, 0, 8)
     np.testing.assert_array_equal(given["position_ids"][1], [1, 1, 1, 0, 1, 2, 3])  # generate()'s positions
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_generates_like_transformers(tmp_path):
+    from slimc.tools import models
+
+    path = models.smollm2_gguf()
+    loaded = frontends.load(path, cache_dir=tmp_path)
+    spec = kvcache.cache_spec(loaded.model)
+    assert len(spec.layers) == 30 and {(layer.kv_heads, layer.head_dim) for layer in spec.layers} == {(3, 64)}
+    assert loaded.generation.eos_token_ids and loaded.generation.context_length == 8192
+    tokenizer = loaded.tokenizer
+    tokenizer.padding_side = "left"
+    feeds = tokenizer(["The capital of France is", "Once upon a time, there was a little"], padding=True,
+                      return_tensors="np")
+    ids, mask = feeds["input_ids"].astype(np.int64), feeds["attention_mask"].astype(np.int64)
+    reference = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                        dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = reference.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                 max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+    np.testing.assert_array_equal(greedy(loaded.model, ids, mask, 16), out[:, ids.shape[1]:].numpy())
+
+
+# ---- what other passes still owe the cache (strict xfails: they fail loudly once fixed) --------------
+
+
+@pytest.mark.xfail(strict=True, raises=slimc.SlimcError,
+                   reason="prune does not yet change the cache's head count: the past/present tensors block "
+                          "heads and kv_heads groups (NothingToDoError naming them)")
+def test_prune_kv_heads_changes_the_cache_head_count(exported, folders):
+    result = slimc.compile(exported("llama"), "prune(target=kv_heads, ratio=0.5)", calibration=str(folders["text"]),
+                           seq_len=32, measure_latency=False)
+    assert {layer.kv_heads for layer in kvcache.cache_spec(result.model).layers} == {1}
+
+
+@pytest.mark.xfail(strict=True, reason="layerskip keeps a skipped block's cache entries (its k/v projections "
+                                       "still feed present.{i}.key/value)")
+def test_layerskip_drops_the_skipped_blocks_cache_entries(exported, folders):
+    result = slimc.compile(exported("llama"), "layerskip(count=1, protect_first=0, measure_latency=false)",
+                           calibration=str(folders["text"]), seq_len=32, measure_latency=False)
+    assert len(kvcache.cache_spec(result.model).layers) == 1

@@ -37,7 +37,8 @@ def _tokens(batch: int, seq: int, names) -> dict[str, np.ndarray]:
 def test_smollm2_gqa_groups_and_kv_group_pruning(tmp_path):
     from slimc.tools.models import smollm2_gguf
 
-    loaded = frontends.load(smollm2_gguf())
+    # the plain form: prune cannot yet change a KV cache's head count (tests/test_kv_export.py)
+    loaded = frontends.load(smollm2_gguf(), kv_cache=False)
     groups = DependencyGraph(ir.serde.deserialize_model(ir.serde.serialize_model(loaded.model))).groups()
     layer0 = {g.kind: g.size for g in groups if ".layers.0." in g.name and not g.is_blocked()}
     # 9 query heads in 3 KV groups of 3, head dim 64, FFN 1536

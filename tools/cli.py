@@ -7,6 +7,8 @@
     slimc inspect MODEL               inputs, outputs, params, MACs, op histogram
     slimc inspect MODEL --groups      ... and every pruning group: kind, size, prunable or blocked and why
     slimc demo [--model minilm]       compress a real pretrained model and print the receipt
+    slimc generate MODEL --prompt "..." [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]
+                                      stream text from a causal LM with a KV cache; tokens/s at the end
 
 Errors a user can cause print one message (no traceback) and exit 2; bugs exit 1.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 from slimc import progress
 from slimc.errors import SlimcError
 
-SUBCOMMANDS = ("passes", "inspect", "demo")
+SUBCOMMANDS = ("passes", "inspect", "demo", "generate")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +96,8 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--model", choices=sorted(DEMO_MODELS), default="minilm", help="which real model (default: minilm)")
         p.add_argument("--passes", default=None, help="pipeline to run (default: the demo's)")
         p.add_argument("-o", "--output", type=Path, default=Path("slimc-demo"), help="folder for the model and receipt")
+    elif command == "generate":
+        _generate_options(p)
     _common(p)
     return p
 
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
-        return {"compile": _cmd_compile, "passes": _cmd_passes, "inspect": _cmd_inspect, "demo": _cmd_demo}[command](args)
+        return {"compile": _cmd_compile, "passes": _cmd_passes, "inspect": _cmd_inspect, "demo": _cmd_demo,
+                "generate": _cmd_generate}[command](args)
     except SlimcError as exc:
         print(f"slimc: error: {exc}", file=sys.stderr)
         return 2
@@ -276,6 +281,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from slimc.tools.demo import run_demo
 
     run_demo(args.model, args.output, passes=args.passes, quiet=args.quiet)
+    return 0
+
+
+def _generate_options(p: argparse.ArgumentParser) -> None:
+    p.description = "Generate text from a causal LM with a KV cache, streaming tokens to stdout (docs/generate.md)."
+    p.add_argument("model", help=".onnx with the KV-cache interface (tokenizer beside it or --tokenizer), Hugging Face "
+                   "folder or .gguf (exported by slimc with the cache), or a folder with genai_config.json "
+                   "(run by onnxruntime_genai)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="stop after this many new tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample at this temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the K most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample only from the smallest set reaching probability P (default 1: off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling (repeatable output)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
+    p.add_argument("--tokenizer", type=Path, help="folder of the tokenizer (default: the model's folder)")
+    p.add_argument("--threads", type=_positive_int, help="ORT intra-op threads (default: all cores)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import slimc
+
+    stats = slimc.generate_text(
+        args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, chat=args.chat, tokenizer=args.tokenizer, threads=args.threads,
+        on_text=lambda piece: print(piece, end="", flush=True),
+    ).stats
+    print(flush=True)
+    if not args.quiet:
+        print(f"slimc: {stats.summary()}", file=sys.stderr)
     return 0
 
 

@@ -51,10 +51,13 @@ def load(
     from slimc.frontends import torch_module
 
     if torch_module.is_torch_module(source):
-        from slimc.frontends import huggingface
+        from slimc.frontends import hf_cache
 
-        if huggingface.wants_cache(kv_cache, dynamic) and huggingface.is_causal_lm(source):
-            return huggingface.load_causal_lm_module(source, input_names=input_names)
+        if hf_cache.is_causal_lm(source):
+            if hf_cache.wants_cache(kv_cache, dynamic):
+                return hf_cache.load_causal_lm_module(source, input_names=input_names)
+            return hf_cache.load_plain_causal_lm_module(source, example_inputs, input_names=input_names,
+                                                        dynamic=dynamic)
         return torch_module.load_module(source, example_inputs, input_names=input_names, dynamic=dynamic)
     raise ModelLoadError(
         f"cannot compile a {type(source).__name__}: pass an .onnx path, a Hugging Face folder, a .gguf or "

@@ -28,7 +28,8 @@ from typing import Any
 import onnx_ir as ir
 
 from slimc import kvcache
-from slimc.errors import ExportError
+from slimc.errors import ExportError, ModelLoadError, OptionError
+from slimc.model import LoadedModel, infer_input_specs
 
 try:
     import torch
@@ -95,6 +96,19 @@ def eager_attention(model) -> Iterator[None]:
             model.set_attn_implementation(before)
 
 
+@contextlib.contextmanager
+def without_cache(model) -> Iterator[None]:
+    """``use_cache`` off while exporting the plain form (a returned cache object cannot be traced), restored
+    after."""
+    config = model.config
+    before = getattr(config, "use_cache", None)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = before
+
+
 def example(model) -> tuple[dict, list[str], list[str]]:
     """(keyword example inputs, input names, output names) for the trace: the model's own cache of
     ``_EXAMPLE_PAST`` tokens, then ``_EXAMPLE_SEQ`` new tokens."""
@@ -104,11 +118,18 @@ def example(model) -> tuple[dict, list[str], list[str]]:
     b, s, p = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST
     ids = torch.randint(0, vocab, (b, p + s), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=ids[:, :p], attention_mask=torch.ones(b, p, dtype=torch.long), use_cache=True,
-              **{cache_argument(model): cache})
-    past = [t.detach().clone() for layer in cache.layers for t in (layer.keys, layer.values)]
-    if not past or any(t is None or t.dim() != 4 for t in past):
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :p], attention_mask=torch.ones(b, p, dtype=torch.long), use_cache=True,
+                  **{cache_argument(model): cache})
+        past = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    except Exception as exc:  # a model whose cache DynamicCache cannot hold (state-space, hybrid layers...)
+        raise ExportError(
+            f"{type(model).__name__} does not run with a transformers DynamicCache ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); export it without a KV cache (--no-kv-cache, kv_cache=False)."
+        ) from exc
+    past = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in past]
+    if not past or any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in past):
         raise ExportError(
             f"{type(model).__name__} keeps a cache that is not one key and one value tensor "
             "[batch, heads, length, head_dim] per layer, so slimc cannot export it with a KV cache; "
@@ -205,3 +226,46 @@ def generation_info(model) -> kvcache.GenerationInfo:
         pad_token_id=None if pad is None else int(pad), context_length=context,
         model_type=getattr(config, "model_type", None), vocab_size=getattr(config, "vocab_size", None),
     )
+
+
+def wants_cache(kv_cache: bool | None, dynamic: bool) -> bool:
+    """Whether a causal LM is exported with its KV cache; a static export with one is refused."""
+    if kv_cache and not dynamic:
+        raise OptionError("a KV-cache export needs dynamic shapes (the cache grows by one token per step): drop "
+                          "--static / dynamic=False, or export without a cache (--no-kv-cache, kv_cache=False).")
+    return dynamic if kv_cache is None else bool(kv_cache)
+
+
+def load_causal_lm_module(module, *, input_names=None) -> LoadedModel:
+    """A transformers causal LM ``nn.Module``, exported with its KV cache (the inputs are the cache
+    interface's, so no example inputs are needed; the module is not changed)."""
+    if input_names is not None:
+        raise ModelLoadError("input_names cannot rename a KV-cache export's inputs (slimc.kvcache fixes them); "
+                             "drop input_names, or export without a cache (kv_cache=False).")
+    label = type(module).__name__
+    was_training = module.training
+    try:
+        model = export(module.eval(), label=label)
+    finally:
+        module.train(was_training)
+    from slimc.frontends.huggingface import _vocab_size
+
+    inputs = infer_input_specs(model)
+    vocab = _vocab_size(module.config)
+    for spec in inputs:
+        if spec.name == "input_ids" and vocab:
+            spec.kind, spec.high = "tokens", vocab
+    return LoadedModel(model=model, inputs=inputs, task="causal-lm", source=f"{label} (PyTorch module)",
+                       generation=generation_info(module))
+
+
+def load_plain_causal_lm_module(module, example_inputs, *, input_names=None, dynamic: bool = True) -> LoadedModel:
+    """A transformers causal LM ``nn.Module`` without a KV cache (``logits`` only), exported from the
+    example inputs with eager attention; the module is restored afterwards."""
+    from slimc.frontends import torch_module
+
+    with eager_attention(module), without_cache(module):
+        loaded = torch_module.load_module(module, example_inputs, input_names=input_names, dynamic=dynamic,
+                                          task="causal-lm")
+    loaded.generation = generation_info(module)
+    return loaded

@@ -99,8 +99,10 @@ def load_pretrained(path: str | os.PathLike, *, dynamic: bool = True, cache_dir=
     ``kv_cache``: export a causal LM with past/present key-value tensors (`slimc.kvcache`); None (the
     default) means yes when ``dynamic``, since a static graph cannot take a growing cache.
     """
+    from slimc.frontends import hf_cache
+
     source = _source(Path(path))
-    with_cache = wants_cache(kv_cache, dynamic)
+    with_cache = hf_cache.wants_cache(kv_cache, dynamic)
     entry = _cache_root(cache_dir) / _cache_key(source, dynamic, with_cache)
     cached = _read_cache(entry)
     if cached is not None:
@@ -115,46 +117,6 @@ def load_pretrained(path: str | os.PathLike, *, dynamic: bool = True, cache_dir=
     loaded = _describe(source, model, config, meta["kind"], meta["notes"], tokenizer)
     loaded.generation = GenerationInfo.from_json(meta["generation"]) if meta.get("generation") else None
     return loaded
-
-
-def wants_cache(kv_cache: bool | None, dynamic: bool) -> bool:
-    """Whether a causal LM is exported with its KV cache; a static export with one is refused."""
-    if kv_cache and not dynamic:
-        from slimc.errors import OptionError
-
-        raise OptionError("a KV-cache export needs dynamic shapes (the cache grows by one token per step): drop "
-                          "--static / dynamic=False, or export without a cache (--no-kv-cache, kv_cache=False).")
-    return dynamic if kv_cache is None else bool(kv_cache)
-
-
-def is_causal_lm(module) -> bool:
-    """A transformers causal LM module (exported with its KV cache by default)."""
-    from slimc.frontends import hf_cache
-
-    return hf_cache.is_causal_lm(module)
-
-
-def load_causal_lm_module(module, *, input_names=None) -> LoadedModel:
-    """A transformers causal LM ``nn.Module``, exported with its KV cache (the inputs are the cache
-    interface's, so no example inputs are needed; the module is not changed)."""
-    from slimc.frontends import hf_cache
-
-    if input_names is not None:
-        raise ModelLoadError("input_names cannot rename a KV-cache export's inputs (slimc.kvcache fixes them); "
-                             "drop input_names, or export without a cache (kv_cache=False).")
-    label = type(module).__name__
-    was_training = module.training
-    try:
-        model = hf_cache.export(module.eval(), label=label)
-    finally:
-        module.train(was_training)
-    inputs = infer_input_specs(model)
-    vocab = _vocab_size(module.config)
-    for spec in inputs:
-        if spec.name == "input_ids" and vocab:
-            spec.kind, spec.high = "tokens", vocab
-    return LoadedModel(model=model, inputs=inputs, task="causal-lm", source=f"{label} (PyTorch module)",
-                       generation=hf_cache.generation_info(module))
 
 
 def _source(path: Path) -> _Source:

@@ -102,6 +102,8 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
 
     ``seq`` cuts token inputs (integer inputs with a sequence axis) to their first ``seq``
     positions: ``seq=1`` times a decode-sized step, the calibration length times a prefill.
+    A causal LM with a KV cache (`slimc.kvcache`) and ``seq=None`` is timed as it generates: one
+    decode step after the sample's tokens (a past of that length; `slimc.measure_decode`).
     """
     from slimc import data
     from slimc.data_batching import first_samples
@@ -115,9 +117,25 @@ def latency_feed(ctx, model: ir.Model, seq: int | None = None) -> dict[str, np.n
         raise DataError("the latency guard needs an example input: pass calibration data.")
     inputs = ctx.loaded.inputs if ctx is not None and ctx.loaded is not None else None
     feed = first_samples(batch, inputs, 1)
+    if seq is None and model is not None:
+        step = _decode_step(model, feed)
+        if step is not None:
+            return step
     if seq is not None:
         feed = {k: (v[:, :seq] if v.ndim >= 2 and not np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
     return feed
+
+
+def _decode_step(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """A decode-step feed after the sample's tokens, for a graph with a KV cache (else None)."""
+    from slimc.kvcache import cache_spec
+    from slimc.measure_decode import synthetic_step_feed
+
+    spec = cache_spec(model)
+    ids = feed.get("input_ids")
+    if spec is None or ids is None or np.ndim(ids) != 2 or np.shape(ids)[1] == 0:
+        return None
+    return synthetic_step_feed(spec, np.asarray(ids), {v.name for v in model.graph.inputs})
 
 
 @dataclasses.dataclass
@@ -176,6 +194,9 @@ def guard(pass_name: str, before: ir.Model, after: ir.Model, feed: Mapping[str, 
         times = measure({"before": before, "after": after}, feed, threads)
         before_ms, after_ms = times["before"], times["after"]
     shape = "x".join(str(d) for d in next(iter(feed.values())).shape) if feed else "scalar"
+    past = next((v.shape[2] for k, v in feed.items() if k.startswith("past_key_values.") and np.ndim(v) == 4), 0)
+    if past:  # a causal LM timed as it generates (`latency_feed`)
+        shape = f"decode step {shape}, past {past}"
     result = GuardResult(before_ms, after_ms, before_ms / after_ms, shape, machine_description(threads))
     if result.speedup < min_speedup and not force:
         raise LatencyGuardError(
@@ -195,6 +216,18 @@ def to_proto(model: ir.Model):
     return model_proto(model)
 
 
+def _check_in(proto: Any, folder: Any) -> None:
+    """onnx's checker on ``proto`` saved in ``folder`` (its external references resolve there)."""
+    import onnx
+
+    path = Path(folder) / "opset-check.onnx"
+    try:
+        onnx.save_model(proto, str(path))
+        onnx.checker.check_model(str(path))
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def replace_in_place(model: ir.Model, new: Any) -> None:
     """Make ``model`` (which passes modify in place) hold ``new`` (an `ir.Model` or `onnx.ModelProto`)."""
     if not isinstance(new, ir.Model):
@@ -209,9 +242,12 @@ def replace_in_place(model: ir.Model, new: Any) -> None:
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute (per-channel scales) exists from opset 13
 
 
-def per_channel_opset(proto: Any) -> tuple[Any, bool, str | None]:
+def per_channel_opset(proto: Any, folder: Any = None) -> tuple[Any, bool, str | None]:
     """``(model, per_channel, note)``: a model below opset 13 is converted to opset 13 (onnx's version
-    converter) so per-channel weights are valid; where it does not convert, weights go per tensor."""
+    converter) so per-channel weights are valid; where it does not convert, weights go per tensor.
+
+    ``folder``: where ``proto``'s external data lies (a weightless proto): the converted model is
+    checked from a file there, so the checker finds the data its references name."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
     if opset >= PER_CHANNEL_OPSET:
         return proto, True, None
@@ -220,7 +256,10 @@ def per_channel_opset(proto: Any) -> tuple[Any, bool, str | None]:
 
     try:
         converted = version_converter.convert_version(proto, PER_CHANNEL_OPSET)
-        onnx.checker.check_model(converted)
+        if folder is None:
+            onnx.checker.check_model(converted)
+        else:
+            _check_in(converted, folder)
     except Exception as exc:  # noqa: BLE001 - the converter lacks adapters for some ops: per tensor instead
         return proto, False, (f"weights per tensor: opset {opset} has no per-channel DequantizeLinear (axis needs opset "
                               f"{PER_CHANNEL_OPSET}) and onnx's version converter could not raise it "
