@@ -59,7 +59,8 @@ class Group:
     blocked: list[tuple[str, str | None]]  # (reason, overridable-by-kind or None)
 
     def is_blocked(self, allow: frozenset[str] = frozenset()) -> bool:
-        return any(kind is HARD or kind not in allow for _, kind in self.blocked)
+        # "cache": a KV cache's head axis, which follows the group (cache.py), never blocks
+        return any(kind is HARD or (kind not in allow and kind != "cache") for _, kind in self.blocked)
 
     def describe(self) -> dict:
         """A JSON-ready row for ``slimc inspect --groups`` and reports."""
