@@ -174,6 +174,14 @@ def release_mapped_pages(arrays) -> None:
             base.madvise(mmap.MADV_DONTNEED)
 
 
+def release_model_pages(model) -> None:
+    """`release_mapped_pages` for every memory-mapped (external) initializer of ``model``'s main graph."""
+    import onnx_ir as ir
+
+    release_mapped_pages(v.const_value.numpy() for v in model.graph.initializers.values()
+                         if isinstance(v.const_value, ir.ExternalTensor))
+
+
 def return_freed_memory() -> None:
     """Hand memory freed by dropped sessions back to the system (glibc ``malloc_trim``; elsewhere a no-op).
 

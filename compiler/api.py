@@ -31,7 +31,7 @@ from slimc.analysis import model_stats
 from slimc.backends import onnxruntime as ort_backend
 from slimc.errors import BackendError, PassFailedError, SlimcError, VerificationError
 from slimc.model import LoadedModel
-from slimc.onnx_io import check_output_path, copy_model, save_onnx, tensor_bytes
+from slimc.onnx_io import check_output_path, copy_model, map_saved_weights, save_onnx, tensor_bytes
 from slimc.pass_spec import parse_pipeline
 from slimc.pipeline import Pass, PassContext, PassReport
 from slimc.receipt import Receipt
@@ -40,6 +40,8 @@ from slimc.verify import check_model_file, compare_runs
 
 log = logging.getLogger("slimc")
 VERIFY_BATCHES = 2
+# Weights from which a stage file keeps external data even when the model had none (see `_stage`).
+STAGE_EXTERNAL_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -55,7 +57,13 @@ class Stage:
     def run(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         from slimc.backends.targets import chunked
 
-        return chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
+        outputs = chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
+        shared = getattr(self.session, "slimc_arrays", [])
+        if sum(a.nbytes for a in shared) >= STAGE_EXTERNAL_BYTES:
+            # large weights shared with the IR: out of the resident set before the other model runs (they
+            # are read back from the page cache on the next run), so two models' weights are never resident
+            ort_backend.release_mapped_pages(shared)
+        return outputs
 
     def run_outputs(self, names: list[str]):
         """``run`` that returns only the outputs ``names``, in that order: compared models may differ in
@@ -88,10 +96,12 @@ class CompileResult:
     _workdir: Any = dataclasses.field(repr=False, default=None)
     _example: Any = dataclasses.field(repr=False, default=None)  # a batch to trace the .pt2 with
     _program: Any = dataclasses.field(repr=False, default=None)
+    _external_input: bool = False  # the input's weights were in external data files: so are the result's
 
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Write the model (or the target's artifact, with its companion files) atomically; refuses
-        to overwrite the input. ONNX weights go to external data above ~1.8 GB. With the triton
+        to overwrite the input. ONNX weights go to external data above ~1.8 GB, and when the input's
+        were in external data (streamed, never serialized into one protobuf). With the triton
         backend a ``.pt2`` path gets the torch module as a ``torch.export`` program (load it with
         `slimc.backends.triton.module.load`); a ``.onnx`` path still gets the compressed ONNX."""
         from slimc.backends import targets
@@ -105,7 +115,8 @@ class CompileResult:
             return [torch_backend.save(self._program, path)]
         if self.exported is None or self.exported.target == "onnx":
             check_output_path(Path(path), self.loaded.source_paths)
-            return save_onnx(self.model, path, protect=self.loaded.source_paths)
+            return save_onnx(self.model, path, protect=self.loaded.source_paths,
+                             external_data=True if self._external_input else None)
         target = targets.get(self.exported.target)
         check_output_path(Path(path), self.loaded.source_paths, suffix=target.suffix)
         from slimc.export import save_artifact
@@ -185,6 +196,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
     work = Path(workdir.name)
     budget = _output_budget(loaded)
     weight_bytes = tensor_bytes(loaded.model)
+    external_input = _has_external_data(loaded.model)
     baseline = _stage("input", loaded.model, work / "00-input.onnx", threads, full_check=True)
     try:
         run_all(baseline.run, verify_batches, budget)
@@ -208,6 +220,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
         # its own views of them (a copied model maps the files again); they are read back when next run
         ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
+        ort_backend.return_freed_memory()  # the pass's scratch (protos, candidate sessions) back to the system
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
         if pass_.name in QUANTIZERS and backend == "triton":
@@ -221,6 +234,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
                                   threads, full_check and verify)
         verification.append({"pass": "export (" + _describe(options) + ")", "result": "full ONNX checker, loads in ORT"})
 
+    # the input's weights, read by the last verification, leave the resident set until the measurements read them
+    ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
     # The passes succeeded and are verified: from here on a measurement that fails is reported as
     # not measured in the receipt, never allowed to lose the result.
@@ -250,7 +265,7 @@ def compile(  # noqa: A001 - the public verb of a compiler
         fidelity_guard=guard, warnings=list(guard["warnings"]),
     )
     result = CompileResult(model=loaded.model, receipt=receipt, loaded=loaded, exported=exported, module=module,
-                           _workdir=workdir, _example=verify_batches[0])
+                           _workdir=workdir, _example=verify_batches[0], _external_input=external_input)
     weakref.finalize(result, workdir.cleanup)
     # The sessions go now, and the pages of the weights they shared leave the resident set: replaced
     # tensors sit in reference cycles of the IR until a garbage collection would unmap them.
@@ -360,7 +375,12 @@ def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool
     """Save ``model``, check it and load it in ORT, the session sharing the IR's weight arrays."""
     passed_full = full_check
     with progress.step(f"saving and checking {label}"):
-        save_onnx(model, path, external_data=True if _has_external_data(model) else None)
+        # external data for memory-mapped or large weights (streamed, no proto copy); the weights a pass
+        # made in memory then become maps of the file written (freed from the heap, pages releasable)
+        external = _has_external_data(model) or tensor_bytes(model) >= STAGE_EXTERNAL_BYTES
+        save_onnx(model, path, external_data=True if external else None)
+        if external:
+            map_saved_weights(model, path, min_bytes=ort_backend.SHARE_MIN_BYTES)
         if full_check:
             try:
                 check_model_file(path, full=True)

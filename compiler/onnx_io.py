@@ -283,6 +283,32 @@ def _remove_old_data(path: Path, keep: str | None, protect: tuple[Path, ...]) ->
             os.unlink(entry.path)
 
 
+def map_saved_weights(model: ir.Model, path: str | os.PathLike, min_bytes: int = 1 << 20) -> int:
+    """After ``model`` was written to ``path`` with external data: its in-memory initializers of at
+    least ``min_bytes`` become memory-mapped views of the data file written (same bytes), so the
+    weights a pass made (pruned, quantized arrays) leave the heap. Returns the bytes remapped.
+
+    The maps are opened here: they stay valid if the file is later removed (POSIX), and their
+    pages can be released (`slimc.backends.onnxruntime.release_mapped_pages`)."""
+    path = Path(path)
+    saved = onnx.load(str(path), load_external_data=False)
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    moved = 0
+    for name, value in model.graph.initializers.items():
+        tensor, info = value.const_value, external.get(name)
+        if tensor is None or info is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < min_bytes:
+            continue
+        mapped = ir.ExternalTensor(info["location"], int(info.get("offset", 0)), int(info["length"]), tensor.dtype,
+                                   shape=ir.Shape(tensor.shape), name=tensor.name, base_dir=str(path.parent.absolute()))
+        if mapped.length != tensor.nbytes:
+            continue  # not this tensor's bytes as written: keep the array
+        mapped.numpy()  # opens the map now (no page is read)
+        value.const_value = mapped
+        moved += tensor.nbytes
+    return moved
+
+
 def from_proto(proto: onnx.ModelProto, like: ir.Model) -> ir.Model:
     """Deserialize ``proto`` (made from ``like`` by a proto-level tool) keeping external weights
     lazy: each external tensor gets the base folder the tensor of that name has in ``like``."""

@@ -142,6 +142,24 @@ def _scalar(tok: str) -> Any:
 
 def parse_pipeline(spec: str | list | tuple) -> list[Pass]:
     """Build pass instances from a spec string, or a list of strings / `Pass` / (name, options)."""
+    return check_order(_build(spec))
+
+
+def check_order(pipeline: list[Pass]) -> list[Pass]:
+    """Refuse a pass after `fuse` that cannot handle its fused ONNX Runtime ops (it needs the unfused graph)."""
+    fused_at = next((i for i, p in enumerate(pipeline) if p.name == "fuse"), None)
+    if fused_at is not None:
+        for later in pipeline[fused_at + 1:]:
+            if not getattr(later, "runs_after_fuse", False):
+                order = [p.name for p in pipeline[:fused_at]] + [later.name] + ["fuse"]
+                raise PassConfigError(
+                    f"pass '{later.name}' comes after 'fuse', but it works on the unfused graph (fuse replaces norms and "
+                    f"rotary embeddings by ONNX Runtime fused ops it does not read). Put fuse last, e.g. "
+                    f"--passes {','.join(order)}.")
+    return pipeline
+
+
+def _build(spec: str | list | tuple) -> list[Pass]:
     if isinstance(spec, str):
         if not spec.strip():
             raise PassConfigError(f"empty pass list. Available passes: {', '.join(passes.names())}.")
@@ -151,7 +169,7 @@ def parse_pipeline(spec: str | list | tuple) -> list[Pass]:
         if isinstance(item, Pass):
             built.append(item)
         elif isinstance(item, str):
-            built.extend(parse_pipeline(item))
+            built.extend(_build(item))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
             built.append(build_pass(item[0], item[1]))
         else:

@@ -61,6 +61,8 @@ class Pass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    # Whether the pass handles the ONNX Runtime fused ops `fuse` writes; the others must run before it.
+    runs_after_fuse: ClassVar[bool] = False
 
     def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         raise NotImplementedError

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from slimc import contrib_schemas
 from slimc.errors import VerificationError, first_line
 
 EXACT_RTOL = 1e-4
@@ -25,6 +26,7 @@ EXACT_ATOL = 1e-5
 
 def check_model_file(path: str | Path, *, full: bool = True) -> None:
     """Run `onnx.checker` on the saved file (path-based, so models over 2 GB work)."""
+    contrib_schemas.register()  # ORT's default-domain fused ops (SimplifiedLayerNormalization)
     try:
         onnx.checker.check_model(str(path), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "fp16": "slimc.passes.quant.fp16:Fp16",
     "sparsify": "slimc.passes.sparse.sparsify:Sparsify",
     "layerskip": "slimc.passes.skip.layerskip:LayerSkip",
+    "fuse": "slimc.passes.fuse.fuse_pass:Fuse",
 }
 
 

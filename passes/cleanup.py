@@ -63,6 +63,7 @@ class Cleanup(Pass):
 
     name = "cleanup"
     exact = True
+    runs_after_fuse = True  # generic graph steps; fused contrib ops are nodes like any other
     description = "exact simplification: fold constants, drop identities, dead nodes, duplicate subexpressions and unused or duplicate initializers"
 
     def __post_init__(self) -> None:

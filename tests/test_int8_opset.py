@@ -69,6 +69,6 @@ def test_where_the_converter_fails_weights_go_per_tensor(cnn11, tmp_path, monkey
 
 
 def test_a_model_the_pass_made_invalid_is_a_pass_failure_not_a_data_error(cnn11, monkeypatch):
-    monkeypatch.setattr(common, "per_channel_opset", lambda proto: (proto, True, None))  # the old behaviour
+    monkeypatch.setattr(common, "per_channel_opset", lambda proto, folder=None: (proto, True, None))  # the old behaviour
     with pytest.raises(PassFailedError, match="invalid model.*bug in slimc"):
         slimc.compile(str(cnn11), passes=[PASS], calibration=_calib(), measure_latency=False)

@@ -41,11 +41,22 @@ TARGETS: dict[str, str] = {
 NOT_YET: dict[str, str] = {}
 
 Batch = Mapping[str, np.ndarray]
-__all__ = ["TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "dynamic_inputs", "get", "graph_inputs",
-           "op_types"]
+__all__ = ["ORT_FUSED_OPS", "TARGETS", "MissingExtraError", "Runner", "Target", "TargetError", "chunked", "dynamic_inputs", "get",
+           "graph_inputs", "op_types", "ort_only_ops"]
 # Integer and quantized ops: what the `int8` / `int4` passes leave in a graph (refused by float-only targets).
 INTEGER_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
                          "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
+
+# ONNX Runtime's fused contrib ops (the `fuse` pass, int4(embedding=true), GenAI builder graphs): only ONNX Runtime runs them.
+ORT_FUSED_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+                           "GroupQueryAttention", "GatherBlockQuantized"})
+
+
+def ort_only_ops(proto: onnx.ModelProto) -> dict[str, str]:
+    """`Target.unsupported` entries for ONNX Runtime's fused contrib ops, for targets that are not ONNX Runtime."""
+    return {op: "an ONNX Runtime contrib op (written by the fuse pass or int4(embedding=true)) that only ONNX Runtime "
+                "runs; leave fuse / embedding=true out of pipelines for this target (they are for --target onnx)"
+            for op in op_types(proto) if op in ORT_FUSED_OPS}
 
 
 def get(name: str) -> Target:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, dynamic_inputs, graph_inputs, op_types
+from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, dynamic_inputs, graph_inputs, op_types, ort_only_ops
 from slimc.errors import first_line
 
 STATIC_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -107,6 +107,7 @@ class ExecuTorchTarget(Target):
                         "and runs in XNNPACK's int8 kernels, or quantize the float model with ExecuTorch's XNNPACK quantizer"
                     for op in ops if op in INTEGER_OPS - STATIC_QDQ})
         bad.update(dynamic_inputs(proto, "ExecuTorch plans memory for one shape"))
+        bad.update(ort_only_ops(proto))
         return bad
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from slimc.backends.targets import (INTEGER_OPS, Runner, Target, TargetError, dynamic_inputs, failure, graph_inputs,
-                                    op_types)
+                                    op_types, ort_only_ops)
 
 TIMEOUT_S = 600
 
@@ -44,6 +44,7 @@ class NcnnTarget(Target):
         bad = {op: "int8 QDQ / integer ops have no ncnn layer; ncnn quantizes with its own ncnn2table/ncnn2int8 "
                    "from the float model, so export ncnn without int8/int4" for op in op_types(proto) if op in INTEGER_OPS}
         bad.update(dynamic_inputs(proto, "pnnx needs one shape"))
+        bad.update(ort_only_ops(proto))
         return bad
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:

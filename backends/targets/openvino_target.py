@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from slimc.backends.targets import Runner, Target, TargetError, op_types
+from slimc.backends.targets import Runner, Target, TargetError, op_types, ort_only_ops
 from slimc.errors import first_line
 
 
@@ -35,8 +35,9 @@ class OpenVinoTarget(Target):
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
         # Standard ops OpenVINO lacks are listed by its own front end at conversion (in the work folder,
         # so nothing is written either way); custom domains other than ORT's are known to fail up front.
-        return {op: f"custom domain {domain!r}, which OpenVINO's ONNX front end does not read"
-                for op, domain in op_types(proto).items() if domain not in ("ai.onnx", "com.microsoft")}
+        bad = {op: f"custom domain {domain!r}, which OpenVINO's ONNX front end does not read"
+               for op, domain in op_types(proto).items() if domain not in ("ai.onnx", "com.microsoft")}
+        return {**bad, **ort_only_ops(proto)}  # OpenVINO fuses the unfused form itself
 
     def notes(self, proto: onnx.ModelProto) -> list[str]:
         dynamic = sorted(set(op_types(proto)) & {"DynamicQuantizeLinear", "MatMulInteger", "MatMulIntegerToFloat",

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, failure, log_lines, op_types
+from slimc.backends.targets import INTEGER_OPS, Runner, Target, TargetError, failure, log_lines, op_types, ort_only_ops
 
 TIMEOUT_S = 1200
 
@@ -45,9 +45,10 @@ class TfliteTarget(Target):
         self._notes: list[str] = []
 
     def unsupported(self, proto: onnx.ModelProto) -> dict[str, str]:
-        return {op: "onnx2tf converts int8 QDQ / integer ops but the LiteRT model computes wrong numbers (measured: "
-                    "max error > 1 on a toy conv net); export the float model, LiteRT's own int8 needs its converter's "
-                    "calibration" for op in op_types(proto) if op in INTEGER_OPS}
+        bad = {op: "onnx2tf converts int8 QDQ / integer ops but the LiteRT model computes wrong numbers (measured: "
+                   "max error > 1 on a toy conv net); export the float model, LiteRT's own int8 needs its converter's "
+                   "calibration" for op in op_types(proto) if op in INTEGER_OPS}
+        return {**bad, **ort_only_ops(proto)}
 
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         """onnx2tf as it runs by default (onnxsim first), then once more without onnxsim if that fails.

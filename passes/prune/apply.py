@@ -18,6 +18,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
+from slimc.backends.onnxruntime import release_mapped_pages
 from slimc.passes.prune.graph import DependencyGraph, ShapeSite
 from slimc.passes.prune.rules import const_array
 
@@ -60,12 +61,13 @@ def apply_plan(g: DependencyGraph, plan: dict[int, np.ndarray]) -> None:
         if all(m is None for m in masks):
             continue
         if value.const_value is not None:
-            array = g.array(value)
+            array = source = g.array(value)
             for axis, m in enumerate(masks):
                 if m is not None:
                     array = np.compress(m, array, axis=axis)
             set_constant(value, array)
             g.forget(value)
+            release_mapped_pages([source])  # a memory-mapped original: its pages leave as its pruned copy comes
         elif value.shape is not None:
             dims = list(value.shape)
             for axis, m in enumerate(masks):

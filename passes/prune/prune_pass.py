@@ -27,6 +27,7 @@ import onnx_ir.passes.common as common
 from slimc.analysis import count_params, percent_fewer
 from slimc.errors import DataError, NothingToDoError, PassConfigError
 from slimc.passes.prune import importance
+from slimc.backends.onnxruntime import release_model_pages
 from slimc.passes.prune.apply import apply_plan
 from slimc.passes.prune.cache import CACHE
 from slimc.passes.prune.cache import changes as cache_changes
@@ -214,6 +215,7 @@ class Prune(Pass):
             compensated, comp_left = run_compensation(g, plan, stats, self.compensate)
         cache = cache_changes(g, plan)  # read before the plan rewrites the shapes
         if plan:
+            release_model_pages(model)  # read for the scores; apply_plan reads each weight again, one at a time
             apply_plan(g, plan)
         g.reshare()
         common.RemoveUnusedNodesPass()(model)

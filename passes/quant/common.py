@@ -195,6 +195,18 @@ def to_proto(model: ir.Model):
     return model_proto(model)
 
 
+def _check_in(proto: Any, folder: Any) -> None:
+    """onnx's checker on ``proto`` saved in ``folder`` (its external references resolve there)."""
+    import onnx
+
+    path = Path(folder) / "opset-check.onnx"
+    try:
+        onnx.save_model(proto, str(path))
+        onnx.checker.check_model(str(path))
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def replace_in_place(model: ir.Model, new: Any) -> None:
     """Make ``model`` (which passes modify in place) hold ``new`` (an `ir.Model` or `onnx.ModelProto`)."""
     if not isinstance(new, ir.Model):
@@ -209,9 +221,12 @@ def replace_in_place(model: ir.Model, new: Any) -> None:
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute (per-channel scales) exists from opset 13
 
 
-def per_channel_opset(proto: Any) -> tuple[Any, bool, str | None]:
+def per_channel_opset(proto: Any, folder: Any = None) -> tuple[Any, bool, str | None]:
     """``(model, per_channel, note)``: a model below opset 13 is converted to opset 13 (onnx's version
-    converter) so per-channel weights are valid; where it does not convert, weights go per tensor."""
+    converter) so per-channel weights are valid; where it does not convert, weights go per tensor.
+
+    ``folder``: where ``proto``'s external data lies (a weightless proto): the converted model is
+    checked from a file there, so the checker finds the data its references name."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
     if opset >= PER_CHANNEL_OPSET:
         return proto, True, None
@@ -220,7 +235,10 @@ def per_channel_opset(proto: Any) -> tuple[Any, bool, str | None]:
 
     try:
         converted = version_converter.convert_version(proto, PER_CHANNEL_OPSET)
-        onnx.checker.check_model(converted)
+        if folder is None:
+            onnx.checker.check_model(converted)
+        else:
+            _check_in(converted, folder)
     except Exception as exc:  # noqa: BLE001 - the converter lacks adapters for some ops: per tensor instead
         return proto, False, (f"weights per tensor: opset {opset} has no per-channel DequantizeLinear (axis needs opset "
                               f"{PER_CHANNEL_OPSET}) and onnx's version converter could not raise it "

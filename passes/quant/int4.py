@@ -16,7 +16,10 @@ it dequantizes to float and measured slower than the float model).
    input) comes from one calibration run of the float model (`slimc.calibrate.collect`).
 3. Quantize each distinct weight once (round to nearest, or GPTQ), pack it, and rewrite its
    nodes. A weight that something else also reads (an embedding Gather tied to the lm_head)
-   keeps its float copy for that use, so the file grows by the 4-bit copy; reported.
+   keeps its float copy for that use, so the file grows by the 4-bit copy; reported. With
+   ``embedding=true`` the embedding Gathers become ``GatherBlockQuantized`` instead, reading the
+   tied lm_head's 4-bit weight when there is one (`slimc.passes.quant.int4_embedding`), and the
+   float table is dropped.
 4. The latency guard (`common.guard`) times the float and the quantized model on ONNX Runtime
    CPU and refuses a slower result unless ``force=true``. The pass works on a copy, so a
    refused (or failed) run leaves the model as it was.
@@ -37,7 +40,7 @@ from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
 from slimc.backends.onnxruntime import release_mapped_pages
 from slimc.onnx_io import copy_model
-from slimc.passes.quant import common, gptq
+from slimc.passes.quant import common, gptq, int4_embedding
 from slimc.passes.quant.common import attr
 from slimc.pipeline import Pass, PassContext, PassReport
 
@@ -101,6 +104,9 @@ class Int4(Pass):
         force: keep the result whatever the guard measures (e.g. for the size).
         latency_seq: cut token inputs to this many positions for the guard's timing (`1` times one
             decode step); none times the calibration length (a prefill).
+        embedding: also quantize token embedding tables (Gather over a constant [vocab, hidden]
+            table) to 4-bit GatherBlockQuantized, round to nearest; a tied lm_head's MatMulNBits
+            weight is shared with the lookup, so no float copy of the table remains.
     """
 
     block_size: int = 32
@@ -113,6 +119,7 @@ class Int4(Pass):
     min_speedup: float = 1.0
     force: bool = False
     latency_seq: Optional[int] = None
+    embedding: bool = False
 
     name = "int4"
     exact = False
@@ -289,10 +296,10 @@ class Int4(Pass):
             )
         work = copy_model(model)
         targets, left = self._targets(work)
-        if not targets:
+        if not targets and not self.embedding:
             return PassReport(name=self.name, modified=False, summary="nothing to quantize: no MatMul/Gemm with a constant float weight qualifies",
                               details={"quantized_nodes": 0}, left_alone=left, seconds=time.perf_counter() - start)
-        grams = self._hessians(work, targets, ctx) if self.method == "gptq" else {}
+        grams = self._hessians(work, targets, ctx) if self.method == "gptq" and targets else {}
 
         groups: dict[tuple, list[_Target]] = {}
         for t in targets:
@@ -300,6 +307,7 @@ class Int4(Pass):
         graph = work.graph
         graph.opset_imports[MS_DOMAIN] = 1
         layers, bytes_before, bytes_after = [], 0, 0
+        shared: dict[int, int4_embedding.SharedWeight] = {}  # table id -> the MatMulNBits weight made from its transpose
         for group in progress.bar(list(groups.values()), f"int4 {self.method}", total=len(groups), unit="weight"):
             first = group[0]
             weight = first.weight()
@@ -317,13 +325,27 @@ class Int4(Pass):
                 inputs.append(self._initializer(graph, f"{base}_zero_points", packed.zero_points))
             for t in group:
                 self._rewrite(graph, t, inputs, k, n)
+            if first.transposed and first.alpha == 1.0:
+                shared[id(first.source)] = int4_embedding.SharedWeight(inputs, k, n, self.method)
             bytes_before += int(weight.nbytes)
             bytes_after += packed.nbytes
             release_mapped_pages([weight])  # a memory-mapped float weight is not needed resident any more
             layers.append({"nodes": [t.node.name for t in group], "weight": first.source.name, "K": k, "N": n,
                            "float_bytes": int(weight.nbytes), "int4_bytes": packed.nbytes,
                            **{key: (round(v, 6) if isinstance(v, float) else v) for key, v in info.items()}})
+        tables, table_left = [], []
+        if self.embedding:
+            tables, table_left = int4_embedding.quantize_gathers(
+                graph, shared, block_size=self.block_size, symmetric=self.symmetric, exclude=self.exclude,
+                new_initializer=self._initializer)
+            left += table_left
+            if not targets and not tables:
+                return PassReport(name=self.name, modified=False, summary="nothing to quantize: no MatMul/Gemm weight "
+                                  "or embedding table qualifies", details={"quantized_nodes": 0}, left_alone=left,
+                                  seconds=time.perf_counter() - start)
         kept = self._drop_orphans(graph, targets)
+        for table in tables:
+            table["float_dropped"] = table["table"] not in graph.initializers
         kept_bytes = sum(int(v.const_value.nbytes) for v in kept)
 
         guard = self._guard(model, work, ctx)
@@ -333,10 +355,12 @@ class Int4(Pass):
         summary = (f"{nodes} of {nodes + len(left)} MatMul/Gemm nodes -> 4-bit MatMulNBits ({self.method}, block {self.block_size}, "
                    f"{'symmetric' if self.symmetric else 'asymmetric'}, accuracy_level {self.accuracy_level}); "
                    f"weights {_mb(bytes_before)} -> {_mb(bytes_after)}")
+        summary += int4_embedding.summary(tables, _mb)
         if kept:
             summary += (f"; {len(kept)} weight(s) also used elsewhere keep their float copy, so the file grows by "
-                        f"their 4-bit copy ({_mb(kept_bytes)} float kept)")
-        if self.method == "gptq":
+                        f"their 4-bit copy ({_mb(kept_bytes)} float kept)"
+                        + ("" if self.embedding else "; int4(embedding=true) quantizes embedding tables too"))
+        if self.method == "gptq" and layers:
             errs = [layer["output_error"] for layer in layers]
             rtn = [layer["rtn_output_error"] for layer in layers]
             summary += f"; mean relative output error {np.mean(errs):.2e} (rtn would give {np.mean(rtn):.2e})"
@@ -348,6 +372,7 @@ class Int4(Pass):
             "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after,
             "float_copies_kept": [v.name for v in kept], "float_copies_kept_bytes": kept_bytes,
             "layers": layers, "guard": guard.to_json() if guard is not None else None,
+            "embedding": self.embedding, "embedding_tables": tables,
         }
         if self.method == "gptq":
             details["calibration_batches"] = min(self.calibration_batches, len(ctx.calibration))

@@ -47,7 +47,8 @@ import onnx_ir as ir
 
 from slimc import progress, workdir
 from slimc.errors import DataError, PassConfigError, SlimcError
-from slimc.passes.quant import common
+from slimc.onnx_io import tensor_bytes
+from slimc.passes.quant import common, mapped
 from slimc.pipeline import Pass, PassContext, PassReport
 
 WEIGHTED = ("Conv", "MatMul", "Gemm")
@@ -331,7 +332,7 @@ class Int8(Pass):
             if guard.speedup < self.min_speedup and not mobile:
                 notes.append(f"kept with force=true although {guard.speedup:.2f}x is below min_speedup={self.min_speedup}")
             counts = _quantized_counts(final)
-            common.replace_in_place(model, final)
+            common.replace_in_place(model, mapped.to_ir(final, model, work.tmp))
         details["quantized_ops"] = counts
         details["float_weighted_nodes"] = len(user_excluded) + len(fallback)
         if notes:
@@ -348,19 +349,20 @@ class _Work:
 
     def __init__(self, tmp: Path, model: ir.Model, opts: Int8, conv_heavy: bool, user_excluded: Sequence[str],
                  mobile: bool = False, threads: int | None = None):
-        from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
-
         self.tmp, self.opts, self.conv_heavy, self.threads = tmp, opts, conv_heavy, threads
         self.user_excluded = list(user_excluded)
         default = False if mobile else needs_reduced_range()  # the 7-bit workaround is for x86 without VNNI
         self.reduce_range = opts.reduce_range if opts.reduce_range is not None else default
         self._counter = 0
         self.per_channel, self.opset_note = opts.per_channel, None
-        proto = common.to_proto(model)
+        # the quantizers get a weightless proto: weights stay in one file in the work folder, read
+        # memory-mapped tensor by tensor (`mapped`), never all in memory at once
+        self.model, self.weight_bytes = model, tensor_bytes(model)
+        proto = mapped.write_float(model, tmp / "000-input.onnx")
         if opts.per_channel:
-            proto, self.per_channel, self.opset_note = common.per_channel_opset(proto)
+            proto, self.per_channel, self.opset_note = common.per_channel_opset(proto, tmp)
         with progress.step("int8: shape inference"):
-            self.proto = save_and_reload_model_with_shape_infer(proto)
+            self.proto = mapped.infer_shapes(proto, tmp)
         self.float_path = self._save(self.proto, "float")
         self.ranges = None
         self.weighted = {w.node.name: w for w in common.weighted_ops(model, WEIGHTED)}
@@ -370,13 +372,18 @@ class _Work:
         path = common.module_path(self.weighted[name].node)
         return name if path == name else f"{name} ({path})"
 
-    def _save(self, proto: onnx.ModelProto, label: str) -> Path:
+    def _path(self, label: str) -> Path:
         self._counter += 1
-        path = self.tmp / f"{self._counter:03d}-{label.replace(' ', '_').replace('+', '')}.onnx"
-        large = _large(proto)
-        onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
-        if large:  # save_model moved the weights out of the proto, in place: the quantizers read them from it
-            onnx.load_external_data_for_model(proto, str(self.tmp))
+        return self.tmp / f"{self._counter:03d}-{label.replace(' ', '_').replace('+', '')}.onnx"
+
+    def _save(self, proto: onnx.ModelProto, label: str) -> Path:
+        path = self._path(label)
+        if _large(proto):  # inline (quantized) weights over the protobuf limit: out to a file of their own
+            copied = onnx.ModelProto()
+            copied.CopyFrom(proto)  # save_model moves them out of the proto it is given
+            onnx.save_model(copied, str(path), save_as_external_data=True, location=path.name + ".data")
+        else:
+            onnx.save_model(proto, str(path))  # the float weights stay references to the work folder's file
         return path
 
     def _static_ops(self, kinds: Sequence[str]) -> list[str]:
@@ -393,7 +400,7 @@ class _Work:
         extra = {"percentile": self.opts.percentile} if self.opts.calibrate == "percentile" else {}
         if self.opts.calibrate != "minmax":
             extra.update(num_bins=2048 if self.opts.calibrate == "percentile" else 512)
-        with progress.step("int8: instrumenting for calibration"):
+        with progress.step("int8: instrumenting for calibration"), mapped.mapped_reads(self.tmp):
             calibrator = create_calibrator(self.float_path, ops, augmented_model_path=str(self.tmp / "augmented.onnx"),
                                            calibrate_method=method, use_external_data_format=_large(self.proto),
                                            extra_options=extra)
@@ -408,6 +415,18 @@ class _Work:
 
     def build(self, cand: Candidate, keep_float: Sequence[str]) -> onnx.ModelProto:
         """The float model with ``cand`` applied, ``keep_float`` and the user's exclusions left alone."""
+        with mapped.mapped_reads(self.tmp):
+            proto = self._build(cand, keep_float)
+        return self._weightless(proto, cand.name)
+
+    def _weightless(self, proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
+        """``proto`` with its inline (quantized) weights moved to a file in the work folder: the
+        candidates kept for measuring and choosing hold no weights in memory."""
+        path = self._path(label + "-weights")
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+        return onnx.load(str(path), load_external_data=False)
+
+    def _build(self, cand: Candidate, keep_float: Sequence[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType
         from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
         from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -448,7 +467,14 @@ class _Work:
                 except SlimcError as exc:
                     raise PassFailedError(f"int8 built an invalid model ({name}): {exc}. This is a bug in slimc; "
                                           "please report it (per_channel=false may avoid it).") from None
-        return common.measure_files(paths, feed, self.threads)
+        # large models: one session at a time, the shared weights' pages released before each
+        return common.measure_files(paths, feed, self.threads, weight_bytes=self.weight_bytes, mapped=self._shared().values())
+
+    def _shared(self) -> dict[str, np.ndarray]:
+        """The input's memory-mapped arrays a float session can use in place of its own copy."""
+        from slimc.backends import onnxruntime as ort_backend
+
+        return ort_backend.shareable_initializers(self.model) if ort_backend.shares_weights(self.model) else {}
 
     # -------------------------------------------------------------- accuracy budget
 
@@ -457,7 +483,7 @@ class _Work:
         from slimc.backends import onnxruntime as ort_backend
 
         self.holdout = _Listed(holdout)
-        ref = ort_backend.create_session(self.float_path)
+        ref = ort_backend.create_session(self.float_path, shared=self._shared() or None)
         self._ref_out = {id(b): ort_backend.run(ref, b) for b in self.holdout}
         self._out_names = [o.name for o in ref.get_outputs()]
         self._task = ctx.loaded.task if ctx.loaded is not None else "generic"
@@ -525,7 +551,8 @@ class _Work:
             node = self.weighted[n].node
             probes[n] = (node.inputs[0].name, node.outputs[0].name)
         tensors = sorted({t for pair in probes.values() for t in pair})
-        f_sess = ort_backend.create_session(self._save(_with_outputs(self.proto, tensors), "probe-float"))
+        f_sess = ort_backend.create_session(self._save(_with_outputs(self.proto, tensors), "probe-float"),
+                                            shared=self._shared() or None)
         q_sess = ort_backend.create_session(self._save(_with_outputs(quant, tensors), "probe-int8"))
         signal = dict.fromkeys(tensors, 0.0)
         noise = dict.fromkeys(tensors, 0.0)

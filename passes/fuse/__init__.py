@@ -1,0 +1,1 @@
+"""The `fuse` pass (ONNX Runtime fused contrib ops) and its pattern matchers."""
