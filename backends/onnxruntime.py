@@ -126,9 +126,25 @@ def prepare_feed(session: ort.InferenceSession, batch: dict[str, np.ndarray]) ->
                 f"{', '.join(batch) or 'nothing'}."
             )
         want = _ORT_TO_NUMPY.get(meta.type)
-        array = np.asarray(batch[meta.name])
+        array = _empty_past(meta, np.asarray(batch[meta.name]))
         feed[meta.name] = array.astype(want) if want is not None else array.copy()
     return feed
+
+
+def _empty_past(meta, array: np.ndarray) -> np.ndarray:
+    """An empty KV-cache past (length 0) in this session's own head count and head size.
+
+    The data of both models of a compile is made once, from the model as loaded; a pass that
+    pruned KV heads changed the cache's static dims (`slimc.kvcache`). A past of length 0 holds
+    no values, so giving it the session's shape changes nothing but the shape; a non-empty past
+    is passed as given (a mismatch is the caller's error, and ORT names it)."""
+    from slimc import kvcache
+
+    if array.ndim != 4 or array.shape[2] != 0 or not kvcache.is_cache_input(meta.name) or len(meta.shape) != 4:
+        return array
+    dims = [d if isinstance(d, int) and d >= 0 else array.shape[i] for i, d in enumerate(meta.shape)]
+    dims[0], dims[2] = array.shape[0], 0
+    return array if tuple(dims) == array.shape else np.zeros(dims, array.dtype)
 
 
 def run(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -65,6 +65,20 @@ class Stage:
             ort_backend.release_mapped_pages(shared)
         return outputs
 
+    def run_outputs(self, names: list[str]):
+        """``run`` that returns only the outputs ``names``, in that order: compared models may differ in
+        outputs (layerskip removes a layer's KV-cache outputs with the layer), they are paired by name."""
+        order = [o.name for o in self.session.get_outputs()]
+        if order == list(names):
+            return self.run
+        index = [order.index(n) for n in names]
+        return lambda batch: (lambda outs: [outs[i] for i in index])(self.run(batch))
+
+    def common_outputs(self, other: Stage) -> list[str]:
+        """This model's output names that ``other`` has too, in this model's order."""
+        theirs = {o.name for o in other.session.get_outputs()}
+        return [o.name for o in self.session.get_outputs() if o.name in theirs]
+
     @property
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))
@@ -380,8 +394,10 @@ def _export(options, baseline: Stage, current: Stage, work: Path, evalset, loade
             log.warning("the input model could not be prepared for a latency ratio: %s", exc)
             baseline_path = None
     names = [o.name for o in current.session.get_outputs()]
+    # the input model's outputs paired by name (layerskip drops a removed layer's KV-cache outputs)
+    run_input = baseline.run_outputs(names) if names == current.common_outputs(baseline) else baseline.run
     return export(current.path, baseline_path if measure_latency else None, options, work, evalset=evalset,
-                  task=loaded.task, inputs=loaded.inputs, reference_runs=(current.run, baseline.run),
+                  task=loaded.task, inputs=loaded.inputs, reference_runs=(current.run, run_input),
                   output_names=names, threads=threads, measure_latency=measure_latency, loaded=loaded)
 
 
@@ -467,12 +483,13 @@ def _verified_stage(pass_, model, path, previous: Stage, batches, threads, full_
     except SlimcError as exc:
         raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     checker = "full ONNX checker" if full_check and verify else "basic ONNX checker"
-    names = [o.name for o in stage.session.get_outputs()]
+    names = stage.common_outputs(previous)
     exact = pass_.exact and verify
     # Both models side by side in sub-batches (no batch's outputs kept). NaN/inf is always checked, lossy
     # passes and verify=False included: a model that answers NaN is never a compression result worth writing.
     try:
-        diff, bad = compare_runs(previous.run, stage.run, batches, names, max_output_bytes=budget, exact=exact)
+        diff, bad = compare_runs(previous.run_outputs(names), stage.run_outputs(names), batches, names,
+                                 max_output_bytes=budget, exact=exact)
     except SlimcError as exc:
         raise PassFailedError(f"{where} produced an invalid model: {exc}") from None
     if bad is not None:

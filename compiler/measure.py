@@ -62,10 +62,10 @@ def fidelity(baseline, current, evalset, loaded, budget: int | None = None) -> d
     most ``budget`` output bytes (`slimc.subbatch`)."""
     from slimc import evaluate
 
-    names = [o.name for o in current.session.get_outputs()]
+    names = current.common_outputs(baseline)  # paired by name: a pass may drop KV-cache outputs
     metrics = evaluate.evaluate(
-        baseline.run,
-        current.run,
+        baseline.run_outputs(names),
+        current.run_outputs(names),
         evalset,
         loaded.task,
         output_names=names,

@@ -59,11 +59,12 @@ class Group:
     blocked: list[tuple[str, str | None]]  # (reason, overridable-by-kind or None)
 
     def is_blocked(self, allow: frozenset[str] = frozenset()) -> bool:
-        return any(kind is HARD or kind not in allow for _, kind in self.blocked)
+        # "cache": a KV cache's head axis, which follows the group (cache.py), never blocks
+        return any(kind is HARD or (kind not in allow and kind != "cache") for _, kind in self.blocked)
 
     def describe(self) -> dict:
         """A JSON-ready row for ``slimc inspect --groups`` and reports."""
-        soft = sorted({k for _, k in self.blocked if k is not HARD})
+        soft = sorted({k for _, k in self.blocked if k is not HARD and k != "cache"})  # a KV cache follows its group
         needs = " + ".join("change_interface=true" if k == "interface" else f"target={k}" for k in soft)
         status = "blocked" if self.hard_blocked else ("prunable" if not soft else f"prunable with {needs}")
         return {
@@ -136,6 +137,7 @@ class DependencyGraph:
     def __init__(self, model: ir.Model, *, keep_interface: bool = True):
         # the complete table: importing layout_rules registers its rules next to rules.py's
         from slimc.passes.prune.layout_rules import RULES, block_node
+        from slimc.passes.prune.cache import block_interface
         from slimc.passes.prune.symbolic import guard_mixed
 
         self.model = model
@@ -165,10 +167,8 @@ class DependencyGraph:
                 block_node(self, node, f"{node.op_type} couples incompatible index maps ({exc})")
             guard_mixed(self, node)
         self.node = None
-        for value in self.graph.inputs:
-            self.block_value(value, f"graph input '{value.name}'", HARD if keep_interface else "interface")
-        for value in self.graph.outputs:
-            self.block_value(value, f"graph output '{value.name}'", HARD if keep_interface else "interface")
+        # graph inputs/outputs block; a KV cache's head axis follows its group when proven (cache.py)
+        block_interface(self, HARD if keep_interface else "interface")
 
     # ------------------------------------------------------------ slots
 

@@ -29,6 +29,8 @@ from slimc.errors import DataError, NothingToDoError, PassConfigError
 from slimc.passes.prune import importance
 from slimc.backends.onnxruntime import release_model_pages
 from slimc.passes.prune.apply import apply_plan
+from slimc.passes.prune.cache import CACHE
+from slimc.passes.prune.cache import changes as cache_changes
 from slimc.passes.prune.compensate import compensate as run_compensation
 from slimc.passes.prune.graph import DependencyGraph, Group
 from slimc.pipeline import Pass, PassContext, PassReport
@@ -108,7 +110,8 @@ class Prune(Pass):
 
     def eligible(self, groups: list[Group]) -> tuple[list[Group], list[tuple[str, str]]]:
         targets = self._targets()
-        allow = frozenset(SOFT[t] for t in targets if t in SOFT) | ({"interface"} if self.change_interface else set())
+        allow = (frozenset(SOFT[t] for t in targets if t in SOFT) | {CACHE}
+                 | ({"interface"} if self.change_interface else set()))
         chosen, left = [], []
         for grp in groups:
             label = f"{grp.kind} group {grp.name} ({grp.size})"
@@ -210,6 +213,7 @@ class Prune(Pass):
         compensated, comp_left = (0, [])
         if plan and self.compensate != "none":
             compensated, comp_left = run_compensation(g, plan, stats, self.compensate)
+        cache = cache_changes(g, plan)  # read before the plan rewrites the shapes
         if plan:
             release_model_pages(model)  # read for the scores; apply_plan reads each weight again, one at a time
             apply_plan(g, plan)
@@ -237,9 +241,12 @@ class Prune(Pass):
                        if any(g.mask(a, plan) is not None for a in (g.slots.get(v) or []))]
             if changed:
                 summary += f"; interface changed: {', '.join(changed)}"
+        if cache:
+            summary += "; KV cache interface changed (kv_heads): " + ", ".join(
+                f"layer {c['layer']} {c['kv_heads_before']}->{c['kv_heads_after']}" for c in cache)
         return PassReport(
             name=self.name, modified=bool(plan), summary=summary,
             details={"groups_total": len(groups), "groups_pruned": pruned, "params_before": params0, "params_after": params1,
-                     "unsupported_ops": dict(g.unsupported), "compensated": compensated},
+                     "unsupported_ops": dict(g.unsupported), "compensated": compensated, "kv_cache_changed": cache},
             left_alone=left + comp_left, seconds=time.perf_counter() - start,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from slimc.passes.prune.shapes import broadcast_dims, div, mul, product, static
+from slimc.passes.prune.shapes import broadcast_dims, div, mul, product, static, symbolic_sum
 
 HANDLERS = {}
 
@@ -91,6 +91,8 @@ def arithmetic(S, node):
             r = None if sx is None or sy is None else ((sx + sy if op == "Add" else sx - sy), ())
             if r is None and y == (0, ()):
                 r = x
+            elif r is None and op == "Add":
+                r = symbolic_sum([x, y])  # sym sizes added, e.g. past_seq + seq for a cache's Expand target
         out_elems.append((r, None))
     S.elems[out] = out_elems
 
@@ -168,8 +170,7 @@ def concat(S, node):
     new = list(shapes[0])
     parts = [s[axis] for s in shapes]
     statics = [static(p) for p in parts]
-    nonzero = [p for p, n in zip(parts, statics) if n != 0]
-    new[axis] = (sum(statics), ()) if None not in statics else (nonzero[0] if len(nonzero) == 1 else None)
+    new[axis] = symbolic_sum(parts)  # past_seq + seq for the KV cache's Concat
     for i in range(len(new)):
         if i != axis:
             known = [s[i] for s in shapes if s[i] is not None]

@@ -68,6 +68,26 @@ def text(d: Sym | None) -> str:
     return "*".join(([str(d[0])] if d[0] != 1 or not d[1] else []) + list(d[1]))
 
 
+def sum_name(terms: list[str]) -> str:
+    """One canonical symbol for a sum of symbolic sizes: exporters write ``past_seq + seq`` in one
+    place and ``seq + past_seq`` in another (the cache's Concat); addition commutes, so sorted terms
+    name the same size."""
+    return " + ".join(sorted(t.strip() for t in terms))
+
+
+def symbolic_sum(parts: list[Sym | None]) -> Sym | None:
+    """The size of a concatenation (or an Add of sizes) as one opaque symbol; None if a part is unknown."""
+    parts = [p for p in parts if p != (0, ())]
+    if any(p is None for p in parts) or not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if all(static(p) is not None for p in parts):
+        return (sum(static(p) for p in parts), ())
+    terms = [t for p in parts for t in (p[1][0].split(" + ") if p[0] == 1 and len(p[1]) == 1 else [text(p)])]
+    return (1, (sum_name(terms),))
+
+
 def _from_ir(shape) -> list[Sym | None] | None:
     if shape is None:
         return None
@@ -77,6 +97,8 @@ def _from_ir(shape) -> list[Sym | None] | None:
             out.append((d, ()))
         else:
             name = d.value if isinstance(d, ir.SymbolicDim) else None
+            if name and "+" in name and "*" not in name and "(" not in name:
+                name = sum_name(name.split("+"))
             out.append(None if not name or name.startswith("unk__") else (1, (name,)))
     return out
 

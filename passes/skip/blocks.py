@@ -27,8 +27,10 @@ torch.export's module-path metadata only *labels* what was found). Definitions:
 4. **Kind**: *attention* if ``f`` holds an attention op or a MatMul/Einsum of two activations
    (``Q Kᵀ``), else *conv* if it holds a Conv, else *mlp*.
 5. Left alone: a residual whose branch holds another residual's Add (a long skip around
-   blocks), and one whose branch values are also used outside the unit or are graph outputs (a
-   KV-cache output): removing it would not remove its work, or would change the interface.
+   blocks), and one whose branch values are also used outside the unit or are graph outputs:
+   removing it would not remove its work, or would change the interface. A KV-cache layer's
+   ``present`` outputs are the exception: they go with the branch, with their past inputs
+   (`slimc.passes.skip.cache`).
 6. **Blocks**: units chain when one's input is the previous one's output; along a chain, a block
    is a run of attention sub-layers and the mlp sub-layers after it (pre-LN: attention + MLP;
    post-LN: the same, each with its LayerNorm); a conv unit, or an mlp without attention before
@@ -42,6 +44,8 @@ import heapq
 from collections.abc import Iterable
 
 import onnx_ir as ir
+
+from slimc.passes.skip.cache import branch_cache
 
 CONTRACTIONS = frozenset({
     "MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulNBits", "MatMulInteger", "ConvInteger",
@@ -70,6 +74,7 @@ class Residual:
     closings: list[tuple[ir.Value, list[ir.Node]]]  # possible (output, tail) pairs, the sum first
     out: ir.Value | None = None
     tail: list[ir.Node] = dataclasses.field(default_factory=list)
+    cache: list[int] = dataclasses.field(default_factory=list)  # KV-cache layers whose present outputs it makes
 
     @property
     def sum(self) -> ir.Value:
@@ -340,12 +345,15 @@ class _Analyser:
     def _unsafe(self, r: Residual) -> str:
         """Why removing ``r`` would not remove its work or would change the interface ('' when fine)."""
         inside = set(r.nodes)
+        outputs = [v for node in r.nodes for v in node.outputs if v is not r.out and v.is_graph_output()]
+        if outputs:  # present.{i}.key/value go with the sub-layer, with their past inputs (skip/cache.py)
+            r.cache, why = branch_cache(self.graph, outputs, inside)
+            if why:
+                return why
         for node in r.nodes:
             for v in node.outputs:
                 if v is r.out:
                     continue
-                if v.is_graph_output():
-                    return f"its value {v.name!r} is a graph output (e.g. a KV-cache output); removing it would change the interface"
                 users = [u for u, _ in v.uses() if u not in inside]
                 if users:
                     return (f"its value {v.name!r} is also used outside the block (by {users[0].name or users[0].op_type}), "

@@ -17,6 +17,7 @@ every use of its output a use of its input, and its weights and nodes disappear.
    measured loss (perplexity for causal LMs, else the output error vs the unmodified model) among
    the ``shortlist`` lowest-influence units (default ``2 x count + 2``);
 4. rewires the stream (in graph order, so adjacent units chain back to the first input), removes
+   a removed attention sub-layer's KV-cache inputs and outputs with it (`slimc.passes.skip.cache`), removes
    the dead nodes and initializers, and measures the ORT latency before and after.
 
 What skipping means per tail: pre-LN ``y = x + f(x)`` -> ``x`` (exact when ``f = 0``); post-LN
@@ -43,7 +44,7 @@ from slimc.errors import DataError, PassConfigError
 from slimc.model import infer_input_specs, infer_task
 from slimc.onnx_io import copy_model
 from slimc.passes.quant import common
-from slimc.passes.skip import blocks, score
+from slimc.passes.skip import blocks, cache, score
 from slimc.pipeline import Pass, PassContext, PassReport
 
 UNITS = ("block", "attention", "mlp")
@@ -186,10 +187,13 @@ class LayerSkip(Pass):
 
         details.update(self._details(units, chosen, protected, bi, greedy, len(batches)))
         details.update(params_before=params0, params_after=params1, nodes_before=nodes0, nodes_after=len(model.graph),
-                       outputs_renamed=outputs, latency=latency, notes=_notes(chosen))
+                       outputs_renamed=outputs, latency=latency, notes=_notes(chosen), kv_cache_removed=removed_cache(chosen))
         labels = ", ".join(u.label for u in chosen)
         summary = (f"removed {n} of {len(units)} {self.unit} units by {self.score} ({labels}); params {params0:,} -> "
                    f"{params1:,} ({percent_fewer(params0, params1)})")
+        if details["kv_cache_removed"]:
+            summary += ("; KV cache entries removed with their layers (past_key_values.N.* inputs, present.N.* "
+                        f"outputs): N = {', '.join(map(str, details['kv_cache_removed']))}")
         if latency:
             summary += f"; latency {latency['before_ms']:.2f} -> {latency['after_ms']:.2f} ms ({latency['speedup']:.2f}x)"
         return PassReport(name=self.name, modified=True, summary=summary, details=details, left_alone=left,
@@ -273,8 +277,16 @@ def rewire(model: ir.Model, units: list[blocks.Unit]) -> list[str]:
             renamed.append(name)
         ir.convenience.replace_all_uses_with(out, x)
         replaced[out] = x
+    cached = removed_cache(units)
+    cache.drop_layers(graph, cached)  # before dead-code removal: graph outputs keep their producers
     ir_common.RemoveUnusedNodesPass()(model)
+    cache.drop_inputs(graph, cached)
     return renamed
+
+
+def removed_cache(units: list[blocks.Unit]) -> list[int]:
+    """The KV-cache layers whose entries go with ``units``."""
+    return sorted({i for u in units for p in u.parts for i in p.cache})
 
 
 def _notes(chosen: list[blocks.Unit]) -> list[str]:
