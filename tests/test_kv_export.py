@@ -303,20 +303,15 @@ def test_smollm2_gguf_generates_like_transformers(tmp_path):
     np.testing.assert_array_equal(greedy(loaded.model, ids, mask, 16), out[:, ids.shape[1]:].numpy())
 
 
-# ---- what other passes still owe the cache (strict xfails: they fail loudly once fixed) --------------
+# ---- prune and layerskip change the cache with the model (passes/prune/cache.py, passes/skip/cache.py) ----
 
 
-@pytest.mark.xfail(strict=True, raises=slimc.SlimcError,
-                   reason="prune does not yet change the cache's head count: the past/present tensors block "
-                          "heads and kv_heads groups (NothingToDoError naming them)")
 def test_prune_kv_heads_changes_the_cache_head_count(exported, folders):
     result = slimc.compile(exported("llama"), "prune(target=kv_heads, ratio=0.5)", calibration=str(folders["text"]),
                            seq_len=32, measure_latency=False)
     assert {layer.kv_heads for layer in kvcache.cache_spec(result.model).layers} == {1}
 
 
-@pytest.mark.xfail(strict=True, reason="layerskip keeps a skipped block's cache entries (its k/v projections "
-                                       "still feed present.{i}.key/value)")
 def test_layerskip_drops_the_skipped_blocks_cache_entries(exported, folders):
     result = slimc.compile(exported("llama"), "layerskip(count=1, protect_first=0, measure_latency=false)",
                            calibration=str(folders["text"]), seq_len=32, measure_latency=False)
