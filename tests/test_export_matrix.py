@@ -62,8 +62,6 @@ REFUSALS: dict[tuple[str, str], str] = {
 }
 # Cells that fail today, each fixed on another branch (the reason names it).
 PENDING: dict[tuple[str, str], str] = {
-    # Not fixed on any branch yet (docs/support-matrix.md lists them): ORT's quantizer crashes on fused graphs.
-    ("[bgv]*/ort-fused", "int8"): "bug: int8 on com.microsoft fused ops crashes in ORT's quantizer",
     ("gpt2/dynamo-noopt", "fp16"): "bug: fp16 writes a float16 tensor into a SequenceAt the checker rejects",
 }
 

@@ -227,3 +227,32 @@ def per_channel_opset(proto: Any) -> tuple[Any, bool, str | None]:
                               f"({type(exc).__name__}: {str(exc)[:200]})")
     return converted, True, (f"opset {opset} converted to {PER_CHANNEL_OPSET} (onnx's version converter) for "
                              "per-channel weights")
+
+
+def _untyped(proto: Any) -> int:
+    """How many node outputs have no tensor element type in ``value_info`` or the graph's outputs."""
+    graph = proto.graph
+    typed = {v.name for v in (*graph.value_info, *graph.output) if v.type.tensor_type.elem_type or
+             v.type.HasField("sequence_type") or v.type.HasField("optional_type")}
+    return sum(1 for node in graph.node for out in node.output if out and out not in typed)
+
+
+def infer_types(proto: Any) -> Any:
+    """``proto`` with every value typed, for ORT's quantizer, which looks up each tensor's type and
+    raises deep inside ("Unable to find data type for weight_name", "Unable to get valid quantization
+    scale") when one is missing. ONNX's shape inference first; where it leaves values untyped (it does
+    not know ``com.microsoft`` ops: everything after ORT's fused Attention or SkipLayerNormalization),
+    ONNX Runtime's symbolic shape inference, which does, if it types more."""
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
+
+    inferred = save_and_reload_model_with_shape_infer(proto)
+    missing = _untyped(inferred)
+    if not missing:
+        return inferred
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:  # it works on one in-memory proto: a model over 2 GB fails here and keeps ONNX's types
+        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True)
+    except Exception:  # noqa: BLE001 - a model it cannot follow keeps ONNX's types; untyped nodes stay float
+        return inferred
+    return symbolic if symbolic is not None and _untyped(symbolic) < missing else inferred

@@ -348,8 +348,6 @@ class _Work:
 
     def __init__(self, tmp: Path, model: ir.Model, opts: Int8, conv_heavy: bool, user_excluded: Sequence[str],
                  mobile: bool = False, threads: int | None = None):
-        from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
-
         self.tmp, self.opts, self.conv_heavy, self.threads = tmp, opts, conv_heavy, threads
         self.user_excluded = list(user_excluded)
         default = False if mobile else needs_reduced_range()  # the 7-bit workaround is for x86 without VNNI
@@ -360,7 +358,7 @@ class _Work:
         if opts.per_channel:
             proto, self.per_channel, self.opset_note = common.per_channel_opset(proto)
         with progress.step("int8: shape inference"):
-            self.proto = save_and_reload_model_with_shape_infer(proto)
+            self.proto = common.infer_types(proto)
         self.float_path = self._save(self.proto, "float")
         self.ranges = None
         self.weighted = {w.node.name: w for w in common.weighted_ops(model, WEIGHTED)}
