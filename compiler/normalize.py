@@ -57,21 +57,28 @@ def infer_missing_shapes(model: ir.Model) -> bool:
     outputs = [v for node in model.graph for v in node.outputs if v.name]
     if not outputs or sum(v.shape is None for v in outputs) * 2 < len(outputs):
         return False
-    from onnx_ir.passes.common import ShapeInferencePass
-
-    # onnx_ir's merge writes an inferred sequence/optional as a tensor of its element type, which ONNX
-    # Runtime then refuses to load: such values keep the type they had (usually none).
-    kept = {v: v.type for node in model.graph.all_nodes() if node.op_type in _NON_TENSOR_OPS for v in node.outputs}
     try:
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # best effort: an analysis that needs shapes blocks with its own reason
         log.info("shape inference on load failed (%s); intermediate shapes stay unknown", exc)
         return False
+    return True
+
+
+def infer_shapes(model: ir.Model, **options) -> None:
+    """onnx_ir's ``ShapeInferencePass(**options)`` on ``model``, sequence and optional values keeping
+    their type: onnx_ir's merge writes an inferred sequence/optional as a tensor of its element type,
+    which ONNX Runtime refuses to load and a float16 conversion then retypes (the checker rejects a
+    SequenceAt reading a float16 tensor). Such values keep the type they had (usually none)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    kept = {v: v.type for node in model.graph.all_nodes() if node.op_type in _NON_TENSOR_OPS for v in node.outputs}
+    try:
+        ShapeInferencePass(**options)(model)
     finally:
         for value, type_ in kept.items():
             if value.type != type_:
                 value.type, value.shape = type_, None
-    return True
 
 
 # Ops whose outputs are sequences or optionals, not tensors.

@@ -62,7 +62,6 @@ REFUSALS: dict[tuple[str, str], str] = {
 }
 # Cells that fail today, each fixed on another branch (the reason names it).
 PENDING: dict[tuple[str, str], str] = {
-    ("gpt2/dynamo-noopt", "fp16"): "bug: fp16 writes a float16 tensor into a SequenceAt the checker rejects",
 }
 
 
