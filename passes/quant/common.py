@@ -249,10 +249,7 @@ def infer_types(proto: Any) -> Any:
     missing = _untyped(inferred)
     if not missing:
         return inferred
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from slimc.typeinfer import ort_symbolic
 
-    try:  # it works on one in-memory proto: a model over 2 GB fails here and keeps ONNX's types
-        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True)
-    except Exception:  # noqa: BLE001 - a model it cannot follow keeps ONNX's types; untyped nodes stay float
-        return inferred
+    symbolic = ort_symbolic(inferred)  # None where it fails: ONNX's types are kept
     return symbolic if symbolic is not None and _untyped(symbolic) < missing else inferred
