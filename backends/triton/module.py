@@ -284,9 +284,8 @@ def _fidelity(gm, batches, got, base, baseline_run, task, names, inputs, max_out
     than 4 runs of one row. `compile` measures ORT's fidelity in sub-batches of rows
     (``max_output_bytes``); the module is measured on exactly those sub-batches (the same
     `evaluate` split, driven by the same reference), or the two figures differ by how the rows
-    were grouped, not by the lowering (SmolLM2 smoothquant+int8: perplexity ratio 1.12 on whole
-    batches against ORT's 1.09 on sub-batches). Without a budget the outputs computed for the
-    agreement check are reused.
+    were grouped, not by the lowering. Without a budget the outputs computed for the agreement
+    check are reused.
     """
     from slimc import evaluate
 
