@@ -287,7 +287,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
             loaded.model, ort_run=current.run, baseline_run=baseline.run,
             unquantized_run=None if before_quantizer is baseline else before_quantizer.run,
             baseline_model=load_onnx(baseline.path),
-            evalset=evalset, task=loaded.task, inputs=loaded.inputs, measure_latency=measure_latency, device=device)
+            evalset=evalset, task=loaded.task, inputs=loaded.inputs, measure_latency=measure_latency, device=device,
+            max_output_bytes=budget)
     receipt = Receipt(
         source=loaded.source, task=loaded.task, passes=reports, before=before, after=after, fidelity=fidelity,
         verification=verification, latency=latency, notes=_notes(loaded, calib, evalset), version=__version__,

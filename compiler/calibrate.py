@@ -172,11 +172,13 @@ def _types(proto: onnx.ModelProto, values: dict[str, ir.Value], names: set[str])
         if value.dtype is not None and value.shape is not None:
             known[name] = (int(value.dtype), len(value.shape))
     if len(known) < len(names):
-        inferred = onnx.shape_inference.infer_shapes(proto).graph
-        for info in [*inferred.input, *inferred.value_info, *inferred.output]:
-            tensor = info.type.tensor_type
-            if info.name in names and info.name not in known and tensor.HasField("shape"):
-                known[info.name] = (tensor.elem_type, len(tensor.shape.dim))
+        _read_types(onnx.shape_inference.infer_shapes(proto).graph, names, known)
+    if len(known) < len(names):  # after ORT's com.microsoft ops only ORT's own inference knows them
+        from slimc.typeinfer import ort_symbolic
+
+        symbolic = ort_symbolic(proto)
+        if symbolic is not None:
+            _read_types(symbolic.graph, names, known)
     for name in names:
         if name not in known:
             raise ValueError(
@@ -187,6 +189,14 @@ def _types(proto: onnx.ModelProto, values: dict[str, ir.Value], names: set[str])
             dtype = TensorProto.DataType.Name(known[name][0])
             raise ValueError(f"calibration: {name!r} is {dtype}; statistics need a float value.")
     return known
+
+
+def _read_types(graph: onnx.GraphProto, names: set[str], known: dict[str, tuple[int, int]]) -> None:
+    """Add to ``known`` the (element type, rank) ``graph``'s value_info gives the named values it lacks."""
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = info.type.tensor_type
+        if info.name in names and info.name not in known and tensor.HasField("shape"):
+            known[info.name] = (tensor.elem_type, len(tensor.shape.dim))
 
 
 def _normalise_axis(request: StatRequest, rank: int) -> int:

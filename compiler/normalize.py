@@ -15,6 +15,10 @@ initializers and dims from the graph inputs' shapes, so two spellings are brough
   inference fills them in, so analyses that follow axes see ranks (`infer_missing_shapes`).
 - **Negative dims** (``-1`` written as a dim value, which ONNX does not define; paddle2onnx does it for
   the batch axis) on graph inputs and outputs become unnamed dynamic dims, their evident meaning.
+- **ONNX Runtime's ops in the ONNX domain**: ORT's transformer optimizer writes RMS norms as
+  ``SimplifiedLayerNormalization`` in the *default* domain, which ORT runs but the ONNX checker (and
+  every other runtime) rejects. Each becomes its definition in standard ops
+  (`decompose_simplified_layer_norms`); ORT fuses it back when it builds a session.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ def normalize(model: ir.Model) -> list[str]:
     if lifted:
         notes.append(f"{lifted} Constant nodes of the main graph became initializers on load (the converter "
                      "stored weights as Constant nodes; they are the same tensors)")
+    decomposed = decompose_simplified_layer_norms(model)
+    if decomposed:
+        notes.append(f"{decomposed} SimplifiedLayerNormalization nodes (ONNX Runtime's RMS norm, written in the ONNX "
+                     "domain, which the ONNX checker rejects) were rewritten in standard ops on load")
     fixed = fix_negative_dims(model)
     if fixed:
         notes.append(f"negative dims on {', '.join(fixed)} were read as dynamic (ONNX defines no negative dim)")
@@ -57,21 +65,28 @@ def infer_missing_shapes(model: ir.Model) -> bool:
     outputs = [v for node in model.graph for v in node.outputs if v.name]
     if not outputs or sum(v.shape is None for v in outputs) * 2 < len(outputs):
         return False
-    from onnx_ir.passes.common import ShapeInferencePass
-
-    # onnx_ir's merge writes an inferred sequence/optional as a tensor of its element type, which ONNX
-    # Runtime then refuses to load: such values keep the type they had (usually none).
-    kept = {v: v.type for node in model.graph.all_nodes() if node.op_type in _NON_TENSOR_OPS for v in node.outputs}
     try:
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # best effort: an analysis that needs shapes blocks with its own reason
         log.info("shape inference on load failed (%s); intermediate shapes stay unknown", exc)
         return False
+    return True
+
+
+def infer_shapes(model: ir.Model, **options) -> None:
+    """onnx_ir's ``ShapeInferencePass(**options)`` on ``model``, sequence and optional values keeping
+    their type: onnx_ir's merge writes an inferred sequence/optional as a tensor of its element type,
+    which ONNX Runtime refuses to load and a float16 conversion then retypes (the checker rejects a
+    SequenceAt reading a float16 tensor). Such values keep the type they had (usually none)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    kept = {v: v.type for node in model.graph.all_nodes() if node.op_type in _NON_TENSOR_OPS for v in node.outputs}
+    try:
+        ShapeInferencePass(**options)(model)
     finally:
         for value, type_ in kept.items():
             if value.type != type_:
                 value.type, value.shape = type_, None
-    return True
 
 
 # Ops whose outputs are sequences or optionals, not tensors.
@@ -121,3 +136,57 @@ def fix_negative_dims(model: ir.Model) -> list[str]:
             value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in value.shape])
             fixed.append(value.name or "?")
     return fixed
+
+
+def decompose_simplified_layer_norms(model: ir.Model) -> int:
+    """Rewrite each main-graph ``SimplifiedLayerNormalization`` of the ONNX domain (ORT-only: an RMS norm,
+    ``y = x / sqrt(mean(x**2 over axis..-1) + epsilon) * scale``, second output ``1 / sqrt(...)``) in
+    standard ops; return how many. A node whose normalised axes cannot be told (a non-negative ``axis``
+    on an input of unknown rank) or whose input is not float32 stays, and the checker names it."""
+    opset = model.opset_imports.get("", 0)
+    count = 0
+    for node in [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "ai.onnx")]:
+        x, scale = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+        axis = node.attributes["axis"].value if "axis" in node.attributes else -1
+        rank = len(x.shape) if x.shape is not None else None
+        if scale is None or x.dtype not in (ir.DataType.FLOAT, None) or (axis >= 0 and rank is None):
+            continue
+        axes = list(range(axis - rank, 0)) if axis >= 0 else list(range(axis, 0))
+        eps = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
+        _replace_rms_norm(model.graph, node, x, scale, axes, float(eps), opset)
+        count += 1
+    return count
+
+
+def _replace_rms_norm(graph: ir.Graph, node: ir.Node, x: ir.Value, scale: ir.Value, axes: list[int], eps: float,
+                      opset: int) -> None:
+    """The standard-op nodes of one RMS norm, put in ``node``'s place (its outputs' names and uses kept)."""
+    import numpy as np
+
+    name = node.name or "SimplifiedLayerNormalization"
+
+    def const(suffix: str, array) -> ir.Value:
+        value = ir.Value(name=f"{name}/{suffix}", const_value=ir.tensor(array, name=f"{name}/{suffix}"))
+        graph.register_initializer(value)
+        return value
+
+    def op(op_type: str, inputs, **attrs) -> ir.Node:
+        made = ir.Node("", op_type, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+                       name=f"{name}/{op_type}_{len(nodes)}")
+        nodes.append(made)
+        return made
+
+    nodes: list[ir.Node] = []
+    square = op("Mul", [x, x]).outputs[0]
+    if opset >= 18:  # ReduceMean takes axes as an input from opset 18
+        mean = op("ReduceMean", [square, const("axes", np.array(axes, np.int64))], keepdims=1).outputs[0]
+    else:
+        mean = op("ReduceMean", [square], axes=axes, keepdims=1).outputs[0]
+    std = op("Sqrt", [op("Add", [mean, const("epsilon", np.array(eps, np.float32))]).outputs[0]]).outputs[0]
+    inverse = op("Reciprocal", [std]).outputs[0]
+    y = op("Mul", [op("Mul", [x, inverse]).outputs[0], scale]).outputs[0]
+    olds, news = [node.outputs[0]], [y]
+    if len(node.outputs) > 1 and node.outputs[1].name:
+        olds.append(node.outputs[1])
+        news.append(inverse)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, olds, news)

@@ -51,3 +51,19 @@ def test_bench_tiny_resnet(tmp_path):
 def test_cli_rejects_unknown_model():
     with pytest.raises(SystemExit):
         bench_prune.main(["--models", "alexnet"])
+
+
+def test_bench_tiny_bert_sdpa_export_heads_and_ffn():
+    """The SDPA case: the file torch.onnx.export writes at its defaults, pruned by prune(ratio) alone."""
+    config = tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=64, attn_implementation="sdpa")
+    case = bench_prune.bert_sdpa_case(config, seq=16, name="tiny-bert-sdpa")
+    assert case.export == "dynamo"
+    report = bench_prune.run([case], ratio=0.5, repeats=1, hidden=False)
+    results = report["models"][0]["results"]
+    assert results["torch-pruning"]["status"] == "not run"
+    slimc_entry = results["slimc"]
+    assert slimc_entry["status"] == "ok", slimc_entry.get("note")
+    assert "heads 8->4" in slimc_entry["note"] and slimc_entry["macs_ratio"] > 1.5
+    assert slimc_entry["speedup_per_macs_ratio"] > 0
+    assert "| tiny-bert-sdpa | torch-pruning | - |" in bench_prune.markdown(report)

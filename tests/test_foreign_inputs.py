@@ -280,9 +280,11 @@ def test_a_0d_integer_compared_with_a_threshold_takes_the_threshold(tmp_path):
     assert "mode int64 [] = 0" in result.receipt.fidelity["data"]
 
 
-def test_shapes_inferred_on_load_keep_sequence_values_sequences(tmp_path):
+@pytest.mark.parametrize("spec", ["cleanup", "fp16"])
+def test_shapes_inferred_on_load_keep_sequence_values_sequences(tmp_path, spec):
     """A file without value_info whose graph holds a sequence (SplitToSequence -> SequenceAt, as the
-    unoptimised dynamo export of GPT-2 does): inferred types must not turn it into a tensor."""
+    unoptimised dynamo export of GPT-2 does): inferred types must not turn it into a tensor, on load
+    or in fp16's own inference (which made it a float16 tensor the checker rejected)."""
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("SplitToSequence", ["r"], ["parts"], axis=1),
@@ -293,6 +295,32 @@ def test_shapes_inferred_on_load_keep_sequence_values_sequences(tmp_path):
                               [onnx.numpy_helper.from_array(np.array(1, np.int64), "one")])
     path = tmp_path / "seq.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    result = slimc.compile(str(path), "cleanup", measure_latency=False)
+    result = slimc.compile(str(path), spec, measure_latency=False)
     result.save(tmp_path / "out.onnx")
     ort.InferenceSession(str(tmp_path / "out.onnx"))
+
+
+@pytest.mark.parametrize("axis,opset", [(-1, 17), (2, 13)])
+def test_ort_simplified_layer_norm_in_the_onnx_domain_is_rewritten_on_load(tmp_path, axis, opset):
+    """ORT's optimizer writes RMS norms as SimplifiedLayerNormalization in the ONNX domain (Llama through
+    optimize_model): ORT runs it, the checker refused every pass at load. It becomes standard ops, same outputs."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "scale"], ["n"], axis=axis, epsilon=1e-6),
+             helper.make_node("MatMul", ["n", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
+                              [onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "scale"),
+                               onnx.numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")])
+    path = tmp_path / "rms.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    x = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32) * 3}
+    expected = ort.InferenceSession(str(path)).run(None, x)[0]
+    result = slimc.compile(str(path), "cleanup", measure_latency=False)
+    assert any("SimplifiedLayerNormalization" in note for note in result.loaded.notes)
+    result.save(tmp_path / "out.onnx")
+    saved = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(saved, full_check=True)
+    assert "SimplifiedLayerNormalization" not in {n.op_type for n in saved.graph.node}
+    np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, x)[0], expected, rtol=1e-5, atol=1e-5)

@@ -32,8 +32,8 @@ def _compile(case, spec):
 @pytest.mark.parametrize("spec,kernel,ppl", [("int4(force=true)", "matmul_nbits", 1.45),
                                              pytest.param("smoothquant,int8(mode=dynamic, force=true)", "dynamic_linear",
                                                           1.35, marks=pytest.mark.xfail(strict=False, reason=(
-                                                              "failed once after the stop-22 merges, not yet diagnosed "
-                                                              "(see that stop's note)"))),
+                                                              "torch module ppl ratio 1.116 vs ORT 1.085 after measuring "
+                                                              "on ORT's sub-batches (was 1.123): cause not yet found"))),
                                              ("sparsify(pattern=2:4, method=wanda)", "sparse24_linear", 9.5)])
 def test_smollm2(text_folder, spec, kernel, ppl):
     result, backend = _compile(bench_quant.smollm2(text_folder, calib_batches=2, eval_batches=2), spec)

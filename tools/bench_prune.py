@@ -11,9 +11,13 @@ transformers. What it does, per model (random weights, seeded; no downloads):
 - ``resnet50``: ``ResNetForImageClassification(ResNetConfig())`` (the defaults are ResNet-50's
   bottleneck layout, with transformers' default 2-label head), input ``pixel_values`` 1x3x224x224;
 - ``bert-base``: ``BertModel(BertConfig())`` with eager attention, ``input_ids`` +
-  ``attention_mask`` of batch 1 x sequence 128.
+  ``attention_mask`` of batch 1 x sequence 128;
+- ``bert-base-sdpa``: the same model with transformers' default SDPA attention, exported as a user
+  would: ``torch.onnx.export(dynamo=True)`` at its defaults (onnxscript-optimised; run-time
+  ``Shape -> Reshape`` of K, split q/k scaling, ``Where`` masks) and loaded from the file.
 
-1. baseline: the unmodified module exported to ONNX by slimc's PyTorch front end;
+1. baseline: the unmodified module exported to ONNX by slimc's PyTorch front end (``bert-base-sdpa``:
+   by ``torch.onnx.export`` at its defaults, as above);
 2. Torch-Pruning: ``MagnitudePruner`` (group L2 magnitude, ``pruning_ratio=ratio``, uniform per
    layer, ``global_pruning=False``). ResNet: the classifier is left alone. BERT: as Torch-Pruning's
    ``examples/transformers/prune_hf_bert.py``: whole heads removed (``num_heads`` per q/k/v,
@@ -22,12 +26,14 @@ transformers. What it does, per model (random weights, seeded; no downloads):
    modules and the config so the forward runs. The pruned module is exported like the baseline;
 3. slimc: ``slimc.compile(baseline, passes=["prune(ratio=R, importance=magnitude)"])``; for BERT
    followed by ``prune(ratio=R, target=hidden, change_interface=true)``, as Torch-Pruning prunes
-   the hidden width too.
+   the hidden width too. ``--no-hidden``: ``prune(ratio=R)`` alone (heads and FFN), Torch-Pruning
+   not run (it prunes the hidden width with them, so it is no comparison).
 
 Measured: MACs and parameters with ``slimc.analysis`` on each ONNX graph (per sample), their
 ratios baseline/pruned, ONNX Runtime CPU latency (all models in one ``measure_latency`` call:
 same session options and threads, warm-up, alternating rounds, median) and its speedup
-baseline/pruned, and each tool's own analysis + pruning time (export excluded: Torch-Pruning's
+baseline/pruned, the speedup divided by the MACs ratio (how much of the MAC reduction the latency
+shows), and each tool's own analysis + pruning time (export excluded: Torch-Pruning's
 dependency graph + pruning step; slimc's pass time from its receipt). Timings are reported,
 never asserted. Random weights make accuracy meaningless here; only cost is compared.
 """
@@ -58,6 +64,7 @@ class Case:
     build: Callable[[], Any]  # -> a fresh nn.Module in eval mode, same weights every call
     example: dict[str, Any]  # input name -> torch.Tensor (batch 1)
     kind: str  # "cnn" (keep the classifier) or "bert" (head-aware attention pruning)
+    export: str = "slimc"  # "slimc": slimc's PyTorch front end; "dynamo": torch.onnx.export at its defaults
 
     def feed(self) -> dict[str, np.ndarray]:
         return {name: t.numpy() for name, t in self.example.items()}
@@ -77,7 +84,7 @@ def resnet_case(config=None, size: int = 224, name: str = "resnet50") -> Case:
     return Case(name, build, {"pixel_values": pixels}, "cnn")
 
 
-def bert_case(config=None, seq: int = 128, name: str = "bert-base") -> Case:
+def bert_case(config=None, seq: int = 128, name: str = "bert-base", export: str = "slimc") -> Case:
     import torch
     import transformers as tf
 
@@ -88,10 +95,39 @@ def bert_case(config=None, seq: int = 128, name: str = "bert-base") -> Case:
         return tf.BertModel(copy.deepcopy(config)).eval()  # pruning edits the config: keep ours intact
 
     ids = torch.randint(1, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-    return Case(name, build, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "bert")
+    return Case(name, build, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "bert", export)
 
 
-CASES: dict[str, Callable[[], Case]] = {"resnet50": resnet_case, "bert-base": bert_case}
+def bert_sdpa_case(config=None, seq: int = 128, name: str = "bert-base-sdpa") -> Case:
+    """BERT-base with SDPA attention (transformers' default), exported by torch.onnx at its defaults."""
+    import transformers as tf
+
+    return bert_case(config or tf.BertConfig(attn_implementation="sdpa"), seq, name, export="dynamo")
+
+
+CASES: dict[str, Callable[[], Case]] = {"resnet50": resnet_case, "bert-base": bert_case, "bert-base-sdpa": bert_sdpa_case}
+
+
+def load_export(module, case: Case, folder: Path, label: str):
+    """``module`` as an ONNX model slimc loaded: through slimc's front end, or (``export="dynamo"``)
+    written by ``torch.onnx.export(dynamo=True)`` at its defaults (batch and sequence dynamic) and read
+    back from the file, as a user's file would be."""
+    import warnings
+
+    import torch
+
+    from slimc import frontends
+
+    if case.export == "slimc":
+        return frontends.load(module, case.example)
+    path = folder / f"{label}-export.onnx"
+    dim = torch.export.Dim
+    axes = {0: dim("batch", max=64), 1: dim("seq", max=512)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (), str(path), kwargs=case.example, dynamo=True,
+                          dynamic_shapes={name: axes for name in case.example}, external_data=False, verbose=False)
+    return frontends.load(str(path))
 
 
 def _torch_pruning():
@@ -162,12 +198,12 @@ def _fix_attention_sizes(model, num_heads: dict) -> None:
         config.intermediate_size = model.encoder.layer[0].intermediate.dense.out_features
 
 
-def prune_with_slimc(loaded, ratio: float, kind: str = "cnn") -> dict[str, Any]:
+def prune_with_slimc(loaded, ratio: float, kind: str = "cnn", hidden: bool = True) -> dict[str, Any]:
     """slimc's ``prune`` pass on the baseline export (its time from the receipt, export excluded)."""
     import slimc
 
     spec = f"prune(ratio={ratio}, importance=magnitude)"
-    if kind == "bert":  # as Torch-Pruning does: heads and FFN, then the hidden width (the output changes)
+    if kind == "bert" and hidden:  # as Torch-Pruning does: heads and FFN, then the hidden width (the output changes)
         spec += f",prune(ratio={ratio}, importance=magnitude, target=hidden, change_interface=true)"
     start = time.perf_counter()
     try:
@@ -190,35 +226,42 @@ def graph_stats(model, feed: dict[str, np.ndarray]) -> dict[str, int]:
     return {"macs": macs, "macs_unresolved_nodes": unresolved, "params": params, "weight_bytes": weight_bytes}
 
 
+def _torch_pruning_entry(case: Case, module, ratio: float, folder: Path, feed) -> tuple[dict[str, Any], Any]:
+    """Torch-Pruning on its own copy of the same weights: (report entry, pruned ONNX model or None)."""
+    try:
+        pruned = copy.deepcopy(module)
+        seconds, config = prune_with_torch_pruning(pruned, case, ratio)
+        model = load_export(pruned, case, folder, "torch-pruning").model
+    except Exception as exc:  # report and go on: one tool failing must not hide the other
+        return {"status": "failed", "note": f"{type(exc).__name__}: {exc}"}, None
+    return {"status": "ok", "prune_seconds": seconds, "config": config, **graph_stats(model, feed)}, model
+
+
 def bench_model(case: Case, ratio: float, repeats: int, threads: int | None = None,
-                workdir: str | Path | None = None) -> dict[str, Any]:
-    """Baseline, Torch-Pruning and slimc for one model: stats, latency, ratios, pruning times."""
-    from slimc import frontends
+                workdir: str | Path | None = None, hidden: bool = True) -> dict[str, Any]:
+    """Baseline, Torch-Pruning and slimc for one model: stats, latency, ratios, pruning times.
+    ``hidden=False``: slimc's ``prune(ratio)`` alone (BERT: heads and FFN), Torch-Pruning not run."""
     from slimc.backends import onnxruntime as ort_backend
     from slimc.onnx_io import save_onnx
 
     with tempfile.TemporaryDirectory(prefix="bench-prune-", dir=workdir) as tmp:
         feed = case.feed()
         module = case.build()
-        baseline = frontends.load(module, case.example)
+        baseline = load_export(module, case, Path(tmp), "baseline")
         paths = {"baseline": Path(tmp) / "baseline.onnx"}
         save_onnx(baseline.model, paths["baseline"])
         entries: dict[str, dict[str, Any]] = {"baseline": {"status": "ok", **graph_stats(baseline.model, feed)}}
 
-        try:  # Torch-Pruning works on its own copy of the same weights
-            pruned = copy.deepcopy(module)
-            seconds, config = prune_with_torch_pruning(pruned, case, ratio)
-            model = frontends.load(pruned, case.example).model
-            entries["torch-pruning"] = {"status": "ok", "prune_seconds": seconds, "config": config}
-        except Exception as exc:  # report and go on: one tool failing must not hide the other
-            entries["torch-pruning"] = {"status": "failed", "note": f"{type(exc).__name__}: {exc}"}
-            model = None
-        if model is not None:
-            entries["torch-pruning"].update(graph_stats(model, feed))
-            paths["torch-pruning"] = Path(tmp) / "torch_pruning.onnx"
-            save_onnx(model, paths["torch-pruning"])
-
-        entries["slimc"] = prune_with_slimc(baseline, ratio, case.kind)
+        if hidden or case.kind != "bert":
+            entries["torch-pruning"], model = _torch_pruning_entry(case, module, ratio, Path(tmp), feed)
+            if model is not None:
+                paths["torch-pruning"] = Path(tmp) / "torch_pruning.onnx"
+                save_onnx(model, paths["torch-pruning"])
+        else:
+            entries["torch-pruning"] = {"status": "not run", "note": "--no-hidden (Torch-Pruning's BERT example prunes "
+                                                                    "the hidden width with heads and FFN)"}
+        del module
+        entries["slimc"] = prune_with_slimc(baseline, ratio, case.kind, hidden)
         if entries["slimc"]["status"] == "ok":
             model = entries["slimc"].pop("model")
             entries["slimc"].update(graph_stats(model, feed))
@@ -238,11 +281,13 @@ def bench_model(case: Case, ratio: float, repeats: int, threads: int | None = No
             entry["macs_ratio"] = base["macs"] / entry["macs"] if entry["macs"] else None
             entry["params_ratio"] = base["params"] / entry["params"] if entry["params"] else None
             entry["speedup"] = base["latency"]["median_ms"] / entry["latency"]["median_ms"]
+            entry["speedup_per_macs_ratio"] = entry["speedup"] / entry["macs_ratio"] if entry["macs_ratio"] else None
     shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feed.items())
     return {"model": case.name, "input": shapes, "results": entries}
 
 
-def run(cases: list[Case], ratio: float = 0.5, repeats: int = 20, threads: int | None = None) -> dict[str, Any]:
+def run(cases: list[Case], ratio: float = 0.5, repeats: int = 20, threads: int | None = None,
+        hidden: bool = True) -> dict[str, Any]:
     """The whole benchmark: one `bench_model` per case, plus versions and the machine."""
     import onnxruntime
     import torch
@@ -260,7 +305,8 @@ def run(cases: list[Case], ratio: float = 0.5, repeats: int = 20, threads: int |
         "machine": machine_description(threads),
         "versions": {"slimc": __version__, "torch-pruning": torch_pruning_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__},
-        "models": [bench_model(case, ratio, repeats, threads) for case in cases],
+        "hidden": hidden,
+        "models": [bench_model(case, ratio, repeats, threads, hidden=hidden) for case in cases],
     }
 
 
@@ -277,14 +323,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']}. Latency: ONNX Runtime CPU, batch 1, median of "
         f"{max(3, report['repeats'])} runs per model in alternating rounds. Ratios are baseline / pruned.",
         "",
-        "| model | tool | GMACs | MACs ratio | params (M) | params ratio | ORT median (ms) | speedup | prune time (s) | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | tool | GMACs | MACs ratio | params (M) | params ratio | ORT median (ms) | speedup | speedup ÷ MACs ratio "
+        "| prune time (s) | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for item in report["models"]:
         for name in ("baseline", *TOOLS):
             e = item["results"][name]
             if e["status"] != "ok":
-                lines.append(f"| {item['model']} | {name} | - | - | - | - | - | - | - | {e['status']}: {e['note']} |")
+                lines.append(f"| {item['model']} | {name} | - | - | - | - | - | - | - | - | {e['status']}: {e['note']} |")
                 continue
             macs = e["macs"] / 1e9
             params = e["params"] / 1e6
@@ -294,7 +341,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {item['model']} | {name} | {macs:.3f} | {_fmt(e.get('macs_ratio'), '.2f')} | {params:.2f} | "
                 f"{_fmt(e.get('params_ratio'), '.2f')} | {e['latency']['median_ms']:.2f} | "
-                f"{_fmt(e.get('speedup'), '.2f')} | {_fmt(e.get('prune_seconds'), '.2f')} | {notes} |"
+                f"{_fmt(e.get('speedup'), '.2f')} | {_fmt(e.get('speedup_per_macs_ratio'), '.2f')} | "
+                f"{_fmt(e.get('prune_seconds'), '.2f')} | {notes} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -331,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    parser.add_argument("--no-hidden", action="store_true",
+                        help="BERT: prune(ratio) alone (heads and FFN), without the hidden width; Torch-Pruning not run")
     parser.add_argument("--scaling", help="instead: time slimc's analysis + pruning on BERT-base at these depths, e.g. 4,12,24")
     args = parser.parse_args(argv)
     if args.scaling:
@@ -346,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.out, args.markdown):
         if path is not None and not path.parent.is_dir():
             parser.error(f"{path}: folder {path.parent} does not exist")
-    _torch_pruning()  # fail before any slow build when the dependency is missing
-    report = run([CASES[n]() for n in names], args.ratio, args.repeats, args.threads)
+    if not args.no_hidden or "resnet50" in names:
+        _torch_pruning()  # fail before any slow build when the dependency is missing
+    report = run([CASES[n]() for n in names], args.ratio, args.repeats, args.threads, hidden=not args.no_hidden)
     return _emit(markdown(report), report, args)
 
 

@@ -227,14 +227,17 @@ def describe_device(device: str) -> tuple[str, str]:
 
 
 def build(model: ir.Model, *, ort_run, baseline_run, baseline_model: ir.Model, evalset, task: str, inputs,
-          measure_latency: bool, device: str | None = None, unquantized_run=None) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+          measure_latency: bool, device: str | None = None, unquantized_run=None,
+          max_output_bytes: int | None = None) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
     """Lower ``model``, check it against ONNX Runtime on the evaluation batches, measure fidelity and latency.
 
     ``ort_run``: ONNX Runtime running the same ``model``; ``baseline_run``: the input model in ORT;
     ``unquantized_run``: the model just before its quantizing pass (the quantization error is
     measured against it). A disagreement beyond the tolerance is a slimc bug and raises.
+    ``max_output_bytes``: the sub-batch budget the ONNX Runtime fidelity was measured with; the
+    module's fidelity is measured on the same sub-batches (see `_fidelity`).
     """
-    from slimc import evaluate, progress
+    from slimc import progress
 
     device = device or default_device()
     with progress.step("lowering to torch.fx (backend triton)"):
@@ -265,16 +268,34 @@ def build(model: ir.Model, *, ort_run, baseline_run, baseline_model: ir.Model, e
             f"the lowered torch module disagrees with ONNX Runtime on output '{agree['worst_output']}' (max abs diff "
             f"{agree['max_abs_diff']:.3g}, relative L2 {agree['relative_l2']:.3g}; criterion {agree['criterion']}). "
             "This is a bug in slimc's torch lowering; please report it with the model.")
-    # The outputs already computed above are reused, not run again.
-    index = {id(b): i for i, b in enumerate(batches)}
-    reference_run = (lambda b: base[index[id(b)]]) if base is not None else baseline_run
-    fidelity = evaluate.evaluate(reference_run, lambda b: got[index[id(b)]], batches, task, output_names=names,
-                                 inputs=inputs)
+    fidelity = _fidelity(gm, batches, got, base, baseline_run, task, names, inputs, max_output_bytes)
     machine, impl = describe_device(device)
     report = {"backend": "triton", "device": machine, "kernel_impl": impl, "lowering": gm.lowering.to_json(),
               "agreement_with_onnxruntime": agree, "fidelity": fidelity,
               "latency": _latency(gm, baseline_model, batches[0], device, machine) if measure_latency else None}
     return gm, report
+
+
+def _fidelity(gm, batches, got, base, baseline_run, task, names, inputs, max_output_bytes) -> dict[str, Any]:
+    """The module's task metrics against the input model, on the rows ONNX Runtime's were measured on.
+
+    Rows are not always independent: dynamic int8 (DynamicQuantizeLinear, and its lowering) takes
+    one scale over the whole activation tensor, so a batch of 4 rows is quantized more coarsely
+    than 4 runs of one row. `compile` measures ORT's fidelity in sub-batches of rows
+    (``max_output_bytes``); the module is measured on exactly those sub-batches (the same
+    `evaluate` split, driven by the same reference), or the two figures differ by how the rows
+    were grouped, not by the lowering. Without a budget the outputs computed for the agreement
+    check are reused.
+    """
+    from slimc import evaluate
+
+    if max_output_bytes is not None:
+        return evaluate.evaluate(baseline_run, lambda part: run(gm, part), batches, task, output_names=names,
+                                 inputs=inputs, max_output_bytes=max_output_bytes)
+    index = {id(b): i for i, b in enumerate(batches)}
+    reference_run = (lambda b: base[index[id(b)]]) if base is not None else baseline_run
+    return evaluate.evaluate(reference_run, lambda b: got[index[id(b)]], batches, task, output_names=names,
+                             inputs=inputs)
 
 
 @contextlib.contextmanager

@@ -266,3 +266,31 @@ def per_channel_opset(proto: Any, folder: Any = None) -> tuple[Any, bool, str | 
                               f"({type(exc).__name__}: {str(exc)[:200]})")
     return converted, True, (f"opset {opset} converted to {PER_CHANNEL_OPSET} (onnx's version converter) for "
                              "per-channel weights")
+
+
+def _untyped(proto: Any) -> int:
+    """How many node outputs have no tensor element type in ``value_info`` or the graph's outputs."""
+    graph = proto.graph
+    typed = {v.name for v in (*graph.value_info, *graph.output) if v.type.tensor_type.elem_type or
+             v.type.HasField("sequence_type") or v.type.HasField("optional_type")}
+    return sum(1 for node in graph.node for out in node.output if out and out not in typed)
+
+
+def type_untyped(inferred: Any) -> Any:
+    """``inferred`` (ONNX's shape inference done), or ONNX Runtime's symbolic shape inference of it where
+    that types more of the values ONNX left untyped. ORT's quantizer looks up each tensor's type and
+    raises deep inside ("Unable to find data type for weight_name") when one is missing; ONNX's shape
+    inference does not know ``com.microsoft`` ops (everything after ORT's fused Attention or
+    SkipLayerNormalization stays untyped), ONNX Runtime's symbolic shape inference does."""
+    missing = _untyped(inferred)
+    if not missing:
+        return inferred
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    from slimc.typeinfer import ort_symbolic
+
+    symbolic = ort_symbolic(inferred)  # None where it fails: ONNX's types are kept
+    if symbolic is None or _untyped(symbolic) >= missing:
+        return inferred
+    add_infer_metadata(symbolic)
+    return symbolic

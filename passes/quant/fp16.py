@@ -63,6 +63,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
+from slimc import normalize
 from slimc.analysis import count_params
 from slimc.errors import PassConfigError
 from slimc.onnx_io import copy_model
@@ -153,7 +154,7 @@ class Fp16(Pass):
         ir_common.NameFixPass()(work)  # unique node names: the converter blocks nodes by name
         if not _typed(work):  # finding what stays float32 needs every value's type
             try:
-                ir_common.ShapeInferencePass()(work)
+                normalize.infer_shapes(work)  # sequences stay sequences (SplitToSequence -> SequenceAt)
             except Exception as exc:  # best effort: the converter runs its own inference
                 log.info("fp16: shape inference failed (%s); values without a type are not kept float32", exc)
         _tensor_constants(work)

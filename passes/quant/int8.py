@@ -363,7 +363,8 @@ class _Work:
         if opts.per_channel:
             proto, self.per_channel, self.opset_note = common.per_channel_opset(proto, tmp)
         with progress.step("int8: shape inference"):
-            self.proto = mapped.infer_shapes(proto, tmp)
+            # weightless ONNX shape inference, then ORT's symbolic inference for what it leaves untyped
+            self.proto = common.type_untyped(mapped.infer_shapes(proto, tmp))
         self.float_path = self._save(self.proto, "float")
         self.ranges = None
         self.weighted = {w.node.name: w for w in common.weighted_ops(model, WEIGHTED)}
