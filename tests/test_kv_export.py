@@ -281,11 +281,11 @@ def test_synthetic_and_array_feeds_get_an_empty_past_and_positions(exported):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_generates_like_transformers(tmp_path):
+def test_smollm2_gguf_generates_like_transformers():
     from slimc.tools import models
 
     path = models.smollm2_gguf()
-    loaded = frontends.load(path, cache_dir=tmp_path)
+    loaded = frontends.load(path)  # the session's export cache (conftest): the other SmolLM2 tests reuse it
     spec = kvcache.cache_spec(loaded.model)
     assert len(spec.layers) == 30 and {(layer.kv_heads, layer.head_dim) for layer in spec.layers} == {(3, 64)}
     assert loaded.generation.eos_token_ids and loaded.generation.context_length == 8192
