@@ -39,3 +39,35 @@ def test_table_marks_variants_not_measured():
     text = bench_generate.table(results)
     assert "| slimc-fp32 | not measured: TargetError: no KV cache |" in text
     assert "| builder-fp32 | 10.0 (9.0–11.0) | 1.00× | 500 ms | 500.0 MB | 22.00 |" in text
+
+
+def test_slimc_folder_reused_only_from_the_same_spec(tmp_path, monkeypatch):
+    built = []
+
+    def fake_build(hf, out, spec, evaluation):  # writes a folder the way result.save does
+        out.mkdir()
+        (out / "genai_config.json").write_text("{}")
+        (out / f"model-{len(built)}.data").write_bytes(b"x")
+        built.append(spec)
+        return {"passes": spec}
+
+    monkeypatch.setattr(bench_generate, "build_slimc", fake_build)
+    folder = tmp_path / "slimc-int4"
+    args = (folder, tmp_path / "hf", tmp_path, tmp_path / "eval.txt")
+    assert bench_generate.build("slimc-int4", *args, "int4(method=rtn)") == {"passes": "int4(method=rtn)"}
+    assert bench_generate.build("slimc-int4", *args, "int4(method=rtn)") is None  # same spec: reused
+    bench_generate.build("slimc-int4", *args, bench_generate.INT4_SPEC)  # another spec: rebuilt from scratch
+    assert built == ["int4(method=rtn)", bench_generate.INT4_SPEC]
+    assert sorted(p.name for p in folder.iterdir()) == ["genai_config.json", "model-1.data"]
+    (tmp_path / "slimc-fp32").mkdir()  # a folder without its spec file is not trusted
+    (tmp_path / "slimc-fp32" / "genai_config.json").write_text("{}")
+    bench_generate.build("slimc-fp32", tmp_path / "slimc-fp32", *args[1:], "unused")
+    assert built[-1] == "cleanup"
+
+
+def test_fused_variant_compared_with_the_builder_of_its_precision():
+    row = {"decode_tokens_per_s": 10.0, "decode_tokens_per_s_range": [9.0, 11.0], "ttft_ms": 500.0,
+           "bytes": 5e8, "perplexity": 22.0, "greedy_tokens": [1, 2, 3]}
+    results = {"order": ["builder-fp32", "slimc-fp32-fuse"],
+               "variants": {"builder-fp32": row, "slimc-fp32-fuse": {**row, "decode_tokens_per_s": 12.0}}}
+    assert "| slimc-fp32-fuse | 12.0 (9.0–11.0) | 1.20× | 500 ms | 500.0 MB | 22.00 | 3/3 |" in bench_generate.table(results)

