@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -85,20 +86,30 @@ def is_cache_output(name: str) -> bool:
     return _PRESENT.match(name) is not None
 
 
-def cache_spec(model: ir.Model) -> CacheSpec | None:
-    """The cache interface of ``model``, or None when its graph takes no past key/values."""
-    found: dict[int, dict[str, ir.Value]] = {}
-    for value in model.graph.inputs:
-        match = _PAST.match(value.name or "")
+def cache_pairs(inputs, name=lambda item: item.name) -> list[tuple[int, Any, Any]]:
+    """``(layer index, past key, past value)`` of the past-cache items among ``inputs`` (graph values or
+    ORT input metadata), in layer order; a `ValueError` when a layer has one of the two."""
+    found: dict[int, dict[str, Any]] = {}
+    for item in inputs:
+        match = _PAST.match(name(item) or "")
         if match:
-            found.setdefault(int(match.group(1)), {})[match.group(2)] = value
-    if not found:
-        return None
-    layers, dtype = [], np.dtype(np.float32)
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = item
+    pairs = []
     for index in sorted(found):
         key, value = found[index].get("key"), found[index].get("value")
         if key is None or value is None:
-            raise ValueError(f"cache layer {index} has a past key or a past value but not both")
+            raise ValueError(f"cache layer {index} has a past key or a past value but not both: not a KV-cache graph.")
+        pairs.append((index, key, value))
+    return pairs
+
+
+def cache_spec(model: ir.Model) -> CacheSpec | None:
+    """The cache interface of ``model``, or None when its graph takes no past key/values."""
+    pairs = cache_pairs(model.graph.inputs)
+    if not pairs:
+        return None
+    layers, dtype = [], np.dtype(np.float32)
+    for index, key, value in pairs:
         if key.dtype is not None:
             dtype = np.dtype(key.dtype.numpy())
         layers.append(CacheLayer(index, _dim(key, 1), _dim(key, 3), _dim(value, 3)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,10 @@ import numpy as np
 
 from slimc.errors import ModelLoadError, NoKVCacheError, OptionError
 from slimc.generate import NO_CACHE_HINT, GenerationStats, Generator, SamplingConfig
-from slimc.kvcache import CacheLayer, CacheSpec
+from slimc.kvcache import CacheLayer, CacheSpec, cache_pairs
 
 log = logging.getLogger("slimc")
 # past_key_values.{i}.key / .value (`slimc.kvcache.PAST_KEY` / `PAST_VALUE`)
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -227,18 +225,14 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 def spec_from_session(session: Any) -> CacheSpec | None:
     """The cache interface read from an ORT session's declared inputs (as `cache_spec` reads an IR model)."""
-    found: dict[int, dict[str, Any]] = {}
-    for meta in session.get_inputs():
-        match = _PAST.match(meta.name)
-        if match:
-            found.setdefault(int(match.group(1)), {})[match.group(2)] = meta
-    if not found:
+    try:
+        pairs = cache_pairs(session.get_inputs())
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not pairs:
         return None
     layers, dtype = [], np.dtype(np.float32)
-    for index in sorted(found):
-        key, value = found[index].get("key"), found[index].get("value")
-        if key is None or value is None:
-            raise ModelLoadError(f"cache layer {index} has a past key or a past value but not both: not a KV-cache graph.")
+    for index, key, value in pairs:
         if _ORT_TYPES.get(key.type) is None:
             raise ModelLoadError(f"cache layer {index} is {key.type}: generation supports float32 and float16 caches.")
         dtype = np.dtype(_ORT_TYPES[key.type])
