@@ -62,6 +62,7 @@ def test_cli_generate_on_hf_folder(folder, gen, capsys):
     assert capsys.readouterr().out == gen.generate(PROMPT, max_new_tokens=6, temperature=0.9, top_k=5, seed=2).text + "\n"
 
 
+@pytest.mark.slow  # a second torch.export of a model (10-30 s): kept out of the default run
 def test_no_kv_cache_export_is_refused_with_a_hint(folder, tmp_path):
     result = slimc.compile(folder, "cleanup", kv_cache=False, measure_latency=False)
     assert result.receipt.decode is None
@@ -94,6 +95,7 @@ def test_int4_guard_times_a_decode_step(folder):
     assert prefill.details["guard"]["feed"] == "1x8"
 
 
+@pytest.mark.slow  # a second torch.export of a model (10-30 s): kept out of the default run
 def test_gpt2_learned_positions_left_padded_batch_equals_transformers(tmp_path):
     folder = llm_models.gpt2_folder(tmp_path / "gpt2")
     prompts = [PROMPT, "hello"]

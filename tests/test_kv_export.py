@@ -164,6 +164,7 @@ def test_export_has_the_cache_interface(exported, name):
     assert (gen.eos_token_ids, gen.bos_token_id, gen.pad_token_id, gen.context_length) == ([2], 1, 0, 128)
 
 
+@pytest.mark.slow  # a second torch.export of a model (10-30 s): kept out of the default run
 def test_no_kv_cache_keeps_the_plain_form_and_its_own_cache_entry(exported, folders, monkeypatch, capsys):
     import json
 
@@ -215,6 +216,7 @@ def test_logits_after_a_past_match_the_full_forward(exported, folders, name):
     assert present["past_key_values.1.value"].shape[2] == 9
 
 
+@pytest.mark.slow  # a second torch.export of a model (10-30 s): kept out of the default run
 def test_module_path_exports_the_cache_and_leaves_the_module_alone():
     module = _llama()
     assert module.config._attn_implementation != "eager"
