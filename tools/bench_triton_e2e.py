@@ -41,11 +41,33 @@ def _time(fn, cuda: bool, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _decode_step(gm, first: dict[str, Any], prompt: dict[str, Any]) -> dict[str, Any]:
+    """One new token's feed after ``first``: a KV-cache graph gets the prefill's present tensors as its
+    past (what a decode step costs); a graph without a cache gets the whole prefix plus the token."""
+    import numpy as np
+
+    from slimc import kvcache
+    from slimc.backends.triton import module as tm
+
+    outputs = dict(zip(gm.output_names, tm.run(gm, first), strict=True))
+    token = np.argmax(outputs[gm.output_names[0]][:, -1:], axis=-1).astype(np.int64)
+    ids = np.concatenate([np.asarray(prompt["input_ids"]), token], axis=1)
+    mask = np.ones(ids.shape, np.int64)
+    pairs = kvcache.cache_pairs(gm.input_names, name=lambda item: item)
+    if not pairs:
+        return {"input_ids": ids, "attention_mask": mask}
+    step = {"input_ids": token, "attention_mask": mask, "position_ids": kvcache.position_ids(mask, 1)}
+    for index, key, value in pairs:
+        step[key], step[value] = outputs[f"present.{index}.key"], outputs[f"present.{index}.value"]
+    return step
+
+
 def run(smoke: bool, out: Path | None, repeats: int = 20) -> dict[str, Any]:
     import numpy as np
     import torch
 
     import slimc
+    from slimc import data
     from slimc.backends.triton import module as tm
 
     device = "cpu" if smoke else "cuda"
@@ -60,8 +82,6 @@ def run(smoke: bool, out: Path | None, repeats: int = 20) -> dict[str, Any]:
         model = tf.LlamaForCausalLM(config).eval()
         ids = torch.randint(3, 128, (1, 16))
         source = slimc.load(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        from slimc import data
-
         calib, name, seq = data.synthetic(source.inputs, n_batches=2, seed=1), "tiny random Llama (smoke run)", 16
     else:
         from slimc.tools import bench_quant
@@ -71,7 +91,6 @@ def run(smoke: bool, out: Path | None, repeats: int = 20) -> dict[str, Any]:
         calib, _ = case.data(source)
         name, seq = "SmolLM2-135M-Instruct (real weights)", 128
     prompt = {"input_ids": np.random.default_rng(0).integers(3, 100, (1, seq)), "attention_mask": np.ones((1, seq), np.int64)}
-    step = {k: v[:, :1] for k, v in prompt.items()}
     rows = []
     result = {"model": name, "device": torch.cuda.get_device_name() if not smoke else "CPU smoke run",
               "torch": torch.__version__, "rows": rows}
@@ -79,9 +98,11 @@ def run(smoke: bool, out: Path | None, repeats: int = 20) -> dict[str, Any]:
         compiled = slimc.compile(source, spec, calibration=calib if "smoothquant" in spec else None,
                                  measure_latency=False, backend="triton", device=device)
         gm = compiled.module
+        first = data.complete_cache_inputs(prompt, compiled.loaded.inputs)
+        step = _decode_step(gm, first, prompt)
         for mode in ("eager", "torch.compile"):
             module = gm if mode == "eager" else torch.compile(gm)
-            for what, feed in (("prefill", prompt), ("step 1 token", step)):
+            for what, feed in (("prefill", first), ("step 1 token", step)):
                 args = tm.feed(gm, feed)
 
                 def call(module=module, args=args):
@@ -90,7 +111,7 @@ def run(smoke: bool, out: Path | None, repeats: int = 20) -> dict[str, Any]:
 
                 seconds = _time(call, device == "cuda", repeats)
                 rows.append({"model": label, "mode": mode, "what": what, "ms": seconds * 1e3,
-                             "tokens_per_s": feed["input_ids"].shape[1] / seconds,
+                             "tokens_per_s": (feed["input_ids"].shape[1] if what == "prefill" else 1) / seconds,
                              "kernels": dict(compiled.receipt.backend["lowering"]["kernels"])})
         write_json(result, out)
     base = {(r["mode"], r["what"]): r["ms"] for r in rows if r["model"] == "float"}
