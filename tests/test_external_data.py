@@ -93,6 +93,23 @@ def test_result_with_external_data_names_its_own_file(external_model, tmp_path):
     assert external_files(load_onnx(written[0])) == (written[1].absolute(),)
 
 
+def test_single_file_targets_inline_an_external_data_work_file(external_model, tmp_path, monkeypatch):
+    """ort-mobile (like tflite and ncnn) converts one ONNX file: a work file that keeps its weights in
+    external data is inlined for it, and a model over the protobuf limit is refused with a reason."""
+    from slimc.backends import targets
+    from slimc.errors import TargetError
+
+    result = slimc.compile(external_model, "cleanup", target="ort-mobile", measure_latency=False)
+    assert result.exported.report["fidelity_vs_input"]["max_abs_error"] < 1e-4
+    target, copy = targets.get("ort-mobile"), tmp_path / "one.onnx"
+    assert target.single_file(external_model, copy) == copy and not external_files(load_onnx(copy))
+    np.testing.assert_array_equal(outputs(copy, np.ones((2, 32), np.float32)),
+                                  outputs(external_model, np.ones((2, 32), np.float32)))
+    monkeypatch.setattr(slimc.onnx_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    with pytest.raises(TargetError, match="exceed 1.8 GB"):
+        target.single_file(external_model, tmp_path / "two.onnx")
+
+
 # ---- over the 2 GB protobuf limit (slow) ---------------------------------------------------------
 
 

@@ -116,6 +116,22 @@ class Target:
             raise MissingExtraError(f"target {self.name!r}: the {name} command is not on PATH; install it with: {self.install}.")
         return found
 
+    def single_file(self, onnx_path: Path, dest: Path) -> Path:
+        """``onnx_path`` as one self-contained file at ``dest``, for converters that read a single file:
+        a work file keeps its weights in external data for memory's sake (above 64 MB), and the copy
+        inlines them. Above ~1.8 GB one protobuf cannot hold them: a `TargetError`."""
+        from slimc.onnx_io import EXTERNAL_DATA_THRESHOLD, external_files, load_onnx, save_onnx, tensor_bytes
+
+        model = load_onnx(onnx_path)
+        if not external_files(model):
+            shutil.copyfile(onnx_path, dest)
+            return dest
+        if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            raise TargetError(f"target {self.name!r}: the model's weights exceed 1.8 GB and its converter reads one "
+                              "ONNX file, which holds at most 2 GB. Compress it further (int8 / int4) first.")
+        save_onnx(model, dest, external_data=False)
+        return dest
+
     def use_source(self, loaded: Any) -> None:
         """The `LoadedModel` compiled, for targets that need more than the graph (a tokenizer, a config)."""
 

@@ -52,7 +52,7 @@ class NcnnTarget(Target):
         final = stem
         stem = "pnnx_model"  # pnnx rewrites file names it does not like ('-' -> '_'); rename at the end
         model = out_dir / f"{stem}.onnx"
-        shutil.copyfile(onnx_path, model)
+        self.single_file(onnx_path, model)
         shapes = ",".join("[" + ",".join(map(str, dims)) + "]" + _pnnx_type(elem) for _, dims, elem in graph_inputs(proto))
         cmd = [self.command("pnnx"), model.name, f"inputshape={shapes}", "fp16=0", "optlevel=2"]
         try:

@@ -74,20 +74,9 @@ class OrtMobileTarget(Target):
     def convert(self, onnx_path: Path, out_dir: Path, stem: str) -> list[Path]:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-        from slimc.onnx_io import EXTERNAL_DATA_THRESHOLD, external_files, load_onnx, save_onnx, tensor_bytes
-
-        loaded = load_onnx(onnx_path)
-        if tensor_bytes(loaded) > EXTERNAL_DATA_THRESHOLD:
-            raise TargetError("target 'ort-mobile': the model's weights exceed 1.8 GB; the ORT format holds at most "
-                              "2 GB. Compress it further (int8 / int4) before exporting to mobile.")
         src = out_dir / "src"
         src.mkdir(parents=True, exist_ok=True)
-        model = src / f"{stem}.onnx"
-        if external_files(loaded):  # a work file keeps external data for memory's sake; the converter needs one file
-            save_onnx(loaded, model, external_data=False)
-        else:
-            shutil.copyfile(onnx_path, model)
-        del loaded
+        model = self.single_file(onnx_path, src / f"{stem}.onnx")  # the ORT format holds at most 2 GB too
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log), _quiet_logging():

@@ -83,7 +83,7 @@ class TfliteTarget(Target):
         """One onnx2tf run on a fresh copy of ``onnx_path`` (onnxsim rewrites its input in place);
         ``layouts``: the inputs kept in the ONNX layout (``-k``)."""
         model = out_dir / f"{stem}.onnx"
-        shutil.copyfile(onnx_path, model)
+        self.single_file(onnx_path, model)
         shutil.rmtree(out_dir / "tf", ignore_errors=True)
         cmd = [self.command("onnx2tf"), "-i", model.name, "-o", "tf", "-coion", "-osd", "-n",
                *(["-k", *layouts] if layouts else []), *([] if simplify else ["-nuo"])]
