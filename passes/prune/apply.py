@@ -21,6 +21,7 @@ import onnx_ir as ir
 from slimc.backends.onnxruntime import release_mapped_pages
 from slimc.passes.prune.graph import DependencyGraph, ShapeSite
 from slimc.passes.prune.rules import const_array
+from slimc.passes.prune.targets import rewrite_rebuild
 
 _counter = itertools.count()
 
@@ -40,6 +41,8 @@ def set_constant(value: ir.Value, array: np.ndarray) -> None:
     tensor = ir.tensor(array, name=value.name)
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant":
+        for name in [n for n in producer.attributes if n.startswith("value")]:
+            producer.attributes.pop(name)  # value_ints / value_floats: one value attribute only
         producer.attributes["value"] = ir.AttrTensor("value", tensor)
     value.const_value = tensor
     value.shape = ir.Shape(array.shape)
@@ -119,7 +122,8 @@ def _rewrite_shape(g: DependencyGraph, site: ShapeSite, plan) -> None:
 
 def _rewrite_slice(g: DependencyGraph, site: ShapeSite, plan) -> None:
     node = site.node
-    starts, ends = const_array(node.inputs[1]).copy(), const_array(node.inputs[2]).copy()
+    # the bounds known at analysis (constants, or computed from sizes that never change: slice_rules)
+    starts, ends = np.asarray(site.data["starts"], np.int64), np.asarray(site.data["ends"], np.int64)
     changed = False
     for k, axis in enumerate(site.data["axes"]):
         if axis not in site.data["cuts"]:
@@ -171,7 +175,7 @@ def _rewrite_gather(g: DependencyGraph, site: ShapeSite, plan) -> None:
     _replace_input(g, node, 1, position[kept].astype(idx.dtype).reshape(idx.shape if kept.size == flat.size else (-1,)))
 
 
-_REWRITE = {"shape": _rewrite_shape, "slice": _rewrite_slice, "split": _rewrite_split, "group": _rewrite_group,
+_REWRITE = {"rebuild": rewrite_rebuild, "shape": _rewrite_shape, "slice": _rewrite_slice, "split": _rewrite_split, "group": _rewrite_group,
             "gather": _rewrite_gather}
 
 

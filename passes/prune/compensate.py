@@ -42,7 +42,7 @@ def compensate(g: DependencyGraph, plan: dict[int, np.ndarray], stats: dict, met
         if st is None:
             left.append((where, "no activation statistics for this consumer (grouped convolution)"))
             continue
-        if c.node.op_type == "MatMul" and c.weight is not c.node.inputs[1]:
+        if c.node.op_type == "MatMul" and c.act is not c.node.inputs[0]:
             left.append((where, "the weight is the left operand of MatMul; no per-output bias to compensate into"))
             continue
         w = g.array(c.weight).astype(np.float64)

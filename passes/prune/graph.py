@@ -98,6 +98,18 @@ def module_path(node: ir.Node) -> str:
     return node.name or node.op_type
 
 
+def _use_ops(value: ir.Value, depth: int = 4) -> set[str]:
+    """Op types that use ``value``, looking through layout-only ops (unoptimised exports feed a
+    Linear's weight through ``Transpose`` to its MatMul)."""
+    ops = set()
+    for use in value.uses():
+        if use.node.op_type in ("Transpose", "Identity") and depth:
+            ops |= _use_ops(use.node.outputs[0], depth - 1)
+        else:
+            ops.add(use.node.op_type)
+    return ops
+
+
 def unshare_constants(graph: ir.Graph) -> dict[ir.Value, ir.Value]:
     """Give every use of a shared 1-D float initializer its own value (the tensor is not copied).
 
@@ -284,7 +296,7 @@ class DependencyGraph:
         return outer, inner - outer, nested
 
     def _kind(self, leaf, weights, reasons, outer, inner, nested) -> str:
-        ops = {use.node.op_type for v, _ in weights for use in v.uses()}
+        ops = {op for v, _ in weights for op in _use_ops(v)}
         if any(kind == "hidden" for _, kind in reasons):
             return "hidden"
         if ops & {"Conv", "ConvTranspose"}:

@@ -14,7 +14,9 @@ import onnx_ir as ir
 from slimc.passes.prune.graph import DependencyGraph, ShapeSite
 from slimc.passes.prune.rules import RULES, _ranked, attr, block_node, broadcast, ints, rule
 from slimc.passes.prune.shapes import static
+from slimc.passes.prune.slice_rules import tie_pieces  # also registers the Slice and sequence rules
 from slimc.passes.prune.symbolic import check_target, couple, regroup
+from slimc.passes.prune.targets import needs_rebuild, rebuild_specs
 
 __all__ = ["RULES", "block_node"]  # the full rule table, once this module has registered its rules
 
@@ -85,6 +87,10 @@ def _record(g: DependencyGraph, node: ir.Node, out: ir.Value, what: str) -> None
     oa = g.axes(out) or []
     if entries is not None and len(entries) != len(oa):
         entries = None
+    specs = rebuild_specs(g, node.inputs[1], out)
+    if specs is not None and (entries is None or needs_rebuild(specs)):
+        g.sites.append(ShapeSite(node, "rebuild", {"input": 1, "specs": specs}))  # targets.py
+        return
     elems = g.shapes.elements(node.inputs[1])
     offset = len(oa) - len(elems) if elems is not None else 0
     for i, atom in enumerate(oa):
@@ -93,6 +99,8 @@ def _record(g: DependencyGraph, node: ir.Node, out: ir.Value, what: str) -> None
         e = elems[i - offset] if elems is not None and 0 <= i - offset < len(elems) else None
         if e is not None and e[1] is None and static(e[0]) == g.atoms.size(atom):
             g.block(atom, f"{what} at {node.name} holds this size in a constant it cannot rewrite")
+        elif e is not None and e[1] is not None and len(e[1]) > 2:
+            g.block(atom, f"{what} at {node.name} sizes this axis as a multiple of a read size it cannot rewrite")
     if entries is not None:
         g.sites.append(ShapeSite(node, "shape", {"input": 1, "entries": entries}))
 
@@ -169,52 +177,6 @@ def split(g: DependencyGraph, node: ir.Node) -> None:
     g.sites.append(ShapeSite(node, "split", {"parts": parts}))
 
 
-def _tie_pieces(g: DependencyGraph, atom: int | None, pieces: list[int]) -> None:
-    """``atom`` is the concatenation of ``pieces`` (one piece: the same index space)."""
-    if atom is None:
-        return
-    if len(pieces) == 1:
-        g.tie(pieces[0], atom)
-    else:
-        g.atoms.make_sum(atom, pieces)
-
-
-@rule("Slice")
-def slice_(g: DependencyGraph, node: ir.Node) -> None:
-    x, out = node.inputs[0], node.outputs[0]
-    axes = _ranked(g, node, x, out)
-    if axes is None:
-        return
-    xa, oa = axes
-    starts, ends = ints(node.inputs[1]), ints(node.inputs[2])
-    which = ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    steps = ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
-    if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and which is None):
-        block_node(g, node, "Slice bounds computed at run time")
-        return
-    which = [w % len(xa) for w in (which or range(len(starts)))]
-    steps = steps or [1] * len(starts)
-    cuts = {}
-    for axis, s, e, step in zip(which, starts, ends, steps):
-        if xa[axis] is None:
-            continue
-        n = g.atoms.size(xa[axis])
-        s, e = (max(0, min(n, v + n if v < 0 else v)) for v in (s, e))
-        if step != 1:
-            g.block(xa[axis], f"strided Slice at {node.name}")
-            g.block(oa[axis], f"strided Slice at {node.name}")
-        elif (s, e) != (0, n):
-            cuts[axis] = (s, e)
-    for i, (a, b) in enumerate(zip(xa, oa)):
-        if i in cuts:
-            pieces = g.atoms.pieces(a, *cuts[i])
-            _tie_pieces(g, b, pieces)
-        elif not any(i == w and st != 1 for w, st in zip(which, steps)):
-            g.tie(a, b)
-    if cuts:
-        g.sites.append(ShapeSite(node, "slice", {"cuts": {i: (xa[i], *c) for i, c in cuts.items()}, "axes": which}))
-
-
 @rule("Gather")
 def gather(g: DependencyGraph, node: ir.Node) -> None:
     data, idx = node.inputs
@@ -240,7 +202,7 @@ def gather(g: DependencyGraph, node: ir.Node) -> None:
         if picked == list(range(lo, hi)):
             pieces = g.atoms.pieces(da[axis], lo, hi)
             if ia:
-                _tie_pieces(g, oa[axis], pieces)
+                tie_pieces(g, oa[axis], pieces)
             g.sites.append(ShapeSite(node, "gather", {"atom": da[axis], "first": lo}))
             return
     g.block(da[axis], f"indexed at run time by Gather {node.name}")

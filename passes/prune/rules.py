@@ -53,9 +53,11 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return np.asarray(value.const_value.numpy())
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
-        return np.asarray(node.attributes["value"].value.numpy())
-    return None
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    # any of value / value_int(s) / value_float(s): unoptimised dynamo exports write value_ints
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else np.asarray(tensor.numpy())
 
 
 def attr(node: ir.Node, name: str, default=None):
@@ -116,15 +118,42 @@ def unary(g: DependencyGraph, node: ir.Node) -> None:
     broadcast(g, node, node.inputs[:1], node.outputs[0])
 
 
-def _contract(g, node, a, a_axis, b, b_axis) -> None:
-    """Couple a contracted axis; record which side is the weight (the channel's consumer)."""
+_LAYOUT_ONLY = ("Transpose", "Identity")
+
+
+def weight_source(g: DependencyGraph, value: ir.Value | None) -> tuple[ir.Value, list[int]] | None:
+    """The initializer an operand is, through layout-only ops, and where each operand axis lies in it.
+
+    Unoptimised exports write ``linear`` as ``MatMul(x, Transpose(W))``: the operand is the weight
+    ``W`` with its axes permuted, and zeroing or scoring a channel must address ``W``'s own axis.
+    Returns ``(initializer, axis map)`` (operand axis i is initializer axis ``map[i]``), or None.
+    """
+    perm: list[int] | None = None
+    while value is not None and not g.is_weight(value):
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _LAYOUT_ONLY:
+            return None
+        value = node.inputs[0]
+        if node.op_type == "Transpose":
+            rank = len(g.axes(value) or [])
+            p = list(attr(node, "perm") or reversed(range(rank)))
+            perm = p if perm is None else [p[j] for j in perm]
+    if value is None:
+        return None
+    return value, perm if perm is not None else list(range(len(value.const_value.shape)))
+
+
+def _contract(g, node, a, a_axis, b, b_axis, a_out: int = -1, b_out: int = -1) -> None:
+    """Couple a contracted axis; record which side is the weight (the channel's consumer).
+    ``a_out`` / ``b_out``: the operand's output-channel axis (for compensation)."""
     ax, bx = g.axes(a)[a_axis], g.axes(b)[b_axis]
     g.tie(ax, bx)
-    if g.is_weight(b) and not g.is_weight(a):
-        g.contractions.append(Contraction(node, b, b_axis, a, a_axis, -1))
-    elif g.is_weight(a) and not g.is_weight(b):
-        g.contractions.append(Contraction(node, a, a_axis, b, b_axis, -1))
-    elif not g.is_weight(a):
+    wa, wb = weight_source(g, a), weight_source(g, b)
+    if wb is not None and wa is None:
+        g.contractions.append(Contraction(node, wb[0], wb[1][b_axis], a, a_axis, wb[1][b_out] if b_out >= 0 else -1))
+    elif wa is not None and wb is None:
+        g.contractions.append(Contraction(node, wa[0], wa[1][a_axis], b, b_axis, wa[1][a_out] if a_out >= 0 else -1))
+    elif wa is None:
         g.block(ax, f"contracted between two activations at {node.name} (pruning changes the product)", "head_dim")
 
 
@@ -139,7 +168,7 @@ def matmul(g: DependencyGraph, node: ir.Node) -> None:
     if len(aa) < 2 or len(ba) < 2:
         block_node(g, node, "MatMul with a 1-D operand")
         return
-    _contract(g, node, a, len(aa) - 1, b, len(ba) - 2)
+    _contract(g, node, a, len(aa) - 1, b, len(ba) - 2, len(aa) - 2, len(ba) - 1)
     g.tie(aa[-2], oa[-2])
     g.tie(ba[-1], oa[-1])
     # axes with static atoms folded into a dynamic size (symbolic.py): carried to the output, or blocked
@@ -151,9 +180,6 @@ def matmul(g: DependencyGraph, node: ir.Node) -> None:
         for i in range(len(axes) - 2):
             if i + len(oa) - len(axes) >= 0:
                 couple(g, node, value, i, out, i + len(oa) - len(axes))
-    if g.contractions and g.contractions[-1].node is node:
-        c = g.contractions[-1]
-        c.out_axis = len(ba) - 1 if c.weight is b else len(aa) - 2
     _batch_dims(g, node, [(aa, len(aa) - 2), (ba, len(ba) - 2)], oa[:-2])
 
 
@@ -181,12 +207,9 @@ def gemm(g: DependencyGraph, node: ir.Node) -> None:
         return
     aa, ba, oa = axes
     ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
-    _contract(g, node, a, 0 if ta else 1, b, 1 if tb else 0)
+    _contract(g, node, a, 0 if ta else 1, b, 1 if tb else 0, 1 if ta else 0, 0 if tb else 1)
     g.tie(aa[1 if ta else 0], oa[0])
     g.tie(ba[0 if tb else 1], oa[1])
-    if g.contractions and g.contractions[-1].node is node:
-        c = g.contractions[-1]
-        c.out_axis = (0 if tb else 1) if c.weight is b else (1 if ta else 0)
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         broadcast(g, node, node.inputs[2:3], out)
 

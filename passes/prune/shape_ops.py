@@ -40,10 +40,9 @@ def _ints(S, value) -> list[int] | None:
 @handler("Constant")
 def constant(S, node):
     out = node.outputs[0]
-    a = node.attributes.get("value")
-    if a is None:
+    t = ir.convenience.get_const_tensor(out)  # value, value_int(s), value_float(s)
+    if t is None:
         return
-    t = a.value
     S._set(out, [(int(n), ()) for n in t.shape])
     if t.dtype in (ir.DataType.INT64, ir.DataType.INT32) and len(t.shape) <= 1 and t.size <= 64:
         S.elems[out] = [((int(x), ()), None) for x in np.asarray(t.numpy()).reshape(-1)]
@@ -78,12 +77,16 @@ def arithmetic(S, node):
     if ea is None or eb is None or not (len(ea) == len(eb) or 1 in (len(ea), len(eb))):
         return
     n = max(len(ea), len(eb))
-    pairs = [(ea[i if len(ea) > 1 else 0][0], eb[i if len(eb) > 1 else 0][0]) for i in range(n)]
+    pairs = [(ea[i if len(ea) > 1 else 0], eb[i if len(eb) > 1 else 0]) for i in range(n)]
     op = node.op_type
-    out_elems = []
-    for x, y in pairs:
+    out_elems, carried = [], op == "Mul"
+    for (x, ox), (y, oy) in pairs:
         if op == "Mul":
             r = mul(x, y)
+            origin = _scaled(ox, y, oy) or _scaled(oy, x, ox)
+            carried = carried and (origin is not None or (ox is None and oy is None))
+            out_elems.append((r, origin))
+            continue
         elif op == "Div":
             r = div(x, y)
         else:
@@ -95,6 +98,16 @@ def arithmetic(S, node):
                 r = symbolic_sum([x, y])  # sym sizes added, e.g. past_seq + seq for a cache's Expand target
         out_elems.append((r, None))
     S.elems[out] = out_elems
+    if carried:
+        S.decided.add(node)  # every read size is carried with its coefficient: nothing escapes
+
+
+def _scaled(origin, factor, factor_origin):
+    """``size * c`` for a read size and a constant ``c``: the origin with the coefficient multiplied."""
+    if origin is None or factor_origin is not None or static(factor) is None or static(factor) < 1:
+        return None
+    coef = (origin[2] if len(origin) > 2 else 1) * static(factor)
+    return (origin[0], origin[1]) if coef == 1 else (origin[0], origin[1], coef)
 
 
 def _syms(S, value) -> list | None:
@@ -290,16 +303,20 @@ def equal(S, node):
     ea, eb = S.elements(node.inputs[0]), S.elements(node.inputs[1])
     if ea is None or eb is None or len(ea) != len(eb):
         return
-    out = []
-    for (x, _), (y, _) in zip(ea, eb):
+    out, decided = [], True
+    for (x, ox), (y, oy) in zip(ea, eb):
         sx, sy = static(x), static(y)
         if sx is not None and sy is not None:
             out.append(((int(sx == sy), ()), None))
+            # a read size compared with a negative number is never equal to it, whatever the size
+            decided = decided and (ox is None or sy < 0) and (oy is None or sx < 0)
         elif x is not None and y is not None and min(v for v in (sx, sy) if v is not None) < 0:
             out.append(((0, ()), None))
         else:
             return
     S.elems[node.outputs[0]] = out
+    if decided:
+        S.decided.add(node)
 
 
 @handler("Range")
@@ -375,3 +392,31 @@ def cast(S, node):
     elems = S.elements(node.inputs[0])
     if elems is not None:
         S.elems[node.outputs[0]] = list(elems)
+
+
+@handler("SplitToSequence")
+def split_to_sequence(S, node):
+    """The parts' sizes (constant ``split``: a list of sizes, or one chunk size) for SequenceAt."""
+    dims = S.dims(node.inputs[0])
+    if dims is None or len(node.inputs) < 2 or node.inputs[1] is None:
+        return
+    axis = _attr(node, "axis", 0) % len(dims)
+    sizes, n = _ints(S, node.inputs[1]), static(dims[axis])
+    if sizes is None or n is None:
+        return
+    if len(S.dims(node.inputs[1]) or []) == 0:  # a scalar: chunks of that size, the last one shorter
+        sizes = [min(sizes[0], n - i) for i in range(0, n, sizes[0])]
+    if sum(sizes) == n and all(v > 0 for v in sizes):
+        S.sequences[node.outputs[0]] = (list(dims), axis, sizes)
+
+
+@handler("SequenceAt")
+def sequence_at(S, node):
+    got = S.sequences.get(node.inputs[0])
+    pos = _ints(S, node.inputs[1])
+    if got is None or pos is None or len(pos) != 1 or not -len(got[2]) <= pos[0] < len(got[2]):
+        return
+    dims, axis, sizes = got
+    new = list(dims)
+    new[axis] = (sizes[pos[0] % len(sizes)], ())
+    S._set(node.outputs[0], new)

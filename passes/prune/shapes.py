@@ -6,9 +6,13 @@ forward walk over the graph gives every value its dims as *monomials* (``4*batch
 ``(4, ("batch", "seq"))``; ``None`` is a dim nothing is known about) and gives every small
 integer tensor its *elements*: the monomial it holds and, for a size read by ``Shape``, its
 *origin* ``(value, axis)``. Ops that only move elements around (Slice, Gather, Concat,
-Unsqueeze, Squeeze, Cast, Identity) keep origins; a Reshape/Expand target is checked by its rule
-(the axis it sizes must be the origin's slot); any other consumer of a read size *escapes* it:
-the size is used in arithmetic the engine does not follow, so the read axis is blocked.
+Unsqueeze, Squeeze, Cast, Identity, Where with a known condition) keep origins, and ``Mul`` by a
+constant keeps it with a coefficient (``(value, axis, c)``: ``c`` times the slot's size, as
+``repeat_kv`` writes ``kv_heads * n_rep``); a Reshape/Expand target or a Slice bound is checked by
+its rule (the axis it sizes must be the origin's slot); reading a shape tensor's length (``Shape``
+of it) uses no size, and comparing a size with a negative constant (torch's ``expand(-1)`` test)
+does not depend on it; any other consumer of a read size *escapes* it: the size is used in
+arithmetic the engine does not follow, so the read axis is blocked.
 
 Ops without a handler here take the shape the file declares, or ONNX's per-node inference.
 The walk is linear in the number of nodes (no whole-model serialization of the weights).
@@ -21,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 Sym = tuple  # (coefficient, sorted symbol names); a static dim n is (n, ())
-Elem = tuple  # (Sym | None, origin (ir.Value, axis) | None)
+Elem = tuple  # (Sym | None, origin (ir.Value, axis) or (ir.Value, axis, coefficient) | None)
 
 _TRANSPARENT = {"Slice": (0,), "Gather": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Identity": (0,), "Cast": (0,),
                 "Concat": None, "Reshape": (0, 1), "Expand": (1,), "Where": (1, 2)}  # None: every input
@@ -111,7 +115,9 @@ class Shapes:
         self._dims: dict[ir.Value, list[Sym | None] | None] = {}
         self.elems: dict[ir.Value, list[Elem]] = {}
         self.escaped: dict[tuple[ir.Value, int], str] = {}
+        self.decided: set[ir.Node] = set()  # nodes whose handler kept or escaped every origin itself
         self._types: dict[ir.Value, int] = {}  # element types the file does not declare
+        self.sequences: dict[ir.Value, tuple[list, int, list[int]]] = {}  # SplitToSequence: (dims, axis, sizes)
         for value in graph.inputs:
             self._dims[value] = _from_ir(value.shape)
         for node in graph:
@@ -132,6 +138,11 @@ class Shapes:
                 self._dims[value] = _from_ir(value.shape)
         return self._dims[value]
 
+    def sequence_parts(self, value: ir.Value) -> list[int] | None:
+        """The part sizes of a sequence made by ``SplitToSequence`` with known sizes."""
+        got = self.sequences.get(value)
+        return None if got is None else got[2]
+
     def elements(self, value: ir.Value | None) -> list[Elem] | None:
         if value is None:
             return None
@@ -149,7 +160,7 @@ class Shapes:
     def _escape(self, value: ir.Value, where: str) -> None:
         for _, origin in self.elems.get(value) or []:
             if origin is not None:
-                self.escaped.setdefault(origin, where)
+                self.escaped.setdefault(origin[:2], where)
 
     def _visit(self, node: ir.Node) -> None:
         for value in node.inputs:
@@ -175,11 +186,13 @@ class Shapes:
             self._dims[value] = got
         where = f"{node.op_type} {node.name or ''}".strip()
         keep = _TRANSPARENT.get(node.op_type, ())
+        if node in self.decided or node.op_type in ("Shape", "Size"):
+            return  # the handler accounted for every origin, or only the length of a shape tensor is read
         for i, value in enumerate(node.inputs):
             if value is None or value not in self.elems:
                 continue
-            if node.op_type in ("Reshape", "Expand") and i == 1:
-                continue  # a target: its rule proves each entry sizes the origin's own slot
+            if (node.op_type in ("Reshape", "Expand") and i == 1) or (node.op_type == "Slice" and i in (1, 2)):
+                continue  # a target or a bound: its rule proves each entry (slice_rules, symbolic)
             # any other consumer, or a moving op whose output elements could not be followed, escapes them
             if not (keep is None or i in keep) or node.outputs[0] not in self.elems:
                 self._escape(value, where)

@@ -166,6 +166,17 @@ def same_space(g, a: int, b: int) -> bool:
     return [g.atoms.find(x) for x in g.atoms.flat_product([a])] == [g.atoms.find(x) for x in g.atoms.flat_product([b])]
 
 
+def scaled_rest(g, atom: int, src: int, coef: int) -> list[int] | None:
+    """``coef`` times the size of slot ``src`` sizes ``atom`` when ``atom`` is the row-major product of
+    ``src``'s space and factors of total size ``coef`` (``kv_heads * n_rep``): those factors, else None.
+    The factors' size is a constant in the target, rewritten when they are pruned (`targets`)."""
+    flat, lead = [g.atoms.find(x) for x in g.atoms.flat_product([atom])], [g.atoms.find(x) for x in g.atoms.flat_product([src])]
+    rest = flat[len(lead):]
+    if flat[:len(lead)] != lead or not rest or int(np.prod([g.atoms.size(x) for x in rest])) != coef:
+        return None
+    return rest
+
+
 def check_target(g, node: ir.Node, target: ir.Value, out: ir.Value, what: str) -> None:
     """Prove every entry of a Reshape/Expand target, or block the slots it sizes."""
     elems, oa = g.shapes.elements(target), g.axes(out) or []
@@ -176,7 +187,9 @@ def check_target(g, node: ir.Node, target: ir.Value, out: ir.Value, what: str) -
         if origin is not None:
             src = g.axes(origin[0])
             src_atom = src[origin[1]] if src is not None and origin[1] < len(src) else None
-            if atom is not None and src_atom is not None and same_space(g, atom, src_atom):
+            if atom is not None and src_atom is not None and len(origin) == 2 and same_space(g, atom, src_atom):
+                continue
+            if atom is not None and src_atom is not None and len(origin) > 2 and scaled_rest(g, atom, src_atom, origin[2]):
                 continue
             if atom is None and src_atom is None:
                 continue
@@ -185,7 +198,7 @@ def check_target(g, node: ir.Node, target: ir.Value, out: ir.Value, what: str) -
             g.block(src_atom, reason)
         elif atom is not None and g.atoms.size(atom) > 1 and static(value) is None:
             g.block(atom, f"{what} size of axis {i} at {node.name} is computed at run time")
-    for value, axis in (o for _, o in elems or [] if o is not None):
+    for value, axis in (o[:2] for _, o in elems or [] if o is not None):
         src = g.axes(value)
         if src is not None and axis < len(src) and g.axes(out) is None:
             g.block(src[axis], f"{what} at {node.name} has an output of unknown rank")
