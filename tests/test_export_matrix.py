@@ -45,12 +45,8 @@ REFUSALS: dict[tuple[str, str], str] = {
     # ResNet's zoo config has one block per stage; layerskip protects the first.
     ("resnet/dynamo", "layerskip"): "protected by protect_first",
     ("resnet/dynamo-noopt", "layerskip"): "protected by protect_first",
-    # Unoptimised dynamo exports compute q·kᵀ's operands through run-time Slices (no group provable), and
     # ORT's fused Attention has no pruning rule: nothing of the requested kind to prune (exit 2, reasons given).
-    **{(f"{arch}/dynamo-noopt", "prune"): "nothing to prune" for arch in ("bert", "llama", "vit")},
     ("bert/ort-fused", "prune"): "nothing to prune",
-    # ORT-fused Llama: q·kᵀ through run-time Slices and an Expand whose target the engine cannot rewrite.
-    ("llama/ort-fused", "prune"): "nothing to prune",
     # Models whose inputs slimc cannot invent: the recogniser needs 48-pixel-high text lines (224x224 breaks a
     # Concat: --static-shapes x=1x3x48x320 or --eval), Silero an audio window of its own length (--eval).
     ("paddle/ocr-rec", "*"): "synthetic inputs",

@@ -59,7 +59,7 @@ def _module(arch: str, attn: str):
     return tf.ViTModel(cfg).eval(), ("pixel_values",)
 
 
-def _export(arch: str, attn: str, path, torchscript: bool = False) -> str:
+def _export(arch: str, attn: str, path, torchscript: bool = False, optimize: bool = True) -> str:
     import torch
 
     module, names = _module(arch, attn)
@@ -79,14 +79,14 @@ def _export(arch: str, attn: str, path, torchscript: bool = False) -> str:
                               dynamo=False, opset_version=17)
         else:
             torch.onnx.export(module, (), str(path), kwargs=kwargs, dynamo=True, dynamic_shapes=shapes,
-                              external_data=False, verbose=False)
+                              external_data=False, verbose=False, optimize=optimize)
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """{(arch, variant): path} for eager, sdpa, sdpa-without-value_info and the TorchScript
-    exporter's SDPA graph, made once per module."""
+    """{(arch, variant): path} for eager, sdpa, sdpa-without-value_info, the TorchScript
+    exporter's SDPA graph and the unoptimised dynamo SDPA graph ("noopt"), made once per module."""
     made: dict = {}
 
     def get(arch: str, variant: str) -> str:
@@ -100,6 +100,8 @@ def exports(tmp_path_factory):
                 made[(arch, variant)] = str(path)
             elif variant == "torchscript":
                 made[(arch, variant)] = _export(arch, "sdpa", folder / "model.onnx", torchscript=True)
+            elif variant == "noopt":  # onnxscript's optimiser not run: Transpose'd weights, computed Slice bounds
+                made[(arch, variant)] = _export(arch, "sdpa", folder / "model.onnx", optimize=False)
             else:
                 made[(arch, variant)] = _export(arch, variant, folder / "model.onnx")
         return made[(arch, variant)]
@@ -173,19 +175,50 @@ def test_prune_removes_macs_of_the_sdpa_export_and_runs_at_other_sizes(exports, 
     assert all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "vit"])
+@pytest.mark.parametrize("arch", ["gpt2", "vit", "llama"])
 def test_torchscript_export_has_the_groups_of_the_eager_export_and_passes_the_oracle(exports, arch, tmp_path):
+    """Llama: rotary's ``x[..., : d // 2]`` with ``d`` read by Shape, and ``repeat_kv``'s Expand/Reshape
+    targets built through ``Where(Equal(., -1))`` and ``kv_heads * n_rep``, are followed."""
     path = exports(arch, "torchscript")
+    eager = _prunable(exports(arch, "eager"))
+    assert _prunable(path) == eager
+    model = ir.load(path)
+    kinds = {g.kind for g in check_oracle(model, _feed(model), tmp_path)}
+    assert {"heads", "ffn"} <= kinds
+    if arch == "llama":
+        assert eager["kv_heads", 2] == 2 and "kv_heads" in kinds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unoptimised_dynamo_export_has_the_groups_of_the_eager_export_and_passes_the_oracle(exports, arch, tmp_path):
+    """``optimize=False``: weights reach MatMul through Transpose, Constants hold ``value_ints``, Slice
+    bounds are ``Cast -> Reshape`` of constants, GPT-2 splits qkv with SplitToSequence/SequenceAt."""
+    path = exports(arch, "noopt")
     assert _prunable(path) == _prunable(exports(arch, "eager"))
     model = ir.load(path)
     assert {"heads", "ffn"} <= {g.kind for g in check_oracle(model, _feed(model), tmp_path)}
 
 
-def test_kv_heads_of_the_sdpa_llama_export(exports, tmp_path):
-    model = ir.load(exports("llama", "sdpa"))
+@pytest.mark.parametrize("arch, variant", [(a, "noopt") for a in ARCHS] + [("llama", "torchscript")])
+def test_prune_removes_macs_of_other_exports(exports, arch, variant, tmp_path):
+    path = exports(arch, variant)
+    result = slimc.compile(path, "prune(ratio=0.3)", measure_latency=False)
+    from slimc import frontends
+
+    sizes = {"batch": 1, "seq": 16}
+    before, after = count_macs(frontends.load(path).model, sizes)[0], count_macs(result.model, sizes)[0]
+    assert after <= 0.8 * before, (before, after)
+    assert {"heads", "ffn"} <= {p["kind"] for p in result.receipt.passes[0].details["groups_pruned"]}
+    run_checked(result.model, _feed(result.model), tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["sdpa", "torchscript"])
+def test_kv_heads_of_the_llama_export(exports, variant, tmp_path):
+    model = ir.load(exports("llama", variant))
     report = Prune(ratio=0.5, target="kv_heads").apply(model, PassContext())
     assert [(p["kind"], p["before"], p["after"]) for p in report.details["groups_pruned"]] == [("kv_heads", 2, 1)] * 2
-    run_checked(model, _feed(model), tmp_path)
+    outputs = run_checked(model, _feed(model), tmp_path)  # saved, checked and run by ONNX Runtime
+    assert all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f")
 
 
 # ---------------------------------------------------------------------- hand-built graphs
@@ -280,3 +313,45 @@ def test_a_model_without_parameters_reports_no_percentage():
         Prune().apply(model, PassContext())
     report = Prune(allow_noop=True).apply(model, PassContext())
     assert "params 0 -> 0 (no parameters before)" in report.summary and "100.0%" not in report.summary
+
+
+def _sliced_graph(bound: str) -> onnx.ModelProto:
+    """x[b, s, 8] -> h = x @ W1 [8, 8]; y = h[..., :end] @ W3; g = x @ W2 [8, 6] -> out too. ``end``
+    is read at run time: h's own last dim ("same": the whole axis), g's ("other": another slot), or
+    a constant through Cast -> Reshape ("folded": 5 of h's 8 channels, a cut that is rewritten)."""
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in (("W1", (8, 8)), ("W2", (8, 6)), ("W3", (8 if bound == "same" else 5 if bound == "folded" else 6, 4)),
+                      ("W4", (6, 4)))}
+    i64 = lambda name, *v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["x", "W2"], ["g"]),
+             helper.make_node("Relu", ["h"], ["hr"]), helper.make_node("Relu", ["g"], ["gr"])]
+    if bound == "folded":
+        nodes += [helper.make_node("Cast", ["five"], ["five_c"], to=TensorProto.INT64),
+                  helper.make_node("Reshape", ["five_c", "minus1"], ["end"])]
+    else:
+        nodes.append(helper.make_node("Shape", ["hr" if bound == "same" else "gr"], ["end"], start=2, end=3))
+    nodes += [helper.make_node("Slice", ["hr", "zero", "end", "two"], ["y"]),
+              helper.make_node("MatMul", ["y", "W3"], ["a"]), helper.make_node("MatMul", ["gr", "W4"], ["b"]),
+              helper.make_node("Add", ["a", "b"], ["out"])]
+    graph = helper.make_graph(nodes, "sliced", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq", 4])],
+                              [*w.values(), i64("zero", 0), i64("two", 2), i64("minus1", -1),
+                               numpy_helper.from_array(np.array(5, np.int64), "five")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+@pytest.mark.parametrize("bound", ["same", "other", "folded"])
+def test_slice_bounds_computed_at_run_time_are_followed_or_block_with_the_reason(bound, tmp_path):
+    model = ir.from_proto(_sliced_graph(bound))
+    groups = DependencyGraph(copy_model(model)).groups()
+    h, g = ([grp for grp in groups if (weight, 1) in [(v.name, axis) for v, axis in grp.weights]] for weight in ("W1", "W2"))
+    if bound == "other":  # h's channels are cut at g's run-time width: neither can change alone
+        assert h and g and all(grp.is_blocked() for grp in h + g)
+        assert any("run-time size of another slot (gr axis 2)" in r for r, _ in h[0].blocked), h[0].blocked
+        return
+    # "folded": h's 8 channels are two groups, the 5 kept by the slice and the 3 it drops
+    assert sorted(grp.size for grp in h) == ([3, 5] if bound == "folded" else [8]) and len(g) == 1
+    assert not any(grp.is_blocked() for grp in h + g), [grp.blocked for grp in h + g]
+    feed = {"x": np.random.default_rng(1).standard_normal((BATCH, SEQ, 8)).astype(np.float32)}
+    assert len(check_oracle(model, feed, tmp_path)) >= 2

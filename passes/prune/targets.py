@@ -122,7 +122,8 @@ def rewrite_rebuild(g, site, plan) -> None:
     new_nodes.append(concat)
     for n in new_nodes:
         n.outputs[0].type = ir.TensorType(ir.DataType.INT64)
-        n.outputs[0].shape = ir.Shape([1])
+        rank = len(g.shapes.dims(n.inputs[0]) or []) if n.op_type == "Shape" else 1
+        n.outputs[0].shape = ir.Shape([rank]) if rank else None
         graph.insert_before(node, n)
     concat.outputs[0].shape = ir.Shape([len(pieces)])
     node.replace_input_with(site.data["input"], concat.outputs[0])
