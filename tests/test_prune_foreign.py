@@ -356,3 +356,21 @@ def test_slice_bounds_computed_at_run_time_are_followed_or_block_with_the_reason
     assert not any(grp.is_blocked() for grp in h + g), [grp.blocked for grp in h + g]
     feed = {"x": np.random.default_rng(1).standard_normal((BATCH, SEQ, 8)).astype(np.float32)}
     assert len(check_oracle(model, feed, tmp_path)) >= 2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import exports as export_corpus  # tests/exports.py (the fixture above is named exports too)
+
+    return export_corpus.Corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_unoptimised_dynamo_resnet_has_the_groups_of_the_optimised_export(corpus, tmp_path):
+    """Conv's zero bias is ``Expand(CastLike(0), Expand(Shape(W)[0:1], [1]))``: the size is read before the Conv
+    that ties it to the output channels (target proofs run after every rule); ReduceMean's axes are
+    ``Reshape(Constant, [-1])``."""
+    noopt, optimised = corpus.get("resnet/dynamo-noopt"), corpus.get("resnet/dynamo")
+    assert _prunable(str(noopt.path)) == _prunable(str(optimised.path))
+    model = ir.load(noopt.path)
+    feed = {"pixel_values": np.random.default_rng(0).standard_normal((BATCH, 3, 64, 64)).astype(np.float32)}
+    assert {g.kind for g in check_oracle(model, feed, tmp_path)} == {"channels"}

@@ -166,6 +166,7 @@ class DependencyGraph:
         self.shapes = Shapes(self.graph, model.opset_imports.get("", 18))
         self.mixed: dict[ir.Value, dict[int, list]] = {}  # dynamic axes with static atoms folded in (symbolic.py)
         self.node: ir.Node | None = None  # the node whose rule runs (names the reason of a block)
+        self.deferred: list = []  # target proofs run after every rule (layout_rules)
         for node in self.graph:
             self.node = node
             rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -178,6 +179,10 @@ class DependencyGraph:
             except Conflict as exc:
                 block_node(self, node, f"{node.op_type} couples incompatible index maps ({exc})")
             guard_mixed(self, node)
+        # targets are proven once every coupling is known: an entry may read a slot that a later
+        # node ties to the axis it sizes (a zero bias sized by Shape(W)[0] before W's Conv)
+        for check in self.deferred:
+            check()
         self.node = None
         # graph inputs/outputs block; a KV cache's head axis follows its group when proven (cache.py)
         block_interface(self, HARD if keep_interface else "interface")

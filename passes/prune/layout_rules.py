@@ -110,10 +110,9 @@ def reshape(g: DependencyGraph, node: ir.Node) -> None:
     x, shape = node.inputs[:2]
     out = node.outputs[0]
     if not regroup(g, node, x, out):
-        check_target(g, node, shape, out, "Reshape target")  # blocks the slots its run-time entries read
+        g.deferred.append(lambda: check_target(g, node, shape, out, "Reshape target"))  # blocks the slots it reads
         return
-    check_target(g, node, shape, out, "Reshape target")
-    _record(g, node, out, "Reshape target")
+    g.deferred.append(lambda: (check_target(g, node, shape, out, "Reshape target"), _record(g, node, out, "Reshape target")))
 
 
 @rule("Flatten", "Squeeze", "Unsqueeze")
@@ -127,11 +126,10 @@ def expand(g: DependencyGraph, node: ir.Node) -> None:
     out = node.outputs[0]
     axes = _ranked(g, node, x, out)
     if axes is None:
-        check_target(g, node, shape, out, "Expand")
+        g.deferred.append(lambda: check_target(g, node, shape, out, "Expand"))
         return
     broadcast(g, node, [x], out)
-    check_target(g, node, shape, out, "Expand")
-    _record(g, node, out, "Expand")
+    g.deferred.append(lambda: (check_target(g, node, shape, out, "Expand"), _record(g, node, out, "Expand")))
 
 
 def _tie_all_but(g: DependencyGraph, whole: list, parts: list[list], axis: int) -> None:

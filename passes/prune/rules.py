@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimc.passes.prune.graph import STRUCTURAL, Contraction, DependencyGraph, ShapeSite
+from slimc.passes.prune.shapes import static
 from slimc.passes.prune.symbolic import couple, mixed_atoms
 
 Rule = Callable[[DependencyGraph, ir.Node], None]
@@ -44,6 +45,18 @@ def ints(value: ir.Value | None) -> list[int] | None:
     """A constant integer input as a list (None if absent or computed at run time)."""
     array = const_array(value)
     return None if array is None else [int(x) for x in array.reshape(-1)]
+
+
+def known_ints(g: DependencyGraph, value: ir.Value | None) -> list[int] | None:
+    """A small integer input known at analysis time: a constant, or computed from constants alone
+    (unoptimised exports write ``Reshape(Constant, [-1])``); None if any element is a run-time size."""
+    got = ints(value)
+    if got is not None or value is None:
+        return got
+    elems = g.shapes.elements(value)
+    if elems is None or any(static(e) is None or o is not None for e, o in elems):
+        return None
+    return [static(e) for e, _ in elems]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -303,7 +316,7 @@ def reduce(g: DependencyGraph, node: ir.Node) -> None:
     if axes is None:
         return
     xa, oa = axes
-    reduced = ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else attr(node, "axes")
+    reduced = known_ints(g, node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else attr(node, "axes")
     if node.op_type in ("ArgMax", "ArgMin"):
         reduced = [attr(node, "axis", 0)]
     if reduced is None:

@@ -254,7 +254,12 @@ def expand(S, node):
     dims = S.dims(x)
     if elems is None:
         return
-    S._set(node.outputs[0], broadcast_dims([dims, [e for e, _ in elems]]))
+    out = broadcast_dims([dims, [e for e, _ in elems]])
+    S._set(node.outputs[0], out)
+    own = S.elements(x)  # a shape tensor expanded to [n] (unoptimised exports size a zero bias so)
+    n = static(out[0]) if out is not None and len(out) == 1 else None
+    if own is not None and n is not None and len(own) in (1, n):
+        S.elems[node.outputs[0]] = own * n if len(own) == 1 else list(own)
 
 
 @handler("Transpose")

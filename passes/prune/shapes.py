@@ -28,7 +28,7 @@ Sym = tuple  # (coefficient, sorted symbol names); a static dim n is (n, ())
 Elem = tuple  # (Sym | None, origin (ir.Value, axis) or (ir.Value, axis, coefficient) | None)
 
 _TRANSPARENT = {"Slice": (0,), "Gather": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Identity": (0,), "Cast": (0,),
-                "Concat": None, "Reshape": (0, 1), "Expand": (1,), "Where": (1, 2)}  # None: every input
+                "Concat": None, "Reshape": (0, 1), "Expand": (0, 1), "Where": (1, 2)}  # None: every input
 _BOOL = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not", "IsNaN", "IsInf"}
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater",
               "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "PRelu", "BitShift"}
