@@ -47,6 +47,8 @@ REFUSALS: dict[tuple[str, str], str] = {
     ("resnet/dynamo-noopt", "layerskip"): "protected by protect_first",
     # ORT's fused Attention has no pruning rule: nothing of the requested kind to prune (exit 2, reasons given).
     ("bert/ort-fused", "prune"): "nothing to prune",
+    # The TorchScript MobileNetV2 pads with Pad parameters computed at run time: its Conv channel counts are unknown.
+    ("mobilenet_v2/torchscript", "prune"): "nothing to prune",
     # Models whose inputs slimc cannot invent: the recogniser needs 48-pixel-high text lines (224x224 breaks a
     # Concat: --static-shapes x=1x3x48x320 or --eval), Silero an audio window of its own length (--eval).
     ("paddle/ocr-rec", "*"): "synthetic inputs",
