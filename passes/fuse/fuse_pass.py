@@ -24,15 +24,16 @@ import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
 from slimc.errors import PassConfigError
 from slimc.onnx_io import copy_model
-from slimc.passes.fuse import norms, rotary, selfcheck
+from slimc.passes.fuse import gqa, norms, rotary, selfcheck
 from slimc.passes.fuse.match import NoMatch
 from slimc.passes.quant import common
 from slimc.pipeline import Pass, PassContext, PassReport
 
 MS_DOMAIN = "com.microsoft"
-PATTERNS = ("rmsnorm", "skip_rmsnorm", "rotary")
+PATTERNS = ("rmsnorm", "skip_rmsnorm", "rotary", "gqa")
 # The ops this pass writes (refused by non-ORT targets, and by passes that need the unfused form).
-FUSED_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"})
+FUSED_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+                       "GroupQueryAttention"})
 
 
 @dataclasses.dataclass
@@ -74,11 +75,16 @@ class Fuse(Pass):
             replaced += self._norms(graph, counts, left)
         if "rotary" in self.patterns:
             replaced += self._rotations(graph, counts, left)
+        attentions = self._attentions(graph, counts, left) if "gqa" in self.patterns else []
+        replaced += [n for att in attentions for n in att.nodes]
         if not replaced:
             return PassReport(name=self.name, modified=False, seconds=time.perf_counter() - start, left_alone=left,
                               summary=f"nothing fused: no pattern proven ({len(left)} candidate(s) left alone)",
                               details={"fused": {}, "left_alone": len(left)})
         removed = _remove(graph, replaced)
+        # why the past/present buffers cannot be shared (None: they can), when attention was fused
+        unshared = gqa.past_lengths_from_mask(graph, [n for n in graph if n.op_type == "GroupQueryAttention"]) \
+            if attentions else "no attention fused"
         if any(n.domain == MS_DOMAIN for n in graph):
             graph.opset_imports.setdefault(MS_DOMAIN, 1)
         ir.passes.common.TopologicalSortPass()(work)
@@ -92,7 +98,8 @@ class Fuse(Pass):
         if checked:
             summary += f"; {checked}"
         return PassReport(name=self.name, modified=True, summary=summary, seconds=time.perf_counter() - start,
-                          details={"fused": fused, "nodes_removed": removed, "left_alone": len(left), "exactness": checked},
+                          details={"fused": fused, "nodes_removed": removed, "left_alone": len(left), "exactness": checked,
+                                   **({"past_buffer": unshared or "shareable"} if attentions else {})},
                           left_alone=left)
 
     def _norms(self, graph: ir.Graph, counts: Counter, left: list) -> list[ir.Node]:
@@ -109,6 +116,19 @@ class Fuse(Pass):
             replaced += norms.rewrite(graph, norm, add)
             counts["SkipSimplifiedLayerNormalization" if add is not None else "SimplifiedLayerNormalization"] += 1
         return replaced
+
+    def _attentions(self, graph: ir.Graph, counts: Counter, left: list) -> list[gqa.Attention]:
+        done, shared = [], gqa.Shared(graph)
+        for softmax in [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
+            try:
+                att = gqa.match_attention(softmax)
+            except NoMatch as exc:
+                left.append((f"{softmax.name or 'Softmax'} (Softmax)", f"not a cached attention: {exc}"))
+                continue
+            gqa.rewrite(graph, att, shared)
+            done.append(att)
+            counts["GroupQueryAttention"] += 1
+        return done
 
     def _rotations(self, graph: ir.Graph, counts: Counter, left: list) -> list[ir.Node]:
         replaced, caches = [], rotary.Caches(graph)
