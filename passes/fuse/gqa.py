@@ -260,14 +260,21 @@ class Shared:
 def _to_bsh(graph: ir.Graph, value: ir.Value, heads: int, d: int, anchor: ir.Node) -> ir.Value:
     """[batch, heads, seq, d] -> [batch, seq, heads·d]: the tensor before the heads reshape when the graph
     has it (``Transpose(Reshape(x, [b, s, heads, d]), [0, 2, 1, 3])`` of a 3-D x), else a new Transpose + Reshape."""
-    node = value.producer()
-    if node is not None and node.op_type == "Transpose" and _perm(node, [0, 2, 1, 3]):
-        split = node.inputs[0].producer()
-        if split is not None and split.op_type == "Reshape":
-            x, y = split.inputs[0], split.outputs[0]
-            if (len(x.shape or ()) == 3 and dim(x, 2) == heads * d and dim(y, 2) == heads and dim(y, 3) == d
-                    and same_dim(dim(x, 0), dim(y, 0)) and same_dim(dim(x, 1), dim(y, 1))):
-                return x
+    flat = _unsplit(value, heads, d)
+    if flat is not None:
+        return flat
+    rot = value.producer()
+    if (rot is not None and rot.op_type == "RotaryEmbedding" and rot.domain == MS_DOMAIN and len(rot.inputs) == 4
+            and attr(rot, "rotary_embedding_dim", 0) == 0 and _unsplit(rot.inputs[0], heads, d) is not None):
+        # RotaryEmbedding takes [batch, seq, heads·d] as well (head size from the cache width): rotate the
+        # flat tensor and skip the transposes both ways
+        flat = ir.Node(MS_DOMAIN, "RotaryEmbedding", [_unsplit(rot.inputs[0], heads, d), *rot.inputs[1:]],
+                       name=f"{rot.name}_bsh", num_outputs=1,
+                       attributes=[*rot.attributes.values(), ir.AttrInt64("num_heads", heads)]
+                       if "num_heads" not in rot.attributes else list(rot.attributes.values()))
+        flat.outputs[0].name = flat.name
+        graph.insert_after(rot, [flat])
+        return flat.outputs[0]
     shape = ir.Value(name=f"{value.name}_bsh_shape", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64),
                      const_value=ir.tensor(np.array([0, 0, heads * d], np.int64), name=f"{value.name}_bsh_shape"))
     graph.register_initializer(shape)
@@ -278,6 +285,20 @@ def _to_bsh(graph: ir.Graph, value: ir.Value, heads: int, d: int, anchor: ir.Nod
         n.outputs[0].name = n.name
     graph.insert_before(anchor, [t, r])
     return r.outputs[0]
+
+
+def _unsplit(value: ir.Value, heads: int, d: int) -> ir.Value | None:
+    """x when ``value`` is ``Transpose(Reshape(x, [b, s, heads, d]), [0, 2, 1, 3])`` of a 3-D x, else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Transpose" or not _perm(node, [0, 2, 1, 3]):
+        return None
+    split = node.inputs[0].producer()
+    if split is None or split.op_type != "Reshape":
+        return None
+    x, y = split.inputs[0], split.outputs[0]
+    ok = (len(x.shape or ()) == 3 and dim(x, 2) == heads * d and dim(y, 2) == heads and dim(y, 3) == d
+          and same_dim(dim(x, 0), dim(y, 0)) and same_dim(dim(x, 1), dim(y, 1)))
+    return x if ok else None
 
 
 def rewrite(graph: ir.Graph, att: Attention, shared: Shared) -> list[ir.Node]:
