@@ -1,10 +1,11 @@
 """The `fuse` pass: rewrite recognised subgraphs to ONNX Runtime's fused contrib ops.
 
-Patterns (each matched by structure, every condition checked; `norms` and `rotary` document
+Patterns (each matched by structure, every condition checked; `norms`, `rotary` and `gqa` document
 them): RMSNorm -> ``SimplifiedLayerNormalization``, residual Add + RMSNorm ->
-``SkipSimplifiedLayerNormalization``, rotary embedding (``rotate_half``) -> ``RotaryEmbedding``.
-Every candidate that is not proven is left alone and listed in the report with the condition
-that failed: a candidate RMSNorm is a ``ReduceMean``, a candidate rotation a ``Neg``.
+``SkipSimplifiedLayerNormalization``, rotary embedding (``rotate_half``) -> ``RotaryEmbedding``,
+attention over a KV cache -> ``GroupQueryAttention``. Every candidate that is not proven is left
+alone and listed in the report with the condition that failed: a candidate RMSNorm is a
+``ReduceMean``, a candidate rotation a ``Neg``, a candidate attention a ``Softmax``.
 
 The result runs only on ONNX Runtime (the ops are its contrib ops), so it is the last step of a
 pipeline: passes that need the unfused graph (prune, layerskip, sparsify, smoothquant, int8,
@@ -38,12 +39,12 @@ FUSED_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNorma
 
 @dataclasses.dataclass
 class Fuse(Pass):
-    """Rewrite RMSNorm, residual Add + RMSNorm and rotary embeddings to ONNX Runtime's fused ops.
+    """Rewrite RMSNorm, residual Add + RMSNorm, rotary embeddings and cached attention to ONNX Runtime's fused ops.
 
     Options:
         patterns: which rewrites to make, any of `rmsnorm` (SimplifiedLayerNormalization),
             `skip_rmsnorm` (SkipSimplifiedLayerNormalization, needs `rmsnorm`), `rotary`
-            (RotaryEmbedding); none = all.
+            (RotaryEmbedding), `gqa` (GroupQueryAttention for attention over the KV cache); none = all.
     """
 
     patterns: list[str] | None = None
@@ -51,7 +52,8 @@ class Fuse(Pass):
     name = "fuse"
     exact = True
     runs_after_fuse = True
-    description = "rewrite RMSNorm, residual Add + RMSNorm and rotary embedding to ONNX Runtime's fused contrib ops (ORT only)"
+    description = ("rewrite RMSNorm, residual Add + RMSNorm, rotary embedding and KV-cache attention to ONNX Runtime's "
+                   "fused contrib ops (ORT only)")
 
     def __post_init__(self) -> None:
         super().__init__()

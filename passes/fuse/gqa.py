@@ -5,7 +5,8 @@ The unfused form, as exported from transformers' eager attention with a cache (p
     K  = Concat(past_key, K_new, axis=2)            -> present.N.key    (a graph input, a graph output)
     V  = Concat(past_value, V_new, axis=2)          -> present.N.value
     Kr = repeat_kv(K, n_rep)   Vr = repeat_kv(V, n_rep)         n_rep = heads / kv_heads
-    A  = Softmax(Mul(MatMul(Q, Transpose(Kr, [0,1,3,2])), c) + M, axis=-1)   (or Div by 1/c)
+    A  = Softmax(Mul(MatMul(Q, Transpose(Kr, [0,1,3,2])), c) + M, axis=-1)   (or Div by 1/c; or no
+                                                     scale node: c = 1, Q may be scaled before)
     Y  = Reshape(Transpose(MatMul(A, Vr), [0,2,1,3]), [batch, seq, heads·d])
 
 with Q [batch, heads, seq, d], K_new/V_new [batch, kv_heads, seq, d] (heads, kv_heads, d static),
@@ -77,7 +78,7 @@ def _perm(node: ir.Node, perm: list[int]) -> bool:
     return [int(p) for p in attr(node, "perm", [])] == perm
 
 
-def _scaled_scores(add: ir.Node) -> tuple[ir.Node, ir.Node, float, ir.Value]:
+def _scaled_scores(add: ir.Node) -> tuple[ir.Node, ir.Node | None, float, ir.Value]:
     """(scores MatMul, scale node, scale, mask) from ``Add(scale(MatMul(Q, Kᵀ)), M)``, either order."""
     for i in (0, 1):
         node = add.inputs[i].producer() if add.inputs[i] is not None else None
@@ -89,6 +90,10 @@ def _scaled_scores(add: ir.Node) -> tuple[ir.Node, ir.Node, float, ir.Value]:
             if c is None or mm is None or mm.op_type != "MatMul" or c == 0:
                 continue
             return mm, node, (c if node.op_type == "Mul" else 1.0 / c), add.inputs[1 - i]
+    for i in (0, 1):  # scaled before the product (q·c), or not at all: the op's scale is 1
+        node = add.inputs[i].producer() if add.inputs[i] is not None else None
+        if node is not None and node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            return node, None, 1.0, add.inputs[1 - i]
     raise NoMatch("the Softmax input is not Add(Mul or Div(MatMul(q, kᵀ), constant scale), mask)")
 
 
@@ -181,12 +186,14 @@ def match_attention(softmax: ir.Node) -> Attention:
     _check_uses(vr, [v_rep[-1] if v_rep else pv])
     _check_mask(mask, x, heads)
     _check_merge(merge, heads, d)
-    for value, reader in ((mm.outputs[0], scale_node), (scale_node.outputs[0], add), (add.outputs[0], softmax),
-                          (kt, mm), *([(kt_node.inputs[0], kt_node)] if k_rep else []),
-                          *([(pv.inputs[1], pv)] if v_rep else [])):
+    scaled = [(mm.outputs[0], scale_node), (scale_node.outputs[0], add)] if scale_node is not None else \
+        [(mm.outputs[0], add)]
+    for value, reader in (*scaled, (add.outputs[0], softmax), (kt, mm),
+                          *([(kt_node.inputs[0], kt_node)] if k_rep else []), *([(pv.inputs[1], pv)] if v_rep else [])):
         if value.is_graph_output() or {id(u.node) for u in value.uses()} != {id(reader)}:
             raise NoMatch(f"{value.name} is read outside the attention")
-    nodes = [kt_node, mm, scale_node, add, softmax, pv, back, merge, k_cat, v_cat, *k_rep, *v_rep]
+    nodes = [kt_node, mm, add, softmax, pv, back, merge, k_cat, v_cat, *k_rep, *v_rep]
+    nodes += [scale_node] if scale_node is not None else []
     return Attention(q, k_new, v_new, (past_k, past_v), (kr, vr), mask, float(np.float32(scale)), heads, kv, d,
                      merge.outputs[0], nodes)
 
@@ -303,7 +310,7 @@ def _unsplit(value: ir.Value, heads: int, d: int) -> ir.Value | None:
 
 def rewrite(graph: ir.Graph, att: Attention, shared: Shared) -> list[ir.Node]:
     """Insert GroupQueryAttention; the merged output and the presents keep their names and readers."""
-    anchor = att.nodes[7]  # the merge Reshape: every input of the fused op exists before it
+    anchor = att.out.producer()  # the merge Reshape: every input of the fused op exists before it
     q, k, v = (_to_bsh(graph, t, n, att.head_dim, anchor) for t, n in
                ((att.query, att.heads), (att.key, att.kv_heads), (att.value, att.kv_heads)))
     seqlens, total = shared.get(att)
