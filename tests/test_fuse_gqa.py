@@ -72,7 +72,25 @@ def _feed(spec, batch: int, seq: int, past: int, pad: int, rng) -> dict[str, np.
 
 
 def test_fused_graph_matches_the_unfused_one(exported):
-    _, loaded = exported
+    _assert_fused_matches(exported[1])
+
+
+@pytest.mark.slow
+def test_qwen2_fuses_and_matches(tmp_path):
+    """Qwen2: biased q/k/v projections (the flat tensor GQA reads is the bias Add's output)."""
+    import llm_models
+
+    tok = llm_models.tokenizer()
+    torch.manual_seed(0)
+    config = tf.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            initializer_range=0.2, bos_token_id=0, eos_token_id=1)
+    tf.Qwen2ForCausalLM(config).eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _assert_fused_matches(frontends.load(tmp_path))
+
+
+def _assert_fused_matches(loaded):
     spec = cache_spec(loaded.model)
     model, report = _fuse(loaded)
     assert report.details["fused"]["GroupQueryAttention"] == LAYERS
