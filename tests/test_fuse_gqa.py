@@ -26,6 +26,7 @@ from slimc.backends.targets.genai_config import uses_group_query_attention  # no
 from slimc.kvcache import cache_spec  # noqa: E402
 from slimc.onnx_io import copy_model  # noqa: E402
 from slimc.passes.fuse.fuse_pass import Fuse  # noqa: E402
+from slimc.passes.fuse.gqa import takes_any_padding  # noqa: E402
 from slimc.pipeline import PassContext  # noqa: E402
 
 LAYERS = 2
@@ -104,6 +105,7 @@ def _assert_fused_matches(loaded):
     assert heads == {(4, spec.layers[0].kv_heads)}
     assert [n.attributes["scale"].value for n in gqa] == pytest.approx([8 ** -0.5] * LAYERS)
     assert uses_group_query_attention(model, spec)  # only GQA (and batch-size Shapes) read the pasts
+    assert all(takes_any_padding(n) for n in gqa)  # slimc generate may batch prompts of unequal length
     before, after = _session(loaded.model), _session(model)
     rng = np.random.default_rng(0)
     # (batch, new tokens, past, left padding of the last row): prefill, left-padded prefill, decode after a
@@ -135,6 +137,10 @@ def test_greedy_tokens_equal_before_and_after_fuse(exported):
         a = plain.generate(prompt, max_new_tokens=12)
         b = fused.generate(prompt, max_new_tokens=12)
         assert b.tokens == a.tokens and len(a.tokens) > 0
+    # prompts of unequal length: a left-padded batch, exact because the fused attention adds the graph's mask
+    prompts = ["the quick brown fox jumps over", "hello"]
+    a, b = plain.generate(prompts, max_new_tokens=8), fused.generate(prompts, max_new_tokens=8)
+    assert b.all_tokens == a.all_tokens and len(a.all_tokens) == 2
 
 
 def test_what_is_not_a_cached_attention_is_left_alone():

@@ -367,3 +367,16 @@ def past_lengths_from_mask(graph: ir.Graph, fused: list[ir.Node]) -> str | None:
         ir.convenience.replace_all_uses_with(old, made[-1].outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
     return None
+
+
+def takes_any_padding(node: ir.Node) -> bool:
+    """Whether a GroupQueryAttention node attends as its graph's own mask says (as `fuse` writes it:
+    ``causal=0``, an ``attention_bias``, ``seqlens_k = Expand(total - 1)``), so left-padded prompts are
+    exact; the builder's form (``seqlens_k`` counted from the mask, causal) assumes no left padding."""
+    ins = list(node.inputs) + [None] * (11 - len(node.inputs))
+    if node.op_type != "GroupQueryAttention" or attr(node, "causal", 1) != 0 or ins[10] is None:
+        return False
+    expand = ins[5].producer() if ins[5] is not None else None
+    sub = expand.inputs[0].producer() if expand is not None and expand.op_type == "Expand" else None
+    return (sub is not None and sub.op_type == "Sub" and sub.inputs[0] is ins[6]
+            and scalar(sub.inputs[1]) == 1.0)
