@@ -186,3 +186,15 @@ def test_symbolic_sums_compare_in_any_order():
 
     assert same_dim("past_seq + seq", "seq + past_seq") and same_dim(8, 8)
     assert not same_dim("a - b", "b - a") and not same_dim("seq", "past_seq + seq") and not same_dim(None, None)
+
+
+def test_a_graph_without_an_attention_mask_is_left_alone(exported):
+    """GroupQueryAttention's lengths come from the mask's shape: without the input, nothing is fused."""
+    _, loaded = exported
+    model = copy_model(loaded.model)
+    mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
+    mask.name = "padding_mask"  # the same graph, but not the KV-cache contract's input
+    report = Fuse(patterns=["gqa"]).apply(model, PassContext(loaded=loaded))
+    assert not report.modified
+    assert [why for _, why in report.left_alone] == [
+        "not a cached attention: the graph has no 2-D attention_mask input to size the cache from"] * LAYERS

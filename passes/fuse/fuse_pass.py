@@ -123,6 +123,8 @@ class Fuse(Pass):
         done, shared = [], gqa.Shared(graph)
         for softmax in [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
             try:
+                if gqa.attention_mask(graph) is None:
+                    raise NoMatch("the graph has no 2-D attention_mask input to size the cache from")
                 att = gqa.match_attention(softmax)
             except NoMatch as exc:
                 left.append((f"{softmax.name or 'Softmax'} (Softmax)", f"not a cached attention: {exc}"))

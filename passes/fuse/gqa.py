@@ -22,8 +22,8 @@ with q, k, v the tensors before the heads reshape ([batch, seq, heads·d]; rotat
 transposed back). ``causal=0`` and ``seqlens_k = total - 1`` in every row make the op attend to
 every key and add M, which is the graph's own mask: the causal and padding rule stays whatever
 the graph computes (left padding included), nothing about it is assumed. ``total`` is the
-attention mask's length (the KV-cache contract: past + new tokens; without an ``attention_mask``
-input, the past length plus the query length).
+attention mask's length (the KV-cache contract: past + new tokens); a graph without an
+``attention_mask`` input is left alone.
 
 ONNX Runtime 1.32 refuses one case the unfused graph runs: a step of more than one token with a
 non-empty past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context is
@@ -218,7 +218,7 @@ def _check_merge(merge: ir.Node, heads: int, d: int) -> None:
 
 class Shared:
     """``seqlens_k`` (int32 [batch], total - 1 in every row) and ``total_sequence_length`` (int32 scalar),
-    built once per graph from the attention mask's shape (or past + query length without a mask)."""
+    built once per graph from the attention mask's shape."""
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
@@ -236,32 +236,26 @@ class Shared:
         return self.made
 
     def _build(self, att: Attention) -> tuple[ir.Value, ir.Value]:
-        mask = next((v for v in self.graph.inputs if v.name == "attention_mask" and len(v.shape or ()) == 2), None)
+        mask = attention_mask(self.graph)
         node = lambda op, ins, name, **a: ir.Node("", op, ins, name=f"gqa_{name}", num_outputs=1,  # noqa: E731
                                                   attributes=[ir.AttrInt64(k, v) for k, v in a.items()])
-        nodes = []
-        if mask is not None:
-            nodes.append(node("Shape", [mask], "mask_shape"))
-            dims = nodes[-1].outputs[0]
-            nodes.append(node("Gather", [dims, self._const("gqa_axis1", np.array(1, np.int64))], "total64"))
-            batch_node = node("Slice", [dims, self._const("gqa_b0", np.array([0], np.int64)),
-                                        self._const("gqa_b1", np.array([1], np.int64))], "batch")
-        else:  # past length + query length, read from the first layer's tensors
-            nodes.append(node("Shape", [att.past[0]], "past_shape"))
-            nodes.append(node("Shape", [att.query], "query_shape"))
-            past = node("Gather", [nodes[0].outputs[0], self._const("gqa_axis2", np.array(2, np.int64))], "past_len")
-            seq = node("Gather", [nodes[1].outputs[0], self._const("gqa_axis2q", np.array(2, np.int64))], "seq_len")
-            nodes += [past, seq, node("Add", [past.outputs[0], seq.outputs[0]], "total64")]
-            batch_node = node("Slice", [nodes[0].outputs[0], self._const("gqa_b0", np.array([0], np.int64)),
-                                        self._const("gqa_b1", np.array([1], np.int64))], "batch")
-        total = node("Cast", [nodes[-1].outputs[0]], "total_sequence_length", to=int(ir.DataType.INT32))
+        dims = node("Shape", [mask], "mask_shape")
+        total64 = node("Gather", [dims.outputs[0], self._const("gqa_axis1", np.array(1, np.int64))], "total64")
+        batch = node("Slice", [dims.outputs[0], self._const("gqa_b0", np.array([0], np.int64)),
+                               self._const("gqa_b1", np.array([1], np.int64))], "batch")
+        total = node("Cast", [total64.outputs[0]], "total_sequence_length", to=int(ir.DataType.INT32))
         last = node("Sub", [total.outputs[0], self._const("gqa_one", np.array(1, np.int32))], "last")
-        seqlens = node("Expand", [last.outputs[0], batch_node.outputs[0]], "seqlens_k")
-        nodes += [batch_node, total, last, seqlens]
+        seqlens = node("Expand", [last.outputs[0], batch.outputs[0]], "seqlens_k")
+        nodes = [dims, total64, batch, total, last, seqlens]
         for n in nodes:
             n.outputs[0].name = n.name
-        self.graph.insert_before(self.graph.node(0), nodes)  # reads graph inputs only; sorted again at the end
+        self.graph.insert_before(self.graph.node(0), nodes)  # reads a graph input only; sorted again at the end
         return seqlens.outputs[0], total.outputs[0]
+
+
+def attention_mask(graph: ir.Graph) -> ir.Value | None:
+    """The KV-cache contract's ``attention_mask`` input ([batch, past + new tokens]), None if the graph has none."""
+    return next((v for v in graph.inputs if v.name == "attention_mask" and len(v.shape or ()) == 2), None)
 
 
 def _to_bsh(graph: ir.Graph, value: ir.Value, heads: int, d: int, anchor: ir.Node) -> ir.Value:
