@@ -262,8 +262,6 @@ def open_generator(source: Any, *, tokenizer: str | Path | None = None, threads:
 
 
 def _open_onnx(path: Path, tokenizer: str | Path | None, threads: int | None) -> TextGenerator:
-    import onnx
-
     from slimc.backends import onnxruntime as ort_backend
 
     if not path.is_file():
@@ -271,7 +269,9 @@ def _open_onnx(path: Path, tokenizer: str | Path | None, threads: int | None) ->
     tok = load_tokenizer(Path(tokenizer) if tokenizer is not None else path.parent)
     session = ort_backend.create_session(path, threads)
     try:  # the operators only (weights stay on disk): fused attention cannot take left padding
-        ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+        import onnx_ir as ir
+
+        ops = padding_ops(ir.load(str(path)).graph.all_nodes())
     except Exception:  # noqa: BLE001 - ORT loaded it; without the op list, padding is refused conservatively
         ops = {"GroupQueryAttention"}
     return from_session(session, tok, path.parent, op_types=ops)
@@ -316,8 +316,16 @@ def stage_model(model, work: Path, tokenizer: Any, folder: Path | None, threads:
     external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     save_onnx(model, path, external_data=True if external else None)
     session = ort_backend.create_session(path, threads)
-    ops = {node.op_type for node in model.graph.all_nodes()}
-    return from_session(session, tokenizer, folder, spec=spec, op_types=ops, generation=generation)
+    return from_session(session, tokenizer, folder, spec=spec, op_types=padding_ops(model.graph.all_nodes()),
+                        generation=generation)
+
+
+def padding_ops(nodes) -> set[str]:
+    """The graph's operator types, leaving out GroupQueryAttention nodes that take the graph's own mask
+    (`fuse` writes them; exact with left padding): a GroupQueryAttention left in means no left padding."""
+    from slimc.passes.fuse.gqa import takes_any_padding
+
+    return {n.op_type for n in nodes if not takes_any_padding(n)}
 
 
 def generate_text(model: Any, prompt: str | list[str], *, tokenizer: str | Path | None = None, threads: int | None = None,

@@ -250,7 +250,8 @@ def llama_folder(tmp_path_factory):
     return folder, root / "text.txt"
 
 
-@pytest.mark.parametrize("passes", ["cleanup", "int4(method=rtn,block_size=32,force=true)"])
+@pytest.mark.parametrize("passes", ["cleanup", "int4(method=rtn,block_size=32,force=true)", "cleanup,fuse",
+                                    "int4(method=rtn,block_size=32,force=true,embedding=true),fuse"])
 def test_cli_writes_a_genai_folder_from_slimcs_cached_export(llama_folder, tmp_path, passes, capsys):
     """slimc's own KV-cache export of a Hugging Face folder -> ``--target genai -o DIR`` -> og.Generator;
     with ``cleanup`` the tokens are transformers' generate() on the same weights."""
@@ -268,10 +269,14 @@ def test_cli_writes_a_genai_folder_from_slimcs_cached_export(llama_folder, tmp_p
     assert receipt["target"]["fidelity_vs_onnx"]["max_abs_error"] < 1e-3
     config = json.loads((out / "genai_config.json").read_text())["model"]
     assert (config["type"], config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]) == ("llama", 2, 8)
+    fused = "fuse" in passes  # GroupQueryAttention writes the present into the past buffer
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is fused
+    if fused:
+        assert "GroupQueryAttention" in {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     model = og.Model(str(out))
     prompt = og.Tokenizer(model).encode("slimc compiles models").astype(np.int64)
     tokens = _greedy_og(out, prompt, 10)
-    if passes == "cleanup":
+    if passes in ("cleanup", "cleanup,fuse"):
         reference = transformers.LlamaForCausalLM.from_pretrained(folder)
         expected = reference.generate(torch.tensor(prompt[None]), max_new_tokens=10, min_new_tokens=10,
                                       do_sample=False)[0, len(prompt):].tolist()

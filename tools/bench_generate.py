@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 
 VARIANTS = ("builder-fp32", "builder-int4", "slimc-fp32", "slimc-fp32-fuse", "slimc-int4")
-# embedding=true: the 4-bit embedding shared with the tied lm_head, as the builder does; fuse: RMSNorm and
-# rotary as ORT's fused ops. The guard stays on; `build_slimc` forces only after a refusal, and says so.
+# embedding=true: the 4-bit embedding shared with the tied lm_head, as the builder does; fuse: RMSNorm, rotary
+# and attention (GroupQueryAttention) as ORT's fused ops. The guard stays on; `build_slimc` forces only after a
+# refusal, and says so.
 INT4_SPEC = "int4(method=rtn,embedding=true),fuse"
 SPECS = {"slimc-fp32": "cleanup", "slimc-fp32-fuse": "cleanup,fuse", "slimc-int4": INT4_SPEC}
 

@@ -91,13 +91,26 @@ def _gguf_config(path: Path) -> dict[str, Any]:
 
 def uses_group_query_attention(model: ir.Model, spec: CacheSpec) -> bool:
     """Whether every past key/value feeds ONNX Runtime's GroupQueryAttention, which may share the
-    past and present buffers; a cache concatenated by plain ops must grow instead."""
+    past and present buffers; a cache concatenated by plain ops must grow instead. Besides the
+    attention, a past may only be read by ``Shape`` nodes that do not read its sequence axis (2):
+    with a shared buffer that axis is the buffer's capacity, not the past length."""
     inputs = {v.name: v for v in model.graph.inputs}
     for name in spec.input_names:
-        uses = list(inputs[name].uses())
-        if not uses or any(node.op_type != "GroupQueryAttention" for node, _ in uses):
+        uses = {id(node): node for node, _ in inputs[name].uses()}.values()
+        if not any(node.op_type == "GroupQueryAttention" for node in uses):
             return False
+        for node in uses:
+            if node.op_type == "GroupQueryAttention":
+                continue
+            if node.op_type != "Shape" or 2 in _shape_axes(node):
+                return False
     return True
+
+
+def _shape_axes(node: ir.Node) -> range:
+    start = node.attributes["start"].value if "start" in node.attributes else 0
+    end = node.attributes["end"].value if "end" in node.attributes else None
+    return range(4)[start:end]
 
 
 def _tokens(config: dict[str, Any], tokenizer: Any) -> tuple[Any, Any, Any]:

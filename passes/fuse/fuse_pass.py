@@ -1,10 +1,11 @@
 """The `fuse` pass: rewrite recognised subgraphs to ONNX Runtime's fused contrib ops.
 
-Patterns (each matched by structure, every condition checked; `norms` and `rotary` document
+Patterns (each matched by structure, every condition checked; `norms`, `rotary` and `gqa` document
 them): RMSNorm -> ``SimplifiedLayerNormalization``, residual Add + RMSNorm ->
-``SkipSimplifiedLayerNormalization``, rotary embedding (``rotate_half``) -> ``RotaryEmbedding``.
-Every candidate that is not proven is left alone and listed in the report with the condition
-that failed: a candidate RMSNorm is a ``ReduceMean``, a candidate rotation a ``Neg``.
+``SkipSimplifiedLayerNormalization``, rotary embedding (``rotate_half``) -> ``RotaryEmbedding``,
+attention over a KV cache -> ``GroupQueryAttention``. Every candidate that is not proven is left
+alone and listed in the report with the condition that failed: a candidate RMSNorm is a
+``ReduceMean``, a candidate rotation a ``Neg``, a candidate attention a ``Softmax``.
 
 The result runs only on ONNX Runtime (the ops are its contrib ops), so it is the last step of a
 pipeline: passes that need the unfused graph (prune, layerskip, sparsify, smoothquant, int8,
@@ -24,25 +25,26 @@ import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
 from slimc.errors import PassConfigError
 from slimc.onnx_io import copy_model
-from slimc.passes.fuse import norms, rotary, selfcheck
+from slimc.passes.fuse import gqa, norms, rotary, selfcheck
 from slimc.passes.fuse.match import NoMatch
 from slimc.passes.quant import common
 from slimc.pipeline import Pass, PassContext, PassReport
 
 MS_DOMAIN = "com.microsoft"
-PATTERNS = ("rmsnorm", "skip_rmsnorm", "rotary")
+PATTERNS = ("rmsnorm", "skip_rmsnorm", "rotary", "gqa")
 # The ops this pass writes (refused by non-ORT targets, and by passes that need the unfused form).
-FUSED_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"})
+FUSED_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+                       "GroupQueryAttention"})
 
 
 @dataclasses.dataclass
 class Fuse(Pass):
-    """Rewrite RMSNorm, residual Add + RMSNorm and rotary embeddings to ONNX Runtime's fused ops.
+    """Rewrite RMSNorm, residual Add + RMSNorm, rotary embeddings and cached attention to ONNX Runtime's fused ops.
 
     Options:
         patterns: which rewrites to make, any of `rmsnorm` (SimplifiedLayerNormalization),
             `skip_rmsnorm` (SkipSimplifiedLayerNormalization, needs `rmsnorm`), `rotary`
-            (RotaryEmbedding); none = all.
+            (RotaryEmbedding), `gqa` (GroupQueryAttention for attention over the KV cache); none = all.
     """
 
     patterns: list[str] | None = None
@@ -50,7 +52,8 @@ class Fuse(Pass):
     name = "fuse"
     exact = True
     runs_after_fuse = True
-    description = "rewrite RMSNorm, residual Add + RMSNorm and rotary embedding to ONNX Runtime's fused contrib ops (ORT only)"
+    description = ("rewrite RMSNorm, residual Add + RMSNorm, rotary embedding and KV-cache attention to ONNX Runtime's "
+                   "fused contrib ops (ORT only)")
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -74,11 +77,16 @@ class Fuse(Pass):
             replaced += self._norms(graph, counts, left)
         if "rotary" in self.patterns:
             replaced += self._rotations(graph, counts, left)
+        attentions = self._attentions(graph, counts, left) if "gqa" in self.patterns else []
+        replaced += [n for att in attentions for n in att.nodes]
         if not replaced:
             return PassReport(name=self.name, modified=False, seconds=time.perf_counter() - start, left_alone=left,
                               summary=f"nothing fused: no pattern proven ({len(left)} candidate(s) left alone)",
                               details={"fused": {}, "left_alone": len(left)})
         removed = _remove(graph, replaced)
+        # why the past/present buffers cannot be shared (None: they can), when attention was fused
+        unshared = gqa.past_lengths_from_mask(graph, [n for n in graph if n.op_type == "GroupQueryAttention"]) \
+            if attentions else "no attention fused"
         if any(n.domain == MS_DOMAIN for n in graph):
             graph.opset_imports.setdefault(MS_DOMAIN, 1)
         ir.passes.common.TopologicalSortPass()(work)
@@ -92,7 +100,8 @@ class Fuse(Pass):
         if checked:
             summary += f"; {checked}"
         return PassReport(name=self.name, modified=True, summary=summary, seconds=time.perf_counter() - start,
-                          details={"fused": fused, "nodes_removed": removed, "left_alone": len(left), "exactness": checked},
+                          details={"fused": fused, "nodes_removed": removed, "left_alone": len(left), "exactness": checked,
+                                   **({"past_buffer": unshared or "shareable"} if attentions else {})},
                           left_alone=left)
 
     def _norms(self, graph: ir.Graph, counts: Counter, left: list) -> list[ir.Node]:
@@ -109,6 +118,21 @@ class Fuse(Pass):
             replaced += norms.rewrite(graph, norm, add)
             counts["SkipSimplifiedLayerNormalization" if add is not None else "SimplifiedLayerNormalization"] += 1
         return replaced
+
+    def _attentions(self, graph: ir.Graph, counts: Counter, left: list) -> list[gqa.Attention]:
+        done, shared = [], gqa.Shared(graph)
+        for softmax in [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
+            try:
+                if gqa.attention_mask(graph) is None:
+                    raise NoMatch("the graph has no 2-D attention_mask input to size the cache from")
+                att = gqa.match_attention(softmax)
+            except NoMatch as exc:
+                left.append((f"{softmax.name or 'Softmax'} (Softmax)", f"not a cached attention: {exc}"))
+                continue
+            gqa.rewrite(graph, att, shared)
+            done.append(att)
+            counts["GroupQueryAttention"] += 1
+        return done
 
     def _rotations(self, graph: ir.Graph, counts: Counter, left: list) -> list[ir.Node]:
         replaced, caches = [], rotary.Caches(graph)

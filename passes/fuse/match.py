@@ -86,8 +86,15 @@ def dim(value: ir.Value, i: int):
 
 
 def same_dim(a, b) -> bool:
-    """Two dims proven equal: equal ints, or the same symbolic name."""
-    return a is not None and b is not None and a == b
+    """Two dims proven equal: equal ints, or the same symbolic name (sums compared term by term, in any
+    order: exporters write ``past_seq + seq`` on one value and ``seq + past_seq`` on another)."""
+    return a is not None and b is not None and _canonical(a) == _canonical(b)
+
+
+def _canonical(d):
+    if not isinstance(d, str) or any(op in d for op in "-*/()%"):
+        return d
+    return tuple(sorted(term.strip() for term in d.split("+")))
 
 
 def same_shape(a: ir.Value, b: ir.Value) -> bool:
