@@ -25,13 +25,13 @@ import onnx_ir.passes.common  # noqa: F401 - TopologicalSortPass
 
 from slimc.errors import PassConfigError
 from slimc.onnx_io import copy_model
-from slimc.passes.fuse import gqa, norms, rotary, selfcheck
+from slimc.passes.fuse import gqa, norms, pack, rotary, selfcheck
 from slimc.passes.fuse.match import NoMatch
 from slimc.passes.quant import common
 from slimc.pipeline import Pass, PassContext, PassReport
 
 MS_DOMAIN = "com.microsoft"
-PATTERNS = ("rmsnorm", "skip_rmsnorm", "rotary", "gqa")
+PATTERNS = ("rmsnorm", "skip_rmsnorm", "rotary", "gqa", "pack")
 # The ops this pass writes (refused by non-ORT targets, and by passes that need the unfused form).
 FUSED_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
                        "GroupQueryAttention"})
@@ -44,7 +44,9 @@ class Fuse(Pass):
     Options:
         patterns: which rewrites to make, any of `rmsnorm` (SimplifiedLayerNormalization),
             `skip_rmsnorm` (SkipSimplifiedLayerNormalization, needs `rmsnorm`), `rotary`
-            (RotaryEmbedding), `gqa` (GroupQueryAttention for attention over the KV cache); none = all.
+            (RotaryEmbedding), `gqa` (GroupQueryAttention for attention over the KV cache), `pack`
+            (projections of one activation, such as q/k/v or gate/up, as one MatMul or MatMulNBits
+            and a Split); none = all.
     """
 
     patterns: list[str] | None = None
@@ -79,11 +81,20 @@ class Fuse(Pass):
             replaced += self._rotations(graph, counts, left)
         attentions = self._attentions(graph, counts, left) if "gqa" in self.patterns else []
         replaced += [n for att in attentions for n in att.nodes]
+        removed = _remove(graph, replaced) if replaced else 0
+        if "pack" in self.patterns:  # last: the other matchers follow q/k/v back to their MatMuls
+            groups = pack.find(graph)
+            for group in groups:
+                pack.rewrite(graph, group, graph.opset_imports.get("", 17))
+            if groups:
+                counts["packed MatMul"] = sum(1 for g in groups if g.kind == "MatMul")
+                counts["packed MatMulNBits"] = sum(1 for g in groups if g.kind == "MatMulNBits")
+                removed += _remove(graph, [n for g in groups for n in g.nodes])
+                replaced += [n for g in groups for n in g.nodes]
         if not replaced:
             return PassReport(name=self.name, modified=False, seconds=time.perf_counter() - start, left_alone=left,
                               summary=f"nothing fused: no pattern proven ({len(left)} candidate(s) left alone)",
                               details={"fused": {}, "left_alone": len(left)})
-        removed = _remove(graph, replaced)
         # why the past/present buffers cannot be shared (None: they can), when attention was fused
         unshared = gqa.past_lengths_from_mask(graph, [n for n in graph if n.op_type == "GroupQueryAttention"]) \
             if attentions else "no attention fused"
