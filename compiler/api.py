@@ -54,20 +54,22 @@ class Stage:
     full_check: bool = True  # False when only the basic checker passed (inputs only)
     batch_size: int | None = None  # a batch axis pinned by --static-shapes: batches are split to fit
     threads: int | None = None
+    shared: dict[str, np.ndarray] | None = None  # the arrays the session uses in place (`create_session`)
 
     def suspend(self) -> bool:
-        """Drop a session that holds its own (prepacked) copy of the weights, to be rebuilt by `resume`
-        from the stage file; a session sharing the IR's arrays is kept (it costs no weights of its own)."""
-        if self.session is None or getattr(self.session, "slimc_arrays", None):
+        """Drop the session, to be rebuilt by `resume` from the stage file: what it holds of its own
+        (a quantized model's prepacked weights, the float32 copies ORT makes of float16 weights) goes."""
+        if self.session is None:
             return False
+        ort_backend.release_mapped_pages(getattr(self.session, "slimc_arrays", []))
         self.session = None
         ort_backend.return_freed_memory()
         return True
 
     def resume(self) -> None:
-        """The session `suspend` dropped, built again from the stage file (same options)."""
+        """The session `suspend` dropped, built again from the stage file (same options, same shared arrays)."""
         if self.session is None:
-            self.session = ort_backend.create_session(self.path, self.threads)
+            self.session = ort_backend.create_session(self.path, self.threads, shared=self.shared)
 
     def run(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         from slimc.backends.targets import chunked
@@ -285,8 +287,9 @@ def compile(  # noqa: A001 - the public verb of a compiler
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
     # The passes succeeded and are verified: from here on a measurement that fails is reported as
     # not measured in the receipt, never allowed to lose the result.
-    # large models: a stage session holding its own prepacked weights (a quantized model's) is not kept
-    # next to the latency sessions, each of which packs a copy of its model's weights; it is rebuilt after
+    # large models: the stage sessions (a quantized model's prepacked weights, ORT's float32 copies of
+    # float16 weights) are not kept next to the latency sessions, each of which packs a copy of its
+    # model's weights; they are rebuilt from the stage files afterwards
     suspended = [s for s in {id(s): s for s in (baseline, current)}.values()
                  if measure_latency and weight_bytes >= ort_backend.LEAN_BYTES and s.suspend()]
     latency = measure.measured("latency", lambda: measure.latency(baseline, current, verify_batches[0], loaded.inputs,
@@ -470,7 +473,7 @@ def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool
         # float models: verification and fidelity sessions use the IR's arrays in place (no copy per session)
         shared = ort_backend.shareable_initializers(model) if ort_backend.shares_weights(model) else None
         session = ort_backend.create_session(path, threads, shared=shared)
-    return Stage(label=label, path=path, session=session, full_check=passed_full, threads=threads)
+    return Stage(label=label, path=path, session=session, full_check=passed_full, threads=threads, shared=shared)
 
 
 def _output_budget(loaded: LoadedModel) -> int | None:

@@ -65,6 +65,7 @@ import onnx_ir.passes.common as ir_common
 
 from slimc import normalize
 from slimc.analysis import count_params
+from slimc.backends.onnxruntime import release_mapped_pages
 from slimc.errors import PassConfigError
 from slimc.onnx_io import copy_model, inline_weights
 from slimc.passes.quant import common, fp16_weights
@@ -441,6 +442,8 @@ def _clip_constants(model: ir.Model, blocked: set[str], clip_to: float) -> dict[
         finite = np.isfinite(array)
         over = finite & (np.abs(array) > FP16_MAX)
         stats["tiny"] += int(np.count_nonzero(finite & (array != 0) & (np.abs(array) < FP16_MIN_POSITIVE)))
+        if isinstance(tensor, ir.ExternalTensor):
+            release_mapped_pages([array])  # read once here: memory-mapped weights are not kept resident
         if not over.any():
             return None
         stats["clipped"] += int(over.sum())
