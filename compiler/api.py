@@ -269,6 +269,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
         ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
         ort_backend.return_freed_memory()  # the pass's scratch (protos, candidate sessions) back to the system
+        # and the shared weights it read (a quantizer's reference runs) leave the resident set again
+        ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
         if pass_.name in QUANTIZERS and backend == "triton":
