@@ -72,10 +72,13 @@ def test_exactness_in_sub_batches_scales_with_the_whole_batch(monkeypatch):
     assert not runs_match(run(ref), run(got), [batch], ["y"], max_output_bytes=1).ok
 
 
-# Peak RSS above the bare interpreter's, per weight byte: the 1.5x goal for every pass (docs/memory.md).
-# Measured at 0.5 GB: cleanup 1.22, prune 1.19, int8 1.52, int4 1.45 (before this round: 1.22, 1.69,
-# 6.23, 1.57); int8 at 2.4 GB 1.30. The interpreter and ORT cost ~0.1 GB more than idle once sessions exist.
-BOUNDS = {"cleanup": 1.5, "prune(ratio=0.3)": 1.5, "int8": 1.5, "int4": 1.5}
+# Peak RSS above the bare interpreter's, per weight byte: the 1.5x goal (docs/memory.md); fp16 is held to
+# 2.5x: ONNX Runtime's CPU session of a float16 model holds float32 copies of its weights (1x).
+# Measured at 0.5 GB (compile, above idle): cleanup 1.2, prune 1.2, int8 1.2, int4 1.35, fp16 2.0,
+# smoothquant,int8 and int8(mode=static) 1.2-1.45.
+BOUNDS = {"cleanup": 1.5, "prune(ratio=0.3)": 1.5, "int8": 1.5, "int4": 1.5, "smoothquant,int8": 1.5,
+          "int8(mode=static)": 1.5, "fp16": 2.5}
+CALIBRATED = ("smoothquant,int8", "int8(mode=static)")
 
 
 @pytest.mark.exhaustive
@@ -83,8 +86,12 @@ BOUNDS = {"cleanup": 1.5, "prune(ratio=0.3)": 1.5, "int8": 1.5, "int4": 1.5}
 @pytest.mark.parametrize("passes", list(BOUNDS))
 def test_peak_rss_of_compile_on_a_1gb_external_data_model(tmp_path, passes):
     weights = build_mlp(tmp_path / "mlp.onnx", 1_000_000_000)
+    calib = None
+    if passes in CALIBRATED:
+        calib = tmp_path / "calib.npz"
+        np.savez(calib, x=np.random.default_rng(2).standard_normal((16, 2048), dtype=np.float32))
     idle = measure("idle", "none")
-    got = measure(str(tmp_path / "mlp.onnx"), passes)
+    got = measure(str(tmp_path / "mlp.onnx"), passes, calibration=None if calib is None else str(calib))
     assert "error" not in got, got
     assert got["peak_rss_compile"] - idle["peak_rss"] <= BOUNDS[passes] * weights, (got, idle, weights)
 
