@@ -13,7 +13,8 @@ on the page cache: measured ~1.3x slower runs, so it is used for the verificatio
 runs of large models only, never for latency measurements.
 
 Dropping the pages of a read-only file mapping is safe at any time: ORT reads them again from the
-file. Mappings that are not read-only shared file maps (``ACCESS_READ``) are left alone.
+file. The weight maps slimc makes (onnx_ir's external tensors, `slimc.onnx_io.map_saved_weights`)
+are read-only; never pass arrays of a writable map (its unsaved changes would be dropped).
 """
 
 from __future__ import annotations
