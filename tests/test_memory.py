@@ -226,3 +226,15 @@ def test_smoothquant_scales_memory_mapped_weights_lazily_with_the_same_bytes(mlp
     assert set(external) == set(inline)
     for name in inline:
         assert np.array_equal(external[name], inline[name]), name
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_rtn_in_column_chunks_gives_the_same_codes(monkeypatch, symmetric):
+    from slimc.passes.quant import gptq
+
+    w = np.random.default_rng(4).standard_normal((100, 37)).astype(np.float32)  # K not a multiple of the block
+    whole = gptq.rtn(w, 32, symmetric)
+    monkeypatch.setattr(gptq, "RTN_CHUNK_ELEMENTS", 300)  # 2 columns at a time
+    chunked = gptq.rtn(w, 32, symmetric)
+    for a, b in ((whole.codes, chunked.codes), (whole.scales, chunked.scales), (whole.zero_points, chunked.zero_points)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
