@@ -68,6 +68,9 @@ def create_session(path: str | os.PathLike, threads: int | None = None,
         raise BackendError(f"ONNX Runtime cannot load {Path(path).name}: {first_line(exc, 1000)}") from None
     session.slimc_shared = values  # ORT does not own shared arrays: they live as long as the session
     session.slimc_arrays = list((shared or {}).values())
+    # building the session read the shared weights (constant folding: ORT's float32 copies of float16
+    # weights): their pages leave the resident set until a run reads them
+    release_mapped_pages(session.slimc_arrays)
     return session
 
 

@@ -53,17 +53,37 @@ class Stage:
     session: Any
     full_check: bool = True  # False when only the basic checker passed (inputs only)
     batch_size: int | None = None  # a batch axis pinned by --static-shapes: batches are split to fit
+    threads: int | None = None
+    shared: dict[str, np.ndarray] | None = None  # the arrays the session uses in place (`create_session`)
+
+    def suspend(self) -> bool:
+        """Drop the session, to be rebuilt by `resume` from the stage file: what it holds of its own
+        (a quantized model's prepacked weights, the float32 copies ORT makes of float16 weights) goes."""
+        if self.session is None:
+            return False
+        ort_backend.release_mapped_pages(getattr(self.session, "slimc_arrays", []))
+        self.session = None
+        ort_backend.return_freed_memory()
+        return True
+
+    def resume(self) -> None:
+        """The session `suspend` dropped, built again from the stage file (same options, same shared arrays)."""
+        if self.session is None:
+            self.session = ort_backend.create_session(self.path, self.threads, shared=self.shared)
 
     def run(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         from slimc.backends.targets import chunked
 
-        outputs = chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
+        from slimc.backends import pages
+
         shared = getattr(self.session, "slimc_arrays", [])
-        if sum(a.nbytes for a in shared) >= STAGE_EXTERNAL_BYTES:
-            # large weights shared with the IR: out of the resident set before the other model runs (they
-            # are read back from the page cache on the next run), so two models' weights are never resident
-            ort_backend.release_mapped_pages(shared)
-        return outputs
+        if sum(a.nbytes for a in shared) < STAGE_EXTERNAL_BYTES:
+            return chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
+        # large weights shared with the IR: their pages are released while the session reads them (every
+        # 20 ms, `slimc.backends.pages`) and after the run, so this model's weights are never resident whole
+        # next to the other model's session (read back from the page cache as needed)
+        with pages.released(shared):
+            return chunked(lambda b: ort_backend.run(self.session, b), self.batch_size)(batch)
 
     def run_outputs(self, names: list[str]):
         """``run`` that returns only the outputs ``names``, in that order: compared models may differ in
@@ -249,6 +269,8 @@ def compile(  # noqa: A001 - the public verb of a compiler
         ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
         ort_backend.return_freed_memory()  # the pass's scratch (protos, candidate sessions) back to the system
+        # and the shared weights it read (a quantizer's reference runs) leave the resident set again
+        ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
         reports.append(report)
         path = work / f"{index:02d}-{pass_.name}.onnx"
         if pass_.name in QUANTIZERS and backend == "triton":
@@ -267,8 +289,15 @@ def compile(  # noqa: A001 - the public verb of a compiler
     after = {**model_stats(loaded.model, verify_batches[0]), "bytes_on_disk": current.bytes_on_disk}
     # The passes succeeded and are verified: from here on a measurement that fails is reported as
     # not measured in the receipt, never allowed to lose the result.
+    # large models: the stage sessions (a quantized model's prepacked weights, ORT's float32 copies of
+    # float16 weights) are not kept next to the latency sessions, each of which packs a copy of its
+    # model's weights; they are rebuilt from the stage files afterwards
+    suspended = [s for s in {id(s): s for s in (baseline, current)}.values()
+                 if measure_latency and weight_bytes >= ort_backend.LEAN_BYTES and s.suspend()]
     latency = measure.measured("latency", lambda: measure.latency(baseline, current, verify_batches[0], loaded.inputs,
                                                                   threads, weight_bytes)) if measure_latency else None
+    for stage in suspended:
+        stage.resume()
     decode = measure.measured("decode speed", lambda: _decode(baseline, current, verify_batches[0], loaded, seq_len, threads,
                                                                weight_bytes)) if measure_latency and _generates(current) else None
     fidelity = measure.measured("fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded, budget))
@@ -428,8 +457,10 @@ def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool
         # made in memory then become maps of the file written (freed from the heap, pages releasable)
         external = _has_external_data(model) or tensor_bytes(model) >= STAGE_EXTERNAL_BYTES
         save_onnx(model, path, external_data=True if external else None)
-        if external:
-            map_saved_weights(model, path, min_bytes=ort_backend.SHARE_MIN_BYTES)
+        if external and map_saved_weights(model, path, min_bytes=ort_backend.SHARE_MIN_BYTES):
+            # the pass's arrays are maps of the file now: their heap memory goes back to the system (glibc
+            # keeps freed blocks below its mmap threshold resident otherwise)
+            ort_backend.return_freed_memory()
         if full_check:
             try:
                 check_model_file(path, full=True)
@@ -444,7 +475,7 @@ def _stage(label: str, model: ir.Model, path: Path, threads, *, full_check: bool
         # float models: verification and fidelity sessions use the IR's arrays in place (no copy per session)
         shared = ort_backend.shareable_initializers(model) if ort_backend.shares_weights(model) else None
         session = ort_backend.create_session(path, threads, shared=shared)
-    return Stage(label=label, path=path, session=session, full_check=passed_full)
+    return Stage(label=label, path=path, session=session, full_check=passed_full, threads=threads, shared=shared)
 
 
 def _output_budget(loaded: LoadedModel) -> int | None:

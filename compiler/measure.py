@@ -37,7 +37,9 @@ def latency(baseline, current, batch: dict[str, np.ndarray], inputs, threads, we
     from slimc.backends.timing import comparison, latency_feed
 
     paths = {"before": baseline.path, "after": current.path}
-    shared = [*getattr(baseline.session, "slimc_arrays", []), *getattr(current.session, "slimc_arrays", [])]
+    # the stages' shared weights (their sessions may be suspended meanwhile, `Stage.suspend`)
+    shared = [*(getattr(baseline, "shared", None) or {}).values(), *(getattr(current, "shared", None) or {}).values(),
+              *getattr(baseline.session, "slimc_arrays", []), *getattr(current.session, "slimc_arrays", [])]
 
     def timed(feed):
         return ort_backend.measure_latency_files(paths, feed, threads, weight_bytes=weight_bytes, mapped=shared)

@@ -142,15 +142,16 @@ def copy_model(model: ir.Model) -> ir.Model:
 
 
 @contextlib.contextmanager
-def inline_weights(model: ir.Model):
+def inline_weights(model: ir.Model, keep=None):
     """Within the block, external weights are in-memory tensors (views of the memory-mapped
     files): what serialises them into the proto rather than as references to files the proto's
-    reader cannot locate. The model is restored on exit."""
+    reader cannot locate. The model is restored on exit. ``keep``: a predicate on an external
+    initializer that keeps it a reference (a placeholder that is never read)."""
     swapped: list[tuple[object, str, object]] = []
     try:
         for graph in model.graphs():
             for value in graph.initializers.values():
-                if isinstance(value.const_value, ir.ExternalTensor):
+                if isinstance(value.const_value, ir.ExternalTensor) and not (keep and keep(value.const_value)):
                     swapped.append((value, "const_value", value.const_value))
                     value.const_value = _in_memory(value.const_value)
             for node in graph:

@@ -72,10 +72,13 @@ def test_exactness_in_sub_batches_scales_with_the_whole_batch(monkeypatch):
     assert not runs_match(run(ref), run(got), [batch], ["y"], max_output_bytes=1).ok
 
 
-# Peak RSS above the bare interpreter's, per weight byte: the 1.5x goal for every pass (docs/memory.md).
-# Measured at 0.5 GB: cleanup 1.22, prune 1.19, int8 1.52, int4 1.45 (before this round: 1.22, 1.69,
-# 6.23, 1.57); int8 at 2.4 GB 1.30. The interpreter and ORT cost ~0.1 GB more than idle once sessions exist.
-BOUNDS = {"cleanup": 1.5, "prune(ratio=0.3)": 1.5, "int8": 1.5, "int4": 1.5}
+# Peak RSS above the bare interpreter's, per weight byte: the 1.5x goal (docs/memory.md); fp16 is held to
+# 2.5x: ONNX Runtime's CPU session of a float16 model holds float32 copies of its weights (1x).
+# Measured at 0.5 GB (compile, above idle): cleanup 1.2, prune 1.2, int8 1.2, int4 1.35, fp16 2.0,
+# smoothquant,int8 and int8(mode=static) 1.2-1.45.
+BOUNDS = {"cleanup": 1.5, "prune(ratio=0.3)": 1.5, "int8": 1.5, "int4": 1.5, "smoothquant,int8": 1.5,
+          "int8(mode=static)": 1.5, "fp16": 2.5}
+CALIBRATED = ("smoothquant,int8", "int8(mode=static)")
 
 
 @pytest.mark.exhaustive
@@ -83,7 +86,155 @@ BOUNDS = {"cleanup": 1.5, "prune(ratio=0.3)": 1.5, "int8": 1.5, "int4": 1.5}
 @pytest.mark.parametrize("passes", list(BOUNDS))
 def test_peak_rss_of_compile_on_a_1gb_external_data_model(tmp_path, passes):
     weights = build_mlp(tmp_path / "mlp.onnx", 1_000_000_000)
+    calib = None
+    if passes in CALIBRATED:
+        calib = tmp_path / "calib.npz"
+        np.savez(calib, x=np.random.default_rng(2).standard_normal((16, 2048), dtype=np.float32))
     idle = measure("idle", "none")
-    got = measure(str(tmp_path / "mlp.onnx"), passes)
+    got = measure(str(tmp_path / "mlp.onnx"), passes, calibration=None if calib is None else str(calib))
     assert "error" not in got, got
     assert got["peak_rss_compile"] - idle["peak_rss"] <= BOUNDS[passes] * weights, (got, idle, weights)
+
+
+# ---------------------------------------------------------------- weights kept out of memory
+
+
+def _resident(path) -> int | None:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps); None without /proc."""
+    import os
+
+    try:
+        text = open("/proc/self/smaps").read()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and os.path.realpath(fields[5]) == os.path.realpath(path)
+        elif inside and fields[:1] == ["Rss:"]:
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_released_keeps_mapped_weights_out_of_the_resident_set(tmp_path):
+    import time
+
+    from slimc.backends import pages
+
+    path = tmp_path / "mlp.onnx"  # a file of its own: no other mapping of it in this process
+    build_mlp(path, 3 * 256 * 256 * 4, hidden=256)
+    model = load_onnx(path)
+    arrays = [v.const_value.numpy() for v in model.graph.initializers.values()]
+    data = str(path) + ".data"
+    if _resident(data) is None:
+        pytest.skip("no /proc/self/smaps")
+    total = sum(float(a.sum()) for a in arrays)  # every page read: resident
+    assert _resident(data) >= 3 * 256 * 256 * 4
+    with pages.released(arrays, interval_s=0.005) as thread:
+        deadline = time.monotonic() + 5
+        while thread.rounds < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert thread.rounds >= 2
+        assert _resident(data) == 0  # released in the background while the block runs
+        again = sum(float(a.sum()) for a in arrays)  # read back from the page cache, intact
+    assert again == total and _resident(data) == 0  # released once more on exit
+    with pages.released([np.ones(4)]) as none:  # no memory-mapped array: no thread
+        assert none is None
+
+
+def test_large_latency_runs_suspend_the_stage_sessions_and_rebuild_them(mlp, monkeypatch):
+    """Above LEAN_BYTES the stage sessions are dropped while latency sessions are built one at a time, and
+    rebuilt for fidelity: the receipt has both measurements, as below it."""
+    import slimc
+
+    monkeypatch.setattr(ort_backend, "LEAN_BYTES", 0)
+    suspended = []
+    from slimc import api
+
+    original = api.Stage.suspend
+
+    def spy(self):
+        suspended.append(self.label)
+        return original(self)
+
+    monkeypatch.setattr(api.Stage, "suspend", spy)
+    result = slimc.compile(str(mlp), "int8(force=true)")  # a tiny model: int8 may not be faster
+    assert sorted(suspended) == ["input", "int8"]
+    assert result.receipt.latency.get("one_at_a_time") and "error" not in result.receipt.latency
+    assert "error" not in result.receipt.fidelity and result.receipt.fidelity["metrics"]
+
+
+@pytest.fixture(scope="module")
+def inline_mlp(mlp, tmp_path_factory):
+    """``mlp`` with its weights inside the .onnx file."""
+    import onnx
+
+    path = tmp_path_factory.mktemp("inline") / "mlp.onnx"
+    onnx.save(onnx.load(str(mlp)), str(path))
+    return path
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {name: np.array(v.const_value.numpy()) for name, v in model.graph.initializers.items()}
+
+
+def test_fp16_converts_memory_mapped_weights_one_at_a_time_with_the_converters_bytes(mlp, inline_mlp, monkeypatch):
+    """The weightless conversion gives the bytes ORT's converter gives on the whole proto, from external
+    data (lazily, in chunks) and from inline weights alike."""
+    import onnx
+    import onnx_ir as ir
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from slimc.passes.quant import fp16_weights
+    from slimc.passes.quant.fp16 import Fp16
+    from slimc.pipeline import PassContext
+
+    monkeypatch.setattr(fp16_weights, "CHUNK_ELEMENTS", 1000)  # several chunks per weight
+    reference = convert_float_to_float16(onnx.load(str(mlp)), keep_io_types=True)
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    for path in (mlp, inline_mlp):
+        model = load_onnx(path)
+        Fp16().apply(model, PassContext())
+        got = _weights(model)
+        assert set(got) == set(want)
+        for name, array in want.items():
+            assert got[name].dtype == array.dtype and np.array_equal(got[name].view(np.uint16), array.view(np.uint16)), name
+        lazy = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
+        assert bool(lazy) == (path == mlp)  # memory-mapped sources are converted when read, never held
+
+
+def test_smoothquant_scales_memory_mapped_weights_lazily_with_the_same_bytes(mlp, inline_mlp):
+    import onnx_ir as ir
+
+    from slimc import data
+    from slimc.passes.quant.smoothquant import SmoothQuant
+    from slimc.pipeline import PassContext
+
+    results = []
+    for path in (mlp, inline_mlp):
+        model = load_onnx(path)
+        rng = np.random.default_rng(3)
+        calib = data.Dataset([{"x": (rng.standard_normal((4, 256)) * np.linspace(0.1, 20, 256)).astype(np.float32)}
+                              for _ in range(2)], source="test")
+        report = SmoothQuant().apply(model, PassContext(calibration=calib))
+        assert report.details["groups_smoothed"], report.left_alone
+        lazy = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
+        assert bool(lazy) == (path == mlp)
+        results.append(_weights(model))
+    external, inline = results
+    assert set(external) == set(inline)
+    for name in inline:
+        assert np.array_equal(external[name], inline[name]), name
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_rtn_in_column_chunks_gives_the_same_codes(monkeypatch, symmetric):
+    from slimc.passes.quant import gptq
+
+    w = np.random.default_rng(4).standard_normal((100, 37)).astype(np.float32)  # K not a multiple of the block
+    whole = gptq.rtn(w, 32, symmetric)
+    monkeypatch.setattr(gptq, "RTN_CHUNK_ELEMENTS", 300)  # 2 columns at a time
+    chunked = gptq.rtn(w, 32, symmetric)
+    for a, b in ((whole.codes, chunked.codes), (whole.scales, chunked.scales), (whole.zero_points, chunked.zero_points)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)

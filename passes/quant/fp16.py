@@ -65,9 +65,10 @@ import onnx_ir.passes.common as ir_common
 
 from slimc import normalize
 from slimc.analysis import count_params
+from slimc.backends.onnxruntime import release_mapped_pages
 from slimc.errors import PassConfigError
-from slimc.onnx_io import copy_model
-from slimc.passes.quant import common
+from slimc.onnx_io import copy_model, inline_weights
+from slimc.passes.quant import common, fp16_weights
 from slimc.passes.quant.fp16_kernels import runtime_failure, without_fp16_kernel
 from slimc.pipeline import Pass, PassContext, PassReport
 
@@ -149,8 +150,7 @@ class Fp16(Pass):
         float_bytes0 = _float_weight_bytes(model)
         casts0 = _count_op(model, "Cast")
 
-        work = copy_model(model)
-        ir.external_data.load_to_model(work)  # the converter rewrites raw bytes; external data has none
+        work = copy_model(model)  # external weights stay memory-mapped: the converter gets none (`fp16_weights`)
         ir_common.NameFixPass()(work)  # unique node names: the converter blocks nodes by name
         if not _typed(work):  # finding what stays float32 needs every value's type
             try:
@@ -265,15 +265,21 @@ class Fp16(Pass):
 
         typed = _typed(model)
         ops = set(DEFAULT_OP_BLOCK_LIST) | {b for b in self.block or [] if any(n.op_type == b for n in model.graph.all_nodes())}
-        proto = common.to_proto(model)
+        # weightless: large initializers are placeholders of their type and shape, converted one at a
+        # time afterwards (`fp16_weights.restore`), never all in one proto
+        with fp16_weights.weightless(model) as weights, inline_weights(model, keep=fp16_weights.is_placeholder):
+            proto = ir.serde.serialize_model(model)
         # value_info entries naming initializers get retyped to float16 even when the initializer
         # stays float32 (read only by float32 nodes): the checker then sees a type mismatch.
         _drop_initializer_value_info(proto.graph)
-        proto = convert_float_to_float16(
-            proto, keep_io_types=self.keep_io_types, disable_shape_infer=typed,
-            op_block_list=sorted(ops), node_block_list=sorted(blocked), force_fp16_initializers=False,
-        )
-        return ir.serde.deserialize_model(proto)
+        with fp16_weights.shapes_from_dims():
+            proto = convert_float_to_float16(
+                proto, keep_io_types=self.keep_io_types, disable_shape_infer=typed,
+                op_block_list=sorted(ops), node_block_list=sorted(blocked), force_fp16_initializers=False,
+            )
+        converted = ir.serde.deserialize_model(proto)
+        fp16_weights.restore(converted, weights)
+        return converted
 
 
 # ---------------------------------------------------------------- graph facts
@@ -436,6 +442,8 @@ def _clip_constants(model: ir.Model, blocked: set[str], clip_to: float) -> dict[
         finite = np.isfinite(array)
         over = finite & (np.abs(array) > FP16_MAX)
         stats["tiny"] += int(np.count_nonzero(finite & (array != 0) & (np.abs(array) < FP16_MIN_POSITIVE)))
+        if isinstance(tensor, ir.ExternalTensor):
+            release_mapped_pages([array])  # read once here: memory-mapped weights are not kept resident
         if not over.any():
             return None
         stats["clipped"] += int(over.sum())

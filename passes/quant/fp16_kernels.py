@@ -165,5 +165,18 @@ def _run(model: ir.Model, feed: dict) -> None:
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    session = ort.InferenceSession(common.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session.run(None, prepare_feed(session, feed))
+    if not any(isinstance(v.const_value, (ir.ExternalTensor, ir.LazyTensor)) for v in model.graph.initializers.values()):
+        session = ort.InferenceSession(common.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, prepare_feed(session, feed))
+        return
+    # memory-mapped or lazily converted weights (`fp16_weights`): streamed to a file, never one proto
+    from pathlib import Path
+
+    from slimc import workdir
+    from slimc.onnx_io import save_onnx
+
+    with workdir.new("fp16-probe") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_onnx(model, path, external_data=True)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.run(None, prepare_feed(session, feed))

@@ -138,15 +138,29 @@ def _pad_codes(codes: np.ndarray, zero_points: np.ndarray, k: int, block_size: i
     return codes
 
 
+# Weight elements encoded at once by `rtn` (its float32 temporaries are a few times this many bytes).
+RTN_CHUNK_ELEMENTS = 1 << 20
+
+
 def rtn(weight: np.ndarray, block_size: int, symmetric: bool = True) -> Quantized:
-    """Round-to-nearest block-wise quantization of a [K, N] weight."""
+    """Round-to-nearest block-wise quantization of a [K, N] weight.
+
+    Output columns are independent (each has its own blocks), so they are encoded a chunk of
+    columns at a time: the temporaries are those of ``RTN_CHUNK_ELEMENTS`` weights, not of the
+    whole weight, and the codes are the same."""
     k, n = weight.shape
-    w = _padded(weight, block_size)
-    nb = w.shape[1] // block_size
-    blocks = w.reshape(n, nb, block_size)
-    # padding zeros change neither the largest magnitude nor the (0-including) range of a block
-    scales, zps = block_params(blocks, symmetric)
-    codes = encode(blocks, scales, zps).reshape(n, nb * block_size)
+    nb = n_blocks(k, block_size)
+    codes = np.empty((n, nb * block_size), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    zps = np.empty((n, nb), np.uint8)
+    step = max(1, RTN_CHUNK_ELEMENTS // max(1, nb * block_size))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        w = _padded(weight[:, start:stop], block_size)
+        blocks = w.reshape(stop - start, nb, block_size)
+        # padding zeros change neither the largest magnitude nor the (0-including) range of a block
+        scales[start:stop], zps[start:stop] = block_params(blocks, symmetric)
+        codes[start:stop] = encode(blocks, scales[start:stop], zps[start:stop]).reshape(stop - start, nb * block_size)
     return Quantized(_pad_codes(codes, zps, k, block_size), scales, zps, k, block_size, symmetric)
 
 

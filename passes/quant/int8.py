@@ -485,8 +485,10 @@ class _Work:
         from slimc.backends import onnxruntime as ort_backend
 
         self.holdout = _Listed(holdout)
-        ref = ort_backend.create_session(self.float_path, shared=self._shared() or None)
+        shared = self._shared()
+        ref = ort_backend.create_session(self.float_path, shared=shared or None)
         self._ref_out = {id(b): ort_backend.run(ref, b) for b in self.holdout}
+        ort_backend.release_mapped_pages(shared.values())  # read by the runs: not resident next to the candidates
         self._out_names = [o.name for o in ref.get_outputs()]
         self._task = ctx.loaded.task if ctx.loaded is not None else "generic"
         self._inputs = ctx.loaded.inputs if ctx.loaded is not None else None

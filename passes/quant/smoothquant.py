@@ -56,6 +56,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
+from slimc.backends.onnxruntime import release_mapped_pages
 from slimc.data import first_batches
 from slimc.errors import DataError, PassConfigError
 from slimc.passes.quant.common import WeightedOp, attr, module_path, node_matches, refuse_quantized, weighted_ops
@@ -429,23 +430,20 @@ class SmoothQuant(Pass):
             collected = collect(model, list(requests.values()), data, desc="smoothquant statistics")
             stats = {name: collected[r].absmax for name, r in requests.items()}
 
-        work: dict[tuple[ir.Node, int], np.ndarray] = {}  # float64 copies of every changed constant
-
-        def array(node: ir.Node, index: int) -> np.ndarray:
-            if (node, index) not in work:
-                work[(node, index)] = _const(node.inputs[index]).astype(np.float64)
-            return work[(node, index)]
+        # the scalings of every changed constant, in order: each weight is read and scaled (in float64) when it
+        # is needed, one at a time, never all of them as float64 copies (`_scaled`)
+        work: dict[tuple[ir.Node, int], list[tuple[int, np.ndarray]]] = {}
 
         def scale(node: ir.Node, index: int, axis: int, factor: np.ndarray) -> None:
-            arr = array(node, index)
-            if arr.ndim == 0:
-                arr = arr.reshape(1)
-            axis = axis % arr.ndim
-            if arr.shape[axis] != factor.size:  # a broadcast (size-1) axis takes one value per channel
-                arr = np.repeat(arr, factor.size, axis=axis)
-            shape = [1] * arr.ndim
-            shape[axis] = factor.size
-            work[(node, index)] = arr * factor.reshape(shape)
+            work.setdefault((node, index), []).append((axis, factor))
+
+        def absmax(op) -> np.ndarray:
+            """max |W| along the output axis of ``op``'s weight as scaled so far."""
+            source = _const(op.node.inputs[op.index])
+            try:
+                return np.abs(_scaled(source, work.get((op.node, op.index), []))).max(axis=op.n_axis)
+            finally:
+                release_mapped_pages([source])  # a memory-mapped weight is read again only when written
 
         smoothed = []
         for g in groups:
@@ -453,13 +451,13 @@ class SmoothQuant(Pass):
             if act.shape != (g.channels,):
                 left.append((f"linears reading '{g.x.name}'", f"calibration gave {act.shape} channels, expected {g.channels}"))
                 continue
-            wmax = np.max([np.abs(op.array.astype(np.float64)).max(axis=op.n_axis) for op in g.linears], axis=0)
+            wmax = np.max([absmax(op) for op in g.linears], axis=0)
             s = self.scales(act, wmax)
             for op in g.linears:
                 scale(op.node, op.index, op.k_axis, s)
             for edit in g.fold.edits:
                 scale(edit.node, edit.index, edit.axis, 1.0 / s)
-            after_w = np.max([np.abs(array(op.node, op.index)).max(axis=op.n_axis) for op in g.linears], axis=0)
+            after_w = np.max([absmax(op) for op in g.linears], axis=0)
             smoothed.append({
                 "input": g.x.name, "channels": g.channels,
                 "linears": [module_path(op.node) for op in g.linears], "nodes": [op.node.name for op in g.linears],
@@ -497,24 +495,73 @@ def _ratio(absmax: np.ndarray) -> float:
     return float(absmax.max() / median) if median > 0 else float("inf")
 
 
-def _write(model: ir.Model, work: dict[tuple[ir.Node, int], np.ndarray]) -> None:
+def _scaled(source: np.ndarray, steps: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """``source`` in float64 with the scalings ``steps`` applied in order: (axis, one factor per
+    channel); a broadcast (size-1) axis takes one value per channel."""
+    arr = source.astype(np.float64)
+    for axis, factor in steps:
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        axis = axis % arr.ndim
+        if arr.shape[axis] != factor.size:
+            arr = np.repeat(arr, factor.size, axis=axis)
+        shape = [1] * arr.ndim
+        shape[axis] = factor.size
+        arr = arr * factor.reshape(shape)
+    return arr
+
+
+def _scaled_tensor(value: ir.Value, steps: list[tuple[int, np.ndarray]], name: str | None) -> ir.TensorProtocol:
+    """The constant of ``value`` scaled by ``steps``, in its own dtype. A memory-mapped initializer gives a
+    lazy tensor (scaled when read: when the stage file is written, which then maps it), so the pass holds
+    no weight; other constants are scaled now."""
+    source = value.const_value  # None for a Constant node's output (scaled now)
+    dtype = _const(value).dtype
+
+    def make() -> ir.Tensor:
+        array = source.numpy() if source is not None else _const(value)
+        try:
+            return ir.Tensor(_scaled(array, steps).astype(dtype), name=name)
+        finally:
+            if isinstance(source, ir.ExternalTensor):
+                release_mapped_pages([array])
+
+    if not isinstance(source, ir.ExternalTensor):
+        return make()
+    out_shape = _scaled_shape(tuple(source.shape), steps)
+    return ir.LazyTensor(make, dtype=source.dtype, shape=ir.Shape(out_shape), name=name)
+
+
+def _scaled_shape(shape: tuple[int, ...], steps: list[tuple[int, np.ndarray]]) -> tuple[int, ...]:
+    """The shape `_scaled` gives ``shape`` (a 0-d constant becomes 1-d; broadcast axes are repeated)."""
+    dims = list(shape)
+    for axis, factor in steps:
+        if not dims:
+            dims = [1]
+        axis = axis % len(dims)
+        if dims[axis] != factor.size:
+            dims[axis] *= factor.size
+    return tuple(dims)
+
+
+def _write(model: ir.Model, work: dict[tuple[ir.Node, int], list[tuple[int, np.ndarray]]]) -> None:
     """Store each changed constant: in place when only that input reads it, else as a new initializer."""
     graph = model.graph
     taken = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
     taken |= {v.name for node in graph.all_nodes() for v in node.outputs}
-    for (node, index), arr in work.items():
+    for (node, index), steps in work.items():
         value = node.inputs[index]
-        arr = arr.astype(_const(value).dtype)
         if value.is_initializer() and not value.is_graph_input() and not value.is_graph_output() and len(value.uses()) == 1:
-            value.const_value = ir.Tensor(arr, name=value.name)
-            value.shape = ir.Shape(arr.shape)
+            tensor = _scaled_tensor(value, steps, value.name)
+            value.const_value = tensor
+            value.shape = ir.Shape(tensor.shape)
             continue
         base, n = f"{value.name or 'const'}.smoothed", 0
         while (name := base if n == 0 else f"{base}.{n}") in taken:
             n += 1
         taken.add(name)
-        new = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                       const_value=ir.Tensor(arr, name=name))
+        tensor = _scaled_tensor(value, steps, name)
+        new = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         graph.register_initializer(new)
         node.replace_input_with(index, new)
         if value.uses() or value.is_graph_input() or value.is_graph_output():
