@@ -46,6 +46,8 @@ class Distill(Pass):
         top_k: kl on a causal LM: the teacher's top-k tokens per position (0: the whole vocabulary).
         blocks: match the residual blocks' outputs too (`auto`: for every loss but kl).
         cache_mb: memory for cached teacher outputs (rows beyond it are recomputed).
+        threads: PyTorch threads for training (none: the compile's --threads, else PyTorch's default).
+            On a machine shared with other jobs, fewer threads than cores can be several times faster.
     """
 
     steps: Optional[int] = None
@@ -60,6 +62,7 @@ class Distill(Pass):
     top_k: int = 64
     blocks: Literal["auto", "on", "off"] = "auto"
     cache_mb: int = 1024
+    threads: Optional[int] = None
 
     name = "distill"
     exact = False
@@ -84,10 +87,21 @@ class Distill(Pass):
             raise PassConfigError(f"distill: params={self.params!r} is unknown; use all, norms_biases or lora.")
         if self.temperature <= 0:
             raise PassConfigError(f"distill: temperature={self.temperature} must be > 0 (1 is the plain softmax).")
+        if self.threads is not None and self.threads < 1:
+            raise PassConfigError(f"distill: threads={self.threads} must be >= 1 (none: the compile's --threads).")
         if self.top_k < 0 or self.cache_mb < 0:
             raise PassConfigError("distill: top_k and cache_mb must be >= 0.")
 
     def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
+        threads, before = self.threads or ctx.threads, torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            return self._apply(model, ctx)
+        finally:
+            torch.set_num_threads(before)
+
+    def _apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         from slimc.passes.distill import data, losses, student, train
 
         teacher = getattr(ctx, "teacher", None)
@@ -139,7 +153,7 @@ class Distill(Pass):
                 1 for a in chosen.names if a in getattr(student_gm, "quantized", {})),
             "block_outputs_matched": probes, "calibration_rows": rows.count, "held_back_rows": rows.holdout,
             "rows_seen": outcome.steps * self.batch_size, "tokens_seen": outcome.steps * self.batch_size * rows.tokens_per_row(),
-            "train_seconds": round(seconds, 1), **outcome.to_json(),
+            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), **outcome.to_json(),
         }
         summary = (f"{outcome.steps} steps ({outcome.stopped}), held-back {loss} loss {outcome.held_before:.4g} -> "
                    f"{outcome.held_after:.4g}; {len(written)} initializers trained ({self.params})")
