@@ -125,6 +125,14 @@ def test_lora_is_merged(toy):
     assert details["held_after"] < details["held_before"]
 
 
+def test_time_budget(toy):
+    """minutes=: the steps are planned from the measured step time and the run ends with the budget."""
+    details = _report(_compile(toy, "prune(ratio=0.5, target=ffn),distill(minutes=0.1)")).details
+    assert details["steps"] >= 10 and details["planned"] >= details["steps"]
+    assert details["stopped"] in ("steps done", "time budget spent")
+    assert details["held_after"] < details["held_before"]
+
+
 def test_deterministic_for_a_seed(toy):
     spec = "prune(ratio=0.5, target=ffn),distill(steps=8, seed={})"
     runs = [_inits(_compile(toy, spec.format(3)).model) for _ in range(2)]

@@ -82,17 +82,29 @@ def run_row(loaded, name: str, minutes: float, threads: int | None, calib, evalu
 
 
 def machine() -> str:
+    """The CPU's model name, core count, memory and the load average (other jobs) when the run began."""
+    cpu, memory = platform.processor() or platform.machine(), ""
+    for path, key in (("/proc/cpuinfo", "model name"), ("/proc/meminfo", "MemTotal")):
+        try:
+            line = next(x for x in Path(path).read_text().splitlines() if x.startswith(key))
+        except (OSError, StopIteration):
+            continue
+        if key == "model name":
+            cpu = line.split(":", 1)[1].strip()
+        else:
+            memory = f", {int(line.split()[1]) / 2**20:.0f} GiB RAM"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the start"
+    return f"{cpu}, {os.cpu_count()} vCPUs shared with other jobs{memory}, load average {load:.1f} at the start"
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}. Training data: {results['calibration']}; evaluation: {results['evaluation']}.",
-             "", "| model · compression | cosine before | after distill | wall (train) | steps | tokens seen | s/step |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Training data: {results['calibration']}; evaluation: {results['evaluation']}.",
+             "", "| all-MiniLM-L6-v2: passes | cosine before distill | after | training time | steps | tokens seen | "
+             "s/step | machine |", "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| all-MiniLM-L6-v2 · `{ROWS[r['row']]}` | {r['cosine_before']:.3f} | **{r['cosine_after']:.3f}** | "
-                     f"{r['train_seconds'] / 60:.1f} min | {r['steps']} | {r['tokens_seen']:,} | {r['seconds_per_step']:.2f} |")
+        lines.append(f"| `{r['spec']}` | {r['cosine_before']:.3f} | **{r['cosine_after']:.3f}** | "
+                     f"{r['train_seconds'] / 60:.1f} min | {r['steps']} | {r['tokens_seen']:,} | {r['seconds_per_step']:.2f} | "
+                     f"{r.get('machine', results['machine'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,17 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("slimc-data"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/distill/results.json"))
     p.add_argument("--markdown", type=Path, default=Path("benchmarks/distill/results.md"))
+    p.add_argument("--append", action="store_true", help="keep the rows already in --out (other settings)")
     args = p.parse_args(argv)
     from slimc import frontends
     from slimc.tools import models
 
     results = {"machine": machine(), "rows": []}
+    if args.append and args.out.exists():
+        results["rows"] = json.loads(args.out.read_text())["rows"]
     loaded = frontends.load(models.minilm_path())
     calib, evaluation = load_data(loaded, args.data, args.calib_rows, args.eval_batches)
     results.update(calibration=calib.source, evaluation=evaluation.source)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.rows.split(","):
-        row = run_row(loaded, name, args.minutes, args.threads, calib, evaluation, args.lr)
+        at_start = machine()
+        row = {**run_row(loaded, name, args.minutes, args.threads, calib, evaluation, args.lr), "machine": at_start}
         print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
         results["rows"].append(row)
         args.out.write_text(json.dumps(results, indent=1))  # each row as soon as it is measured

@@ -86,9 +86,8 @@ def _qdq_parameters(graph: ir.Graph) -> set[str]:
     for node in graph:
         if node.op_type in QDQ or node.op_type in ("MatMulInteger", "MatMulNBits"):
             names.update(v.name for v in list(node.inputs)[1:] if v is not None)
-        if node.op_type == "Mul" and any(i is not None and i.producer() is not None and
-                                         i.producer().op_type in ("Cast", "Mul") for i in node.inputs):
-            names.update(v.name for v in node.inputs if v is not None and v.const_value is not None)
+        if node.op_type == "MatMulInteger" and (scale := _dynamic_scale_value(node)) is not None:
+            names.add(scale.name)  # ORT's dynamic int8: x_scale * w_scale after the integer matmul
     return names
 
 
@@ -234,17 +233,24 @@ def _grids(graph: ir.Graph) -> dict[str, tuple]:
     return found
 
 
-def _dynamic_scale(mmi: ir.Node) -> np.ndarray | None:
+def _dynamic_scale_value(mmi: ir.Node) -> ir.Value | None:
     """The weight scale of ``MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (ORT's dynamic int8)."""
     for cast, _ in mmi.outputs[0].uses():
+        if cast.op_type != "Cast":
+            continue
         for mul, _ in cast.outputs[0].uses():
             for scale_value in mul.inputs:
                 smul = scale_value.producer() if scale_value is not None else None
-                if smul is not None and smul.op_type == "Mul":
+                if mul.op_type == "Mul" and smul is not None and smul.op_type == "Mul":
                     for v in smul.inputs:
                         if v is not None and v.const_value is not None:
-                            return v.const_value.numpy().reshape(-1).astype(np.float32)
+                            return v
     return None
+
+
+def _dynamic_scale(mmi: ir.Node) -> np.ndarray | None:
+    value = _dynamic_scale_value(mmi)
+    return None if value is None else value.const_value.numpy().reshape(-1).astype(np.float32)
 
 
 def write_back(train: Trainable, model: ir.Model) -> list[str]:

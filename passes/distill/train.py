@@ -2,10 +2,12 @@
 
 Learning rate at step ``i`` of ``n``: ``lr * (i + 1) / w`` for ``i < w = max(1, n / 20)``, then
 ``lr * (0.1 + 0.9 * (1 + cos(pi * (i - w) / (n - w))) / 2)``. With ``minutes=`` the plan ``n`` is
-re-made from the measured time per step (after 3, 10 and 30 steps), so the schedule ends when the
-time does; the loop also stops at the deadline. Every ``n / 10`` steps (at least 10) the loss on the
-held-back rows is measured; the best trainable state is kept and restored at the end, and training
-stops after `PATIENCE` measurements without improvement.
+re-made from the measured time per step (after 3, 10 and 30 steps, then at every held-back
+measurement from the rate since the previous plan: cached teacher outputs make later steps
+faster), so the schedule ends when the time does; the loop also stops at the deadline. Every
+``n / 10`` steps (at least 10) the loss on the held-back rows is measured; the best trainable state
+is kept and restored at the end, and training stops after `PATIENCE` measurements without
+improvement.
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ class Loop:
         frac = min(1.0, (step - warm) / max(1, total - warm))
         return self.plan.lr * (0.1 + 0.9 * (1 + math.cos(math.pi * frac)) / 2)
 
+    @staticmethod
+    def _replan(step: int, now: float, rate: float, deadline: float, bar) -> tuple[int, int]:
+        """Steps that fit before ``deadline`` at ``rate`` steps/s (the schedule stretches or shrinks)."""
+        total = max(step + 1, int(step + (deadline - now) * rate * 0.97))
+        if bar is not None:
+            bar.total = total
+        return total, max(10, total // 10)
+
     def run(self) -> Outcome:
         torch.manual_seed(self.plan.seed)
         out, self.teacher_time = Outcome(), 0.0
@@ -120,6 +130,7 @@ class Loop:
         out.history.append((0, best))
         bar = progress.tqdm_bar(total, "distill")
         running, step, train_start = None, 0, time.perf_counter()
+        mark = (0, train_start)
         while step < total:
             index = sampler.next(self.plan.batch_size)
             for group in opt.param_groups:
@@ -136,15 +147,17 @@ class Loop:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4g}")
             now = time.perf_counter()
-            if deadline is not None and self.plan.steps is None and step in REPLAN_AT:
-                per_step = (now - train_start) / step
-                total = max(step + 1, int(step + (deadline - now) / per_step * 0.95))
-                eval_every = max(10, total // 10)
-                if bar is not None:
-                    bar.total = total
+            timed = deadline is not None and self.plan.steps is None
+            if timed and step in REPLAN_AT:
+                total, eval_every = self._replan(step, now, step / (now - train_start), deadline, bar)
+                mark = (step, now)
             last = step >= total or (deadline is not None and now >= deadline)
             if step % eval_every == 0 or last:
                 held = self.held_loss()
+                now = time.perf_counter()
+                if timed and not last and step > mark[0]:  # the rate since the last plan, evaluations included
+                    total, eval_every = self._replan(step, now, (step - mark[0]) / (now - mark[1]), deadline, bar)
+                    mark = (step, now)
                 out.history.append((step, held))
                 if held < best:
                     best, best_state, since_best, out.best_step = held, _snapshot(params), 0, step
