@@ -206,7 +206,7 @@ def test_minilm_pruned_recovers(tmp_path):
     lee, wiki = datasets.text_files(tmp_path)
     calib = data.load(lee, loaded, seq_len=128, batch_size=8, max_batches=12, role="calibration")
     evaluation = data.load(wiki, loaded, seq_len=128, batch_size=4, max_batches=4, role="evaluation")
-    result = slimc.compile(loaded, "prune(ratio=0.5),distill(steps=30, batch_size=8)", calibration=calib,
+    result = slimc.compile(loaded, "prune(ratio=0.5),distill(steps=30, batch_size=8, lr=5e-4, threads=1)", calibration=calib,
                            evaluation=evaluation, measure_latency=False)
     details = _report(result).details
     before = details["fidelity_before"]["metrics"]["cosine"]
