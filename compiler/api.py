@@ -263,11 +263,17 @@ def compile(  # noqa: A001 - the public verb of a compiler
     # the stage a quantizing pass started from (its error is measured against it): kept only for the triton
     # backend, so that other runs release each intermediate session (and its weights) when the next one is made
     before_quantizer = baseline
+    teacher_stage = None  # the input of the first lossy pass, for passes that distill toward it
+    wants_teacher = any(getattr(p, "needs_teacher", False) for p in pipeline)
     for index, pass_ in enumerate(pipeline, start=1):
         # the weights the stage sessions touched leave this process's resident set while the pass works on
         # its own views of them (a copied model maps the files again); they are read back when next run
         ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
+        if wants_teacher and teacher_stage is None and not pass_.exact and not getattr(pass_, "needs_teacher", False):
+            teacher_stage = current
+        fidelity_before = _teacher_context(pass_, ctx, teacher_stage, reports, baseline, current, evalset, loaded, budget)
         report = _run_pass(pass_, loaded.model, ctx, [p.name for p in pipeline[: index - 1]])
+        ctx.teacher = None  # its weights go with it
         ort_backend.return_freed_memory()  # the pass's scratch (protos, candidate sessions) back to the system
         # and the shared weights it read (a quantizer's reference runs) leave the resident set again
         ort_backend.release_mapped_pages([*baseline.session.slimc_arrays, *current.session.slimc_arrays])
@@ -278,6 +284,10 @@ def compile(  # noqa: A001 - the public verb of a compiler
         current, result = _verified_stage(pass_, loaded.model, path, current, verify_batches, threads, full_check,
                                           verify, reports, budget)
         verification.append({"pass": pass_.name, "result": result})
+        if fidelity_before is not None:  # the receipt shows what the pass recovered, on the evaluation data
+            report.details["fidelity_before"] = fidelity_before
+            report.details["fidelity_after"] = measure.measured(
+                "fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded, budget))
 
     if options is not None and options.changes_onnx:
         current = _prepared_stage(loaded, options, work / f"{len(pipeline) + 1:02d}-export.onnx", verify_batches,
@@ -491,6 +501,19 @@ def _has_external_data(model: ir.Model) -> bool:
     """Whether any initializer is read from an external data file (the work copy then keeps external data:
     ONNX Runtime memory-maps it, and the checker refuses the absolute paths an inline copy would carry)."""
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _teacher_context(pass_: Pass, ctx: PassContext, teacher_stage: Stage | None, reports: list[PassReport], baseline: Stage,
+                     current: Stage, evalset, loaded: LoadedModel, budget) -> dict | None:
+    """Give a distilling pass its teacher (the first lossy pass's input, read from its stage file) and the
+    reports so far; returns the fidelity before it (None when the pass needs no teacher or has none)."""
+    from slimc.onnx_io import load_onnx
+
+    ctx.previous = list(reports)
+    if not getattr(pass_, "needs_teacher", False) or teacher_stage is None:
+        return None
+    ctx.teacher, ctx.teacher_label = load_onnx(teacher_stage.path), teacher_stage.label
+    return measure.measured("fidelity", lambda: measure.fidelity(baseline, current, evalset, loaded, budget))
 
 
 def _run_pass(pass_: Pass, model: ir.Model, ctx: PassContext, before: list[str]) -> PassReport:

@@ -53,6 +53,11 @@ class PassContext:
     seed: int = 0
     target: str | None = None  # the --target the result is exported to (passes may adapt: int8 for ort-mobile)
     threads: int | None = None  # ORT intra-op threads for the passes' own latency measurements (--threads)
+    # The model the pipeline's first lossy pass started from (`distill`'s teacher), loaded from its stage file
+    # only when a pass asks for it (`needs_teacher`); None before any lossy pass ran.
+    teacher: Any = None
+    teacher_label: str | None = None  # which stage that is ("input", "cleanup", ...)
+    previous: list[PassReport] = dataclasses.field(default_factory=list)  # the reports of the passes already run
 
 
 class Pass(ir.passes.InPlacePass):
@@ -63,6 +68,8 @@ class Pass(ir.passes.InPlacePass):
     description: ClassVar[str] = ""
     # Whether the pass handles the ONNX Runtime fused ops `fuse` writes; the others must run before it.
     runs_after_fuse: ClassVar[bool] = False
+    # Whether the pass reads `PassContext.teacher` (the input of the first lossy pass, kept only for such passes).
+    needs_teacher: ClassVar[bool] = False
 
     def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         raise NotImplementedError

@@ -57,3 +57,10 @@ def step(desc: str) -> Iterator[None]:
     log.info("%s took %.1f s", desc, time.perf_counter() - start)
     if show:
         print(f"slimc: {desc} done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+def tqdm_bar(total: int, desc: str):
+    """A bar the caller updates itself (``update``, ``set_postfix``: a running loss); None when hidden."""
+    if _level == QUIET or not sys.stderr.isatty():
+        return None
+    return tqdm(total=total, desc=desc, unit="step", leave=False)

@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "sparsify": "slimc.passes.sparse.sparsify:Sparsify",
     "layerskip": "slimc.passes.skip.layerskip:LayerSkip",
     "fuse": "slimc.passes.fuse.fuse_pass:Fuse",
+    "distill": "slimc.passes.distill.distill_pass:Distill",
 }
 
 

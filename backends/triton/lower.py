@@ -101,9 +101,12 @@ def _attr_value(attr: ir.Attr) -> Any:
 
 
 class _Lowerer:
-    def __init__(self, model: ir.Model, kernels: bool, pt2e: bool = False):
+    def __init__(self, model: ir.Model, kernels: bool, pt2e: bool = False, trainable: bool = False):
         self.model = model
         self.pt2e = pt2e
+        self.trainable = trainable  # quantized weights as float parameters behind fake quantization (distill)
+        self.quantized: dict[str, dict[str, Any]] = {}  # root attribute -> how it maps back to an integer weight
+        self.pending: dict[str, dict[str, Any]] = {}  # such a parameter's ONNX-side name -> that mapping
         self.graph = model.graph
         self.use_kernels = kernels
         self.fx = fx.Graph()
@@ -155,6 +158,8 @@ class _Lowerer:
         else:
             self.weights.register_buffer(name, tensor.clone())
         self.attrs["weights." + name] = onnx_name
+        if onnx_name in self.pending:
+            self.quantized["weights." + name] = self.pending.pop(onnx_name)
         return self.fx.get_attr("weights." + name)
 
     def arg(self, value: ir.Value | None) -> Any:
@@ -324,8 +329,13 @@ class _Lowerer:
         if w_scale is None or w_scale.size not in (1, w.shape[1]):
             return "the weight scale is not a constant per tensor or per output channel"
         base = mmi.inputs[1].name
-        self.fused[mul] = ("dynamic_linear", dql.inputs[0], ("w", base + "_int8", w),
-                           ("s", base + "_scale", w_scale.reshape(-1).astype(np.float32)))
+        scale = w_scale.reshape(-1).astype(np.float32)
+        if self.trainable:  # the int8 weight as its float values, trained through fake quantization (STE)
+            self.pending[base + "_float"] = {"onnx": base, "axis": 1}
+            self.fused[mul] = ("dynamic_linear_ste", dql.inputs[0], ("q", base + "_float", w.astype(np.float32) * scale),
+                               ("s", base + "_scale", scale), ("b", base + "_zp", np.zeros(scale.shape, np.int8)))
+        else:
+            self.fused[mul] = ("dynamic_linear", dql.inputs[0], ("w", base + "_int8", w), ("s", base + "_scale", scale))
         self.skipped.update((mmi, cast))
         return None
 
@@ -391,7 +401,7 @@ class _Lowerer:
                 if why is not None:
                     self.report.left_generic[node.name or node.outputs[0].name] = (
                         "MatMulInteger lowered to the exact int32 kernel, not the fused one: " + why)
-            elif node.op_type in ("MatMul", "Gemm", "Conv"):
+            elif node.op_type in ("MatMul", "Gemm", "Conv") and not self.trainable:  # trainable: plain float math
                 x_dq = self._producer(node.inputs[0], "DequantizeLinear")
                 if x_dq is not None or self._producer(node.inputs[1], "DequantizeLinear") is not None:
                     why = self._match_qdq(node)
@@ -411,13 +421,13 @@ class _Lowerer:
             if isinstance(item, tuple):  # (tag, name, array): a new parameter ("p") or buffer
                 tag, name, array = item
                 tensor = torch.from_numpy(np.array(array)) if not isinstance(array, torch.Tensor) else array
-                return self._tensor_attr(name, tensor.contiguous(), trainable=(tag == "p"))
+                return self._tensor_attr(name, tensor.contiguous(), trainable=(tag in ("p", "q")))
             return self.arg(item)
 
         args = [value(item) for item in items]
         kw = {k: value(v) if isinstance(v, (tuple, ir.Value)) else v for k, v in (kwargs or {}).items()}
         self.report.kernels[kind] += 1
-        return self.fx.call_function(getattr(kernels, kind), tuple(args), kw)
+        return self.fx.call_function(getattr(ops, kind, None) or getattr(kernels, kind), tuple(args), kw)
 
     def emit(self, node: ir.Node) -> None:
         if node in self.skipped:
@@ -436,6 +446,9 @@ class _Lowerer:
             # from int32 as garbage: every output of EfficientNet-Lite0's first conv was one value).
             self.env[node.outputs[0]] = self._tensor_attr(
                 node.outputs[0].name, torch.from_numpy(self._constant_bias(node.outputs[0])), trainable=True)
+            return
+        if self.trainable and node.op_type == "DequantizeLinear" and self._integer_weight(node):
+            self.env[node.outputs[0]] = self._trainable_weight(node)
             return
         if node in self.fake_quant:
             q = self.fake_quant[node]
@@ -481,6 +494,22 @@ class _Lowerer:
             for i, out in enumerate(outputs):
                 if out is not None and out.name:
                     self.env[out] = self.fx.call_function(operator.getitem, (result, i))
+
+    def _integer_weight(self, dq: ir.Node) -> bool:
+        w = self.const(dq.inputs[0])
+        return (w is not None and w.dtype in (np.int8, np.uint8) and w.size > 1 and self.const(dq.inputs[1]) is not None
+                and (len(dq.inputs) < 3 or dq.inputs[2] is None or self.const(dq.inputs[2]) is not None))
+
+    def _trainable_weight(self, dq: ir.Node) -> fx.Node:
+        """``DequantizeLinear(int8 constant)`` as ``fake_quant(float parameter)``: the same values, a gradient."""
+        kwargs = {k: _attr_value(a) for k, a in dq.attributes.items() if k in ("axis", "block_size")}
+        tensors = [torch.from_numpy(np.array(self.const(v))) if v is not None else None for v in list(dq.inputs[:3])]
+        tensors += [None] * (3 - len(tensors))
+        values = ops.DequantizeLinear(*tensors, **kwargs)
+        self.pending[dq.inputs[0].name + "_float"] = {"onnx": dq.inputs[0].name, **kwargs}
+        param = self._tensor_attr(dq.inputs[0].name + "_float", values, trainable=True)
+        return self.fx.call_function(ops.fake_quant, (param, self.arg(dq.inputs[1]), self.arg(dq.inputs[2]) if len(
+            dq.inputs) > 2 else None), kwargs)
 
     @staticmethod
     def _multi(node: ir.Node) -> bool:
@@ -531,6 +560,7 @@ class _Lowerer:
         gm = fx.GraphModule(self.root, self.fx, class_name="SlimcModule")
         kept = {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
         gm.onnx_names = {k: v for k, v in self.attrs.items() if k in kept}
+        gm.quantized = {k: v for k, v in self.quantized.items() if k in kept}
         gm.input_names = [v.name for v in self.graph.inputs if v not in self.consts]
         gm.output_names = [v.name for v in self.graph.outputs]
         gm.input_dtypes = {v.name: ops.DTYPES[int(v.dtype)] for v in self.graph.inputs
@@ -572,14 +602,18 @@ def _matmul_integer_generic(a, b, a_zp=None, b_zp=None):
     return torch.round(torch.matmul(af, b.to(torch.float64) - bz)).to(torch.int32)
 
 
-def lower(model: ir.Model, *, kernels: bool = True, pt2e: bool = False) -> tuple[fx.GraphModule, LoweringReport]:
+def lower(model: ir.Model, *, kernels: bool = True, pt2e: bool = False,
+          trainable: bool = False) -> tuple[fx.GraphModule, LoweringReport]:
     """The model as a `torch.fx.GraphModule` (inputs in graph order, a tuple of outputs), and a report.
 
     ``kernels=False`` lowers every node generically (quantized ops as float math on dequantized
     values), the baseline the kernels are checked against. ``pt2e=True`` also stores what the
     ``decomposed("pt2e")`` export form needs (per-tensor activation parameters as numbers, weights
-    as [N, K], int64 zero points): for the ExecuTorch target.
+    as [N, K], int64 zero points): for the ExecuTorch target. ``trainable=True`` (for `distill`) makes
+    every constant int8 weight a float parameter behind fake quantization with a straight-through
+    gradient, matmuls plain float math (no sparse or int8 kernels), and records in ``gm.quantized``
+    which parameter maps back to which integer initializer.
     """
-    lowerer = _Lowerer(model, kernels, pt2e)
+    lowerer = _Lowerer(model, kernels, pt2e, trainable)
     gm = lowerer.lower()
     return gm, lowerer.report

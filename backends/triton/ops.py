@@ -823,3 +823,13 @@ def ConvInteger(x, w, x_zp=None, w_zp=None, *, group=1, pads=None, strides=None,
     out = Conv(xf, wf, None, group=group, pads=pads, strides=strides, dilations=dilations,
                kernel_shape=kernel_shape, auto_pad=auto_pad)
     return torch.round(out).to(torch.int32)  # exact: products of 8-bit values sum exactly in float64
+
+
+def dynamic_linear_ste(x, w, w_scale, w_zero):
+    """``DynamicQuantizeLinear -> MatMulInteger -> scale`` with a float weight ``w`` [K, N] (for `distill`):
+    the activation and the weight are fake-quantized onto ONNX Runtime's grids (uint8 asymmetric per
+    tensor; int8 symmetric per column with ``w_scale``), with straight-through gradients."""
+    q, scale, zp = DynamicQuantizeLinear(x)
+    x_q = (q.to(torch.float32) - zp.to(torch.float32)) * scale
+    x_q = x_q + (x - x.detach())
+    return torch.matmul(x_q, fake_quant(w, w_scale, w_zero, axis=1))
