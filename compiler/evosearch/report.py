@@ -1,0 +1,65 @@
+"""``--report DIR``: pareto.json, search_log.jsonl and pareto.png (when matplotlib is installed).
+
+The plot puts fitness (the search's divergence on calibration batches, lower is better) against
+the speed-up measured in ONNX Runtime: the timed finalists, the uniform allocations on the same
+axes, and the rest of the Pareto front at its predicted speed-up (hollow markers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("slimc")
+
+
+def write_report(result, folder: Path) -> list[Path]:
+    from slimc.evosearch.api import dumps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "pareto.json", folder / "search_log.jsonl"]
+    written[0].write_text(dumps(result.to_json()))
+    with open(written[1], "w") as f:
+        for row in result.log:
+            f.write(json.dumps(row, default=str) + "\n")
+    png = plot(result, folder / "pareto.png")
+    return written + ([png] if png else [])
+
+
+def plot(result, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("search report: matplotlib is not installed, no pareto.png (pip install matplotlib)")
+        return None
+    metric = result.settings["fitness"]
+    label = metric if metric == "kl_divergence" else f"1 - {metric}"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    front = result.front
+    ax.plot([r["predicted"]["speedup"] for r in front], [r["fitness"] for r in front], "o", mfc="none", color="tab:blue",
+            label="search front (predicted speed-up)")
+    fin = result.finalists
+    ax.plot([r["measured_speedup"] for r in fin], [r["fitness"] for r in fin], "o", color="tab:blue",
+            label="search finalists (measured)")
+    uni = sorted(result.uniform, key=lambda r: r["measured_speedup"])
+    ax.plot([r["measured_speedup"] for r in uni], [r["fitness"] for r in uni], "s--", color="tab:orange",
+            label="uniform allocations (measured)")
+    chosen = next((r for r in fin if r["genome"] == list(result.genome)), None)
+    if chosen is not None:
+        ax.plot([chosen["measured_speedup"]], [chosen["fitness"]], "*", ms=14, color="tab:red", label="chosen")
+    bound = result.budget.get("speedup")
+    if bound is not None:
+        ax.axvline(bound.value, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("speed-up vs the input model (ONNX Runtime)")
+    ax.set_ylabel(f"{label} on calibration data (lower is better)")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_title(f"slimc search, budget {result.budget}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
