@@ -198,3 +198,34 @@ def test_search_on_ray_matches_the_in_process_search(mlp_path, calib):
     assert on_ray.settings["workers"].startswith("ray")
     assert on_ray.genome == local.genome
     assert [r["fitness"] for r in on_ray.log] == pytest.approx([r["fitness"] for r in local.log])
+
+
+@pytest.mark.parametrize("low_batches", [1, 2])
+def test_evolution_finds_a_better_allocation_than_uniform_on_a_known_objective(low_batches):
+    """A synthetic objective with known optimum: block i's damage at level g is sens_i * g^2, costs are
+    linear in the level. The search must keep the budget and beat the uniform allocation."""
+    from slimc.evosearch import evolve
+
+    blocks = tuple(spaces.Block(i, f"b{i}", (), skippable=False) for i in range(6))
+    space = spaces.Space(blocks, spaces.PRUNE_LEVELS, ("prune",))
+    sens = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
+    levels = np.arange(len(spaces.PRUNE_LEVELS) + 1)
+    savings = {m: np.tile(levels * 10.0, (6, 1)) for m in evolve.COST_MEASURES}
+    model = evolve.CostModel(space, {"params": 1000.0, "size": 4000.0, "macs": 1000.0, "latency_ms": 1.0}, savings, (0.0, 1e-3))
+    budget = parse_budget("params<=0.88x")  # 120 saved: a total level of 12 over 6 blocks (uniform: 2 each)
+
+    def evaluate(jobs):
+        rows = []
+        for genome, n in jobs:
+            g = np.array(genome)
+            rows.append({"genome": list(genome), "fitness": float((sens * g**2).sum()), "batches": n,
+                         **{m: model.predict(genome)[m] for m in evolve.COST_MEASURES}})
+        return rows
+
+    settings = evolve.Settings(generations=40, offspring=6, survivors=2, low_batches=low_batches, batches=2, seed=1)
+    search = evolve.Evolution(model, budget, settings, evaluate)
+    best = search.run()
+    assert search.feasible(best) and sum(best) >= 12
+    uniform = float((sens * 2**2).sum())
+    assert search.full[best]["fitness"] < 0.8 * uniform
+    assert list(best) == sorted(best)  # the least sensitive blocks take the highest levels

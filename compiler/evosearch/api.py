@@ -39,6 +39,8 @@ class SearchResult:
     log: list[dict[str, Any]]
     finalists: list[dict[str, Any]]
     settings: dict[str, Any]
+    space: spaces.Space = dataclasses.field(repr=False, default=None)
+    feed: dict[str, np.ndarray] = dataclasses.field(repr=False, default=None)  # the sample latency is timed on
 
     def save(self, path) -> list[Path]:
         return self.compiled.save(path)
@@ -113,7 +115,8 @@ def search(model: Any, budget: str | Budget, *, space: str | tuple[str, ...] = s
         settings={**dataclasses.asdict(settings), "workers": pool.name, "space": spaces.as_json(found),
                   "fitness": fitness.metric_name(loaded.task), "search_seconds": round(elapsed, 1),
                   "reference": reference, "latency_fit_ms": list(model_.latency_fit),
-                  "calibration": getattr(calib, "source", None)})
+                  "calibration": getattr(calib, "source", None)},
+        space=found, feed=shared.feed)
     if report is not None:
         from slimc.evosearch.report import write_report
 
@@ -146,7 +149,7 @@ def _shared(loaded, found, calib, n: int, path: Path, threads) -> fitness.Shared
         raise OptionError(f"search: batches={n} but the calibration data has {len(batches)} batch(es); lower "
                           "batches or give more calibration data.")
     session = ort_backend.create_session(path, threads)
-    references = [ort_backend.run(session, b) for b in batches]
+    references = [ort_backend.run(session, b)[:1] for b in batches]  # the main output: what the fitness reads
     names = [o.name for o in session.get_outputs()]
     del session
     return fitness.Shared(str(path), found, batches, references, names, loaded.task, list(loaded.inputs),

@@ -160,13 +160,19 @@ class Evolution:
         for gen in range(1, s.generations + 1):
             children = list(dict.fromkeys(c for c in (self.mutate(parent) for _ in range(s.offspring)) if c is not None))
             if children:
-                low = self._run(children, s.low_batches, gen, "low") if s.low_batches < s.batches else None
-                ranked = children if low is None else [c for _, c in sorted(
-                    ((r["fitness"], i), c) for i, (c, r) in enumerate(zip(children, low)) if r["exact_fits"])]
-                finalists = [c for c in ranked[: s.survivors] if c not in self.full]
-                if finalists:
-                    self._run(finalists, s.batches, gen, "full")
-                for c in ranked[: s.survivors]:
+                if s.low_batches < s.batches:  # the cheap selection first, the survivors on all batches
+                    low = self._run(children, s.low_batches, gen, "low")
+                    ranked = [c for _, c in sorted(((r["fitness"], i), c) for i, (c, r) in enumerate(zip(children, low))
+                                                   if r["exact_fits"])][: s.survivors]
+                    finalists = [c for c in ranked if c not in self.full]
+                    if finalists:
+                        self._run(finalists, s.batches, gen, "full")
+                else:  # one fidelity: every child on all batches
+                    fresh = [c for c in children if c not in self.full]
+                    if fresh:
+                        self._run(fresh, s.batches, gen, "full")
+                    ranked = children
+                for c in ranked:
                     row = self.full.get(c)
                     if row is not None and row["exact_fits"] and row["fitness"] < best["fitness"]:
                         parent, best = c, row

@@ -96,12 +96,13 @@ def evaluate(shared: Shared, genome: tuple[int, ...], n_batches: int) -> dict[st
         save_onnx(model, path)
         del model
         session = ort_backend.create_session(path, shared.threads)
-        order = [o.name for o in session.get_outputs()]
-        index = [order.index(n) for n in shared.output_names]
-        fidelity = Fidelity(shared.task, shared.output_names, shared.inputs)
+        # the main output only (logits, embeddings): the fitness reads it, and KV-cache outputs change with
+        # the blocks removed or the heads pruned
+        main = [o.name for o in session.get_outputs()].index(shared.output_names[0])
+        fidelity = Fidelity(shared.task, shared.output_names[:1], shared.inputs)
         for batch, reference in zip(shared.batches[:n_batches], shared.references):
             outputs = ort_backend.run(session, batch)
-            fidelity.update(reference, [outputs[i] for i in index], batch)
+            fidelity.update(reference[:1], [outputs[main]], batch)
         del session
     metrics = fidelity.result()
     row["fitness"] = fitness_of(metrics, shared.task)
