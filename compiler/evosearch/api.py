@@ -184,12 +184,23 @@ def _block_weights(model, found: spaces.Space) -> np.ndarray:
 
 
 def _time(model, found: spaces.Space, genomes, feed, threads) -> list[float]:
-    """Median ORT latency (ms) of the input model and of each genome, interleaved in one run."""
-    from slimc.passes.quant.common import measure
+    """Median ORT latency (ms) of the input model and of each genome, interleaved in one run of 6 rounds
+    (more than a pass's guard: the chosen model's speed-up decides whether it meets the budget)."""
+    from slimc.backends import onnxruntime as ort_backend
+    from slimc.onnx_io import save_onnx, tensor_bytes
+    from slimc.workdir import new as new_workdir
 
     models = {"input": model, **{f"g{i}": found.build(model, tuple(g)) for i, g in enumerate(genomes)}}
-    times = measure(models, feed, threads)
-    return [times[name] for name in models]
+    with new_workdir("search-timing") as tmp:
+        paths = {}
+        for name, m in models.items():
+            paths[name] = Path(tmp) / f"{name}.onnx"
+            save_onnx(m, paths[name])
+        weight_bytes = tensor_bytes(model)
+        del models
+        stats = ort_backend.measure_latency_files(paths, dict(feed), threads, weight_bytes=weight_bytes, warmup=3,
+                                                  repeats=36, rounds=6, budget_s=90.0)
+    return [stats[name].median_ms for name in paths]
 
 
 def _evolve(evolution: evolve.Evolution, generations: int) -> tuple[int, ...]:
