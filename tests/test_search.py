@@ -167,6 +167,7 @@ def test_search_meets_the_budget_and_writes_its_report(mlp_path, calib, tmp_path
     assert len(lines) == len(result.log) > 4
     pytest.importorskip("matplotlib")
     assert (tmp_path / "report" / "pareto.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "allocation.png").stat().st_size > 1000
 
 
 def test_search_is_reproducible_for_a_seed(mlp_path, calib):

@@ -1,4 +1,5 @@
-"""``--report DIR``: pareto.json, search_log.jsonl and pareto.png (when matplotlib is installed).
+"""``--report DIR``: pareto.json, search_log.jsonl, pareto.png and allocation.png (the pictures when
+matplotlib is installed).
 
 The plot puts fitness (the search's divergence on calibration batches, lower is better) against
 the speed-up measured in ONNX Runtime: the timed finalists, the uniform allocations on the same
@@ -24,7 +25,8 @@ def write_report(result, folder: Path) -> list[Path]:
         for row in result.log:
             f.write(json.dumps(row, default=str) + "\n")
     png = plot(result, folder / "pareto.png")
-    return written + ([png] if png else [])
+    picture = plot_allocation(result, folder / "allocation.png") if png else None
+    return written + [p for p in (png, picture) if p]
 
 
 def plot(result, path: Path) -> Path | None:
@@ -59,6 +61,28 @@ def plot(result, path: Path) -> Path | None:
     ax.set_yscale("symlog", linthresh=1e-4)
     ax.set_title(f"slimc search, budget {result.budget}")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_allocation(result, path: Path) -> Path:
+    """The chosen level of every block as a bar: its prune ratio, 1 for a removed block."""
+    import matplotlib.pyplot as plt
+
+    space = result.space
+    heights, colors = [], []
+    for g in result.genome:
+        skipped = g == space.skip_level
+        heights.append(1.0 if skipped else (space.prune_levels[g - 1] if g else 0.0))
+        colors.append("tab:red" if skipped else "tab:blue")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(heights) + 2), 3.0))
+    ax.bar(range(len(heights)), heights, color=colors)
+    ax.set_xlabel("block (graph order)")
+    ax.set_ylabel("prune ratio (red: removed)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"chosen allocation, budget {result.budget}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
