@@ -58,7 +58,9 @@ def plot(result, path: Path) -> Path | None:
         ax.axvline(bound.value, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("speed-up vs the input model (ONNX Runtime)")
     ax.set_ylabel(f"{label} on calibration data (lower is better)")
-    ax.set_yscale("symlog", linthresh=1e-4)
+    shown = [r["fitness"] for r in (*front, *fin, *uni)]
+    if shown and min(shown) > 0:  # a log axis needs positive values; an exact candidate (0) keeps it linear
+        ax.set_yscale("log")
     ax.set_title(f"slimc search, budget {result.budget}")
     ax.legend(fontsize=8)
     fig.tight_layout()
