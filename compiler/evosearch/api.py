@@ -214,6 +214,8 @@ def _evolve(evolution: evolve.Evolution, generations: int) -> tuple[int, ...]:
     def tick(gen: int, best: dict[str, Any]) -> None:
         bar.update(1)
         bar.set_postfix(best=f"{best['fitness']:.4g}", speedup=f"{best['predicted']['speedup']:.2f}x")
+        log.info("search: generation %d/%d, best fitness %.4g (predicted speed-up %.2fx)", gen, generations,
+                 best["fitness"], best["predicted"]["speedup"])
 
     try:
         return evolution.run(tick)
