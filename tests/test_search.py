@@ -230,3 +230,21 @@ def test_evolution_finds_a_better_allocation_than_uniform_on_a_known_objective(l
     uniform = float((sens * 2**2).sum())
     assert search.full[best]["fitness"] < 0.8 * uniform
     assert list(best) == sorted(best)  # the least sensitive blocks take the highest levels
+
+
+@pytest.mark.slow
+def test_search_on_a_causal_lm_with_kv_cache(tmp_path):
+    """A random 4-layer GQA Llama exported with its KV cache: KL fitness on the logits, heads and FFN
+    neurons pruned per block, removed blocks taking their cache entries; the receipt's params meet the budget."""
+    pytest.importorskip("transformers")
+    from llm_models import llama_folder
+
+    folder = llama_folder(tmp_path / "llama", layers=4)
+    text = tmp_path / "text.txt"
+    text.write_text(("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 10)
+    result = slimc.search(folder, "params<=0.8x", calibration=text, evaluation=text, generations=2, offspring=3,
+                          batches=2, seq_len=32, finalists=2)
+    assert result.settings["fitness"] == "kl_divergence" and result.budget_met
+    params0 = result.settings["reference"]["params"]
+    assert result.compiled.receipt.after["params"] <= 0.8 * params0
+    assert result.compiled.receipt.fidelity["metrics"]["kl_divergence"] < 0.1
