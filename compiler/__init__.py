@@ -14,6 +14,7 @@ from typing import Any
 
 from slimc.errors import (
     BackendError,
+    BudgetError,
     DataError,
     ExportError,
     FidelityGuardError,
@@ -47,10 +48,12 @@ _LAZY = {
     "SamplingConfig": "slimc.generate",
     "GenerationStats": "slimc.generate",
     "GenerationResult": "slimc.textgen",
+    "search": "slimc.evosearch.api",
+    "SearchResult": "slimc.evosearch.api",
 }
 
 __all__ = [
-    "BackendError", "DataError", "ExportError", "FidelityGuardError", "LatencyGuardError", "MissingExtraError",
+    "BackendError", "BudgetError", "DataError", "ExportError", "FidelityGuardError", "LatencyGuardError", "MissingExtraError",
     "ModelLoadError", "NoKVCacheError", "OptionError", "OutputPathError", "PassConfigError", "PassFailedError", "SlimcError", "TargetError", "UnsafeModelError", "VerificationError", "__version__", *_LAZY,
 ]
 

@@ -86,3 +86,8 @@ class NothingToDoError(SlimcError):
     """A pass was asked for something it cannot do at all on this model (nothing of the requested
     kind exists, or everything is blocked); the message gives the reasons. Options such as
     ``allow_noop=true`` accept the unchanged model instead."""
+
+
+class BudgetError(OptionError):
+    """A ``slimc search`` budget is malformed (``speedup>=x``), names an unknown measure, or no
+    candidate in the search space can meet it; the message says what to write or relax."""

@@ -112,6 +112,7 @@ class _Parser:
             mapping = {}
             while self.peek() != "}":
                 key = self.take()
+                key = key[1:-1] if key[0] in "'\"" else key  # a quoted key (a glob such as 'layers.3.*') unquoted
                 self.take(":")
                 mapping[key] = self.value(depth + 1)
                 if self.peek() != "}":

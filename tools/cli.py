@@ -9,6 +9,8 @@
     slimc demo [--model minilm]       compress a real pretrained model and print the receipt
     slimc generate MODEL --prompt "..." [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]
                                       stream text from a causal LM with a KV cache; tokens/s at the end
+    slimc search MODEL --budget "speedup>=1.5" [--space prune,layerskip] --calib DATA --eval DATA -o best.onnx
+                                      per-block levels by evolutionary search under a budget (docs/search.md)
 
 Errors a user can cause print one message (no traceback) and exit 2; bugs exit 1.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 from slimc import progress
 from slimc.errors import SlimcError
 
-SUBCOMMANDS = ("passes", "inspect", "demo", "generate")
+SUBCOMMANDS = ("passes", "inspect", "demo", "generate", "search")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +100,8 @@ def _sub_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", type=Path, default=Path("slimc-demo"), help="folder for the model and receipt")
     elif command == "generate":
         _generate_options(p)
+    elif command == "search":
+        _search_options(p)
     _common(p)
     return p
 
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         return {"compile": _cmd_compile, "passes": _cmd_passes, "inspect": _cmd_inspect, "demo": _cmd_demo,
-                "generate": _cmd_generate}[command](args)
+                "generate": _cmd_generate, "search": _cmd_search}[command](args)
     except SlimcError as exc:
         print(f"slimc: error: {exc}", file=sys.stderr)
         return 2
@@ -311,6 +315,73 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(flush=True)
     if not args.quiet:
         print(f"slimc: {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    p.description = ("Search per-block compression levels (prune ratio, block removal) for the model closest to the input "
+                     "under a budget, by evolutionary search (docs/search.md).")
+    p.add_argument("model", help=".onnx file, Hugging Face folder, .gguf or .pt2 file")
+    p.add_argument("--budget", required=True, help="bounds that must all hold, e.g. 'speedup>=1.5', 'size<=60MB,params<=0.7x' "
+                   "(measures: speedup, size, params, macs; x = a fraction of the input model)")
+    p.add_argument("--space", default="prune,layerskip", help="methods searched per block (default prune,layerskip)")
+    p.add_argument("--prune-levels", default="0.125,0.25,0.375,0.5", help="prune ratios a block may take (default 0.125,0.25,0.375,0.5)")
+    p.add_argument("--protect", type=int, default=1, help="first/last N blocks are never removed (default 1)")
+    p.add_argument("--calib", help="calibration data the fitness is measured on: text file, image folder or .npz")
+    p.add_argument("--eval", dest="evaluation", help="held-out data for the chosen model's receipt")
+    p.add_argument("-o", "--output", type=Path, help="where to write the chosen model (.onnx)")
+    p.add_argument("--receipt", type=Path, help="also save the chosen model's receipt as JSON here")
+    p.add_argument("--report", type=Path, help="folder for pareto.json, search_log.jsonl and pareto.png")
+    p.add_argument("--generations", type=int, default=20, help="generations of the evolution (default 20)")
+    p.add_argument("--offspring", type=_positive_int, default=8, help="children per generation (default 8)")
+    p.add_argument("--survivors", type=_positive_int, default=2, help="children re-scored on all batches (default 2)")
+    p.add_argument("--batches", type=_positive_int, default=4, help="calibration batches of the full fitness (default 4)")
+    p.add_argument("--low-batches", type=_positive_int, default=1, help="batches of the first, cheap selection (default 1)")
+    p.add_argument("--finalists", type=_positive_int, default=4, help="candidates timed at the end (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same search (default 0)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluations; above 1 they run as Ray tasks "
+                   "(pip install 'slimc[search]') (default 1: in this process)")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local instance")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per window for text data (default 128)")
+    p.add_argument("--threads", type=_positive_int, help="ORT intra-op threads (default: all cores)")
+    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false", default=None,
+                   help="export a causal LM without past/present key-value inputs and outputs")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import slimc
+    from slimc.errors import BudgetError, OptionError
+    from slimc.evosearch.budget import parse_budget
+    from slimc.onnx_io import check_output_path
+
+    parse_budget(args.budget)  # a bad budget fails before the (slow) load
+    try:
+        levels = tuple(float(x) for x in args.prune_levels.split(","))
+    except ValueError:
+        raise OptionError(f"--prune-levels {args.prune_levels!r}: give fractions separated by commas, e.g. 0.25,0.5") from None
+    source = Path(args.model)
+    for path, suffix in ((args.output, ".onnx"), (args.receipt, ".json")):
+        if path is not None:
+            check_output_path(path, (source,), suffix=suffix)
+    result = slimc.search(
+        source, args.budget, space=args.space, calibration=args.calib, evaluation=args.evaluation, prune_levels=levels,
+        protect=args.protect, generations=args.generations, offspring=args.offspring, survivors=args.survivors,
+        batches=args.batches, low_batches=args.low_batches, finalists=args.finalists, seed=args.seed,
+        workers=args.workers, ray_address=args.ray_address, seq_len=args.seq_len, threads=args.threads,
+        kv_cache=args.kv_cache, report=args.report)
+    if not args.quiet:
+        print(result.compiled.receipt)
+        print("\nallocation: " + ", ".join(f"{a['block']}={a['level']}" for a in result.allocation))
+    if not result.budget_met:
+        measured = ", ".join(f"{r['measured_speedup']:.2f}x" for r in result.finalists)
+        raise BudgetError(f"no finalist met the budget {result.budget} when measured (speed-ups {measured}); nothing "
+                          "was written" + (f" (report in {args.report})" if args.report else "") + ". Run more "
+                          "generations, relax the budget, or set --threads as deployed.")
+    written = result.save(args.output) if args.output is not None else None
+    if args.receipt is not None:
+        result.compiled.receipt.save(args.receipt, result.compiled.loaded.source_paths)
+    if not args.quiet:
+        print(f"\nwrote {', '.join(map(str, written))}" if written else "\n(no -o given: dry run, nothing written)")
     return 0
 
 

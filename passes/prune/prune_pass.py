@@ -59,6 +59,10 @@ class Prune(Pass):
             scores of all chosen groups (the same total), at least one channel kept per group.
         ratios_by_kind: per-kind ratios overriding `ratio`, e.g. `{attention: 0.2, mlp: 0.4}`;
             kinds: attention, mlp, channels, hidden.
+        ratios_by_group: per-group ratios overriding `ratios_by_kind` and `ratio`: glob pattern ->
+            ratio, matched like `ignore` (group name, initializer or consumer node); the first
+            pattern that matches a group wins, e.g. `{'model.layers.3.*': 0.5}`. `slimc search`
+            writes one pattern per initializer of a block to give each block its own ratio.
         round_to: kept sizes of channel/FFN/hidden groups become multiples of N (e.g. 8 for CNNs on
             CPUs, 64 for GPU kernels); heads are counted in heads.
         ignore: glob patterns; a group whose module path, initializer or consumer node matches is
@@ -78,6 +82,7 @@ class Prune(Pass):
     importance: Literal["magnitude", "wanda", "flap", "random"] = "magnitude"
     scope: Literal["uniform", "global"] = "uniform"
     ratios_by_kind: Optional[dict[str, float]] = None
+    ratios_by_group: Optional[dict[str, float]] = None
     round_to: int = 1
     ignore: Optional[list[str]] = None
     compensate: Literal["none", "bias", "least_squares"] = "none"
@@ -91,7 +96,8 @@ class Prune(Pass):
 
     def __post_init__(self) -> None:
         super().__init__()
-        ratios = {"ratio": self.ratio, **{f"ratios_by_kind[{k}]": v for k, v in (self.ratios_by_kind or {}).items()}}
+        ratios = {"ratio": self.ratio, **{f"ratios_by_kind[{k}]": v for k, v in (self.ratios_by_kind or {}).items()},
+                  **{f"ratios_by_group[{k}]": v for k, v in (self.ratios_by_group or {}).items()}}
         for label, r in ratios.items():
             if not 0.0 <= r < 1.0:
                 raise PassConfigError(f"prune: {label}={r} is out of range; use a fraction in [0, 1), e.g. ratio=0.3 removes 30%.")
@@ -127,6 +133,9 @@ class Prune(Pass):
         return chosen, left
 
     def _ratio(self, grp: Group) -> float:
+        for pattern, ratio in (self.ratios_by_group or {}).items():
+            if grp.matches([pattern]):
+                return ratio
         return (self.ratios_by_kind or {}).get(CATEGORY.get(grp.kind, ""), self.ratio)
 
     def _rounded(self, grp: Group, keep: int) -> int:
@@ -162,7 +171,8 @@ class Prune(Pass):
         return plan
 
     def _asked(self) -> bool:
-        return self.ratio > 0 or any(r > 0 for r in (self.ratios_by_kind or {}).values())
+        return self.ratio > 0 or any(r > 0 for r in (*(self.ratios_by_kind or {}).values(),
+                                                    *(self.ratios_by_group or {}).values()))
 
     def _nothing(self, groups: list[Group], left: list[tuple[str, str]]) -> str:
         """Why nothing of the requested kind can be pruned, for the error or the report."""

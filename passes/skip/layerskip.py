@@ -58,6 +58,9 @@ class LayerSkip(Pass):
     Options:
         count: how many units to remove (give `count` or `ratio`).
         ratio: fraction of the units found to remove, rounded (give `count` or `ratio`).
+        units: the units to remove, as indices in graph order (0 = the first unit found), instead of
+            `count`/`ratio`: no scoring, no calibration data, `protect_first`/`protect_last` not
+            applied (`slimc search` chooses the blocks itself and passes them here).
         unit: `block` (a whole layer), `attention` or `mlp` (one sub-layer of a layer).
         score: `influence` (Block Influence, one calibration run) or `loss` (greedy by measured
             loss, costlier and better).
@@ -72,6 +75,7 @@ class LayerSkip(Pass):
 
     count: Optional[int] = None
     ratio: Optional[float] = None
+    units: Optional[list[int]] = None
     unit: Literal["block", "attention", "mlp"] = "block"
     score: Literal["influence", "loss"] = "influence"
     protect_first: int = 1
@@ -87,11 +91,16 @@ class LayerSkip(Pass):
 
     def __post_init__(self) -> None:
         super().__init__()
-        if (self.count is None) == (self.ratio is None):
+        if sum(x is not None for x in (self.count, self.ratio, self.units)) != 1:
             raise PassConfigError(
-                "layerskip: give exactly one of count= (how many units to remove, e.g. layerskip(count=4)) or "
-                "ratio= (a fraction of the units found, e.g. layerskip(ratio=0.2))."
+                "layerskip: give exactly one of count= (how many units to remove, e.g. layerskip(count=4)), "
+                "ratio= (a fraction of the units found, e.g. layerskip(ratio=0.2)) or units= (which ones, by index "
+                "in graph order, e.g. layerskip(units=[3, 5]))."
             )
+        if self.units is not None and (not self.units or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                                             for i in self.units) or len(set(self.units)) != len(self.units)):
+            raise PassConfigError(f"layerskip: units={self.units} must be distinct whole numbers >= 0 (indices of the "
+                                  "units in graph order), at least one.")
         if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1):
             raise PassConfigError(f"layerskip: count={self.count} must be a whole number >= 1, e.g. count=4.")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
@@ -128,6 +137,8 @@ class LayerSkip(Pass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> PassReport:
         start = time.perf_counter()
+        if self.units is not None:
+            return self._remove_listed(model, ctx, start)
         if ctx.calibration is None or len(ctx.calibration) == 0:
             raise DataError(
                 f"layerskip: score={self.score} needs calibration data (how much each block changes its input on "
@@ -198,6 +209,36 @@ class LayerSkip(Pass):
             summary += f"; latency {latency['before_ms']:.2f} -> {latency['after_ms']:.2f} ms ({latency['speedup']:.2f}x)"
         return PassReport(name=self.name, modified=True, summary=summary, details=details, left_alone=left,
                           seconds=time.perf_counter() - start)
+
+    def _remove_listed(self, model: ir.Model, ctx: PassContext, start: float) -> PassReport:
+        """``units=[...]``: remove exactly those units (indices in graph order), unscored."""
+        work = copy_model(model)
+        ir_common.TopologicalSortPass()(work)
+        ir_common.NameFixPass()(work)
+        analysis = blocks.analyse(work)
+        units = analysis.units(self.unit)
+        bad = [i for i in self.units if i >= len(units)]
+        if bad:
+            raise PassConfigError(f"layerskip: units={self.units} names index(es) {bad}, but the model has {len(units)} "
+                                  f"{self.unit} units (indices 0..{len(units) - 1}); see the report of layerskip(count=1).")
+        chosen = [units[i] for i in sorted(self.units)]
+        params0, _ = count_params(work)
+        nodes0 = len(work.graph)
+        outputs = rewire(work, chosen)
+        params1, _ = count_params(work)
+        latency = self._latency(model, work, ctx)
+        common.replace_in_place(model, work)
+        details = {"unit": self.unit, "score": "listed", "units_found": len(units), "residuals_found": analysis.kinds,
+                   "removed": [{"label": u.label, "parts": u.describe(), "index": units.index(u)} for u in chosen],
+                   "params_before": params0, "params_after": params1, "nodes_before": nodes0,
+                   "nodes_after": len(model.graph), "outputs_renamed": outputs, "latency": latency,
+                   "notes": _notes(chosen), "kv_cache_removed": removed_cache(chosen)}
+        summary = (f"removed {len(chosen)} of {len(units)} {self.unit} units as listed ({', '.join(u.label for u in chosen)}); "
+                   f"params {params0:,} -> {params1:,} ({percent_fewer(params0, params1)})")
+        if latency:
+            summary += f"; latency {latency['before_ms']:.2f} -> {latency['after_ms']:.2f} ms ({latency['speedup']:.2f}x)"
+        return PassReport(name=self.name, modified=True, summary=summary, details=details,
+                          left_alone=list(analysis.left_alone), seconds=time.perf_counter() - start)
 
     def _asked(self) -> str:
         return f"count={self.count}" if self.count is not None else f"ratio={self.ratio}"
